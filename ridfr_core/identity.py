@@ -1,0 +1,182 @@
+"""Identity Injection Module: IP-Adapter-FaceID-Plus(v2) projection and decoupled cross-attention.
+
+RIDFR (paper Sec. 3.2) takes this module as published and keeps it frozen: an ArcFace embedding goes
+through an MLP and queries CLIP ViT-H/14 penultimate features with a perceiver (diffusers'
+``IPAdapterFaceIDPlusImageProjection``, v2 adds the shortcut), and the resulting identity tokens
+enter every UNet cross-attention as ``Attn(Q,K,V) + scale * Attn(Q,K',V')`` (Eq. 3).
+
+The attention math lives in :func:`identity_attention` so that the diffusers backend
+(:class:`IdentityAttnProcessor`) and the ComfyUI patch compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+ID_TOKENS = 4
+
+
+@dataclass
+class Identity:
+    """The identity condition for a batch of faces.
+
+    ``id_embeds``: (B, 512) L2-normalised ArcFace embeddings (insightface ``normed_embedding``,
+    the convention FaceID-Plus was trained with). ``clip_embeds``: (B, 257, 1280) penultimate
+    hidden states of CLIP ViT-H/14 on the aligned face crop. B is 1 (broadcast to every face) or
+    the number of faces.
+    """
+
+    id_embeds: torch.Tensor
+    clip_embeds: torch.Tensor
+
+    def __post_init__(self):
+        if self.id_embeds.ndim == 1:
+            self.id_embeds = self.id_embeds[None]
+        if self.clip_embeds.ndim == 2:
+            self.clip_embeds = self.clip_embeds[None]
+        if self.id_embeds.shape[0] != self.clip_embeds.shape[0]:
+            raise ValueError(
+                f"Identity: {self.id_embeds.shape[0]} ArcFace embeddings but {self.clip_embeds.shape[0]} "
+                "CLIP feature sets; give one of each per reference face."
+            )
+
+    def __len__(self) -> int:
+        return self.id_embeds.shape[0]
+
+    def broadcast_to(self, batch: int) -> "Identity":
+        """One identity for the whole batch, or one per face: anything else is the caller's error."""
+        if len(self) == batch:
+            return self
+        if len(self) == 1:
+            return Identity(self.id_embeds.expand(batch, -1), self.clip_embeds.expand(batch, -1, -1))
+        raise ValueError(
+            f"{len(self)} identities for {batch} faces: give one identity for all faces or one per face."
+        )
+
+    @staticmethod
+    def cat(identities: list["Identity"]) -> "Identity":
+        return Identity(
+            torch.cat([i.id_embeds for i in identities]), torch.cat([i.clip_embeds for i in identities])
+        )
+
+
+def clip_pixel_values(crops: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) RGB in [0,1] -> CLIP-normalised 224x224 input (what CLIPImageProcessor would give
+    for the square face crops used here, without needing its preprocessor files)."""
+    if crops.shape[-2:] != (CLIP_SIZE, CLIP_SIZE):
+        crops = F.interpolate(crops, size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic", antialias=True)
+    mean = crops.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = crops.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (crops.clamp(0, 1) - mean) / std
+
+
+@torch.no_grad()
+def encode_clip_features(clip_vision, crops: torch.Tensor) -> torch.Tensor:
+    """Penultimate CLIP ViT-H/14 hidden states (B, 257, 1280) of aligned face crops (B,3,H,W) in [0,1]."""
+    param = next(clip_vision.parameters())
+    pixels = clip_pixel_values(crops.to(param.device, torch.float32)).to(param.dtype)
+    return clip_vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+
+
+def identity_attention(
+    query: torch.Tensor, id_keys: torch.Tensor, id_values: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Attn(Q, K', V') on (B, L, C) tensors, heads split inside; returns (B, L, C)."""
+    batch, _, channels = query.shape
+    head_dim = channels // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(query), split(id_keys), split(id_values))
+    return out.transpose(1, 2).reshape(batch, -1, channels)
+
+
+def scale_per_sample(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A float, or a (B,) tensor broadcast over tokens and channels of a (B, L, C) tensor."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(like.device, like.dtype).view(-1, 1, 1)
+    return scale
+
+
+class IdentityAttnProcessor(IPAdapterAttnProcessor2_0):
+    """Decoupled cross-attention for diffusers' ``Attention`` with the published weight layout
+    (``to_k_ip.0`` / ``to_v_ip.0``) and a per-face identity scale.
+
+    diffusers' own processor takes one float scale per adapter; RIDFR needs a scale per face (a face
+    matched to nobody is restored with scale 0 in the same batch), so ``__call__`` is re-stated here
+    around :func:`identity_attention`. ``encoder_hidden_states`` is the tuple
+    ``(text_states, [id_tokens])`` that diffusers' UNet passes to IP-Adapter processors.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        text_states, id_tokens = encoder_hidden_states
+        id_tokens = id_tokens[0] if isinstance(id_tokens, (list, tuple)) else id_tokens
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(text_states), attn.to_v(text_states)
+        heads = attn.heads
+        head_dim = query.shape[-1] // heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        scale = self.scale[0]
+        if isinstance(scale, torch.Tensor) or scale != 0:
+            id_out = identity_attention(query, self.to_k_ip[0](id_tokens), self.to_v_ip[0](id_tokens), heads)
+            out = out + scale_per_sample(scale, id_out) * id_out
+        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class IdentityAdapter(torch.nn.Module):
+    """The frozen Identity Injection Module: FaceID-Plus projection + one K'/V' pair per cross-attention.
+
+    ``attn_processors`` is keyed by the diffusers UNet's cross-attention processor names (with dots
+    replaced by ``__``), in the order the published ``ip_adapter`` keys ``1, 3, 5, ...`` follow.
+    """
+
+    def __init__(self, image_proj: IPAdapterFaceIDPlusImageProjection, processors: dict[str, IdentityAttnProcessor],
+                 shortcut: bool):
+        super().__init__()
+        self.image_proj = image_proj
+        self.attn_processors = torch.nn.ModuleDict({k.replace(".", "__"): v for k, v in processors.items()})
+        self.shortcut = shortcut
+
+    def processors_by_unet_name(self) -> dict[str, IdentityAttnProcessor]:
+        return {k.replace("__", "."): v for k, v in self.attn_processors.items()}
+
+    def identity_tokens(self, identity: Identity, shortcut_scale: float = 1.0) -> torch.Tensor:
+        """(B, 4, cross_attention_dim) identity tokens c_ID. Constant over denoising steps: compute once."""
+        param = next(self.image_proj.parameters())
+        proj = self.image_proj
+        proj.clip_embeds = identity.clip_embeds.to(param.device, param.dtype)[:, None]
+        proj.shortcut, proj.shortcut_scale = self.shortcut, shortcut_scale
+        try:
+            return proj(identity.id_embeds.to(param.device, param.dtype))
+        finally:
+            proj.clip_embeds = None
+
+    def null_tokens(self, batch: int, shortcut_scale: float = 1.0) -> torch.Tensor:
+        """Tokens of an all-zero identity: the unconditional branch of identity guidance."""
+        param = next(self.image_proj.parameters())
+        clip_dim = self.image_proj.proj_in.in_features
+        zeros = Identity(torch.zeros(batch, self.image_proj.proj.net[0].proj.in_features),
+                         torch.zeros(batch, 257, clip_dim))
+        return self.identity_tokens(Identity(zeros.id_embeds.to(param), zeros.clip_embeds.to(param)), shortcut_scale)
+
+    def set_scale(self, scale: float | torch.Tensor) -> None:
+        for proc in self.attn_processors.values():
+            proc.scale = [scale]

@@ -68,6 +68,16 @@ class Identity:
         )
 
 
+def null_identity(clip_vision, batch: int = 1) -> Identity:
+    """The "no identity" condition of FaceID-Plus: a zero ArcFace embedding and the CLIP features of an
+    all-zero (normalised) image, as the reference implementation builds its unconditional tokens."""
+    param = next(clip_vision.parameters())
+    pixels = torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        clip = clip_vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    return Identity(torch.zeros(1, 512, device=param.device), clip.float()).broadcast_to(batch)
+
+
 def clip_pixel_values(crops: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) RGB in [0,1] -> CLIP-normalised 224x224 input (what CLIPImageProcessor would give
     for the square face crops used here, without needing its preprocessor files)."""
@@ -168,14 +178,6 @@ class IdentityAdapter(torch.nn.Module):
             return proj(identity.id_embeds.to(param.device, param.dtype))
         finally:
             proj.clip_embeds = None
-
-    def null_tokens(self, batch: int, shortcut_scale: float = 1.0) -> torch.Tensor:
-        """Tokens of an all-zero identity: the unconditional branch of identity guidance."""
-        param = next(self.image_proj.parameters())
-        clip_dim = self.image_proj.proj_in.in_features
-        zeros = Identity(torch.zeros(batch, self.image_proj.proj.net[0].proj.in_features),
-                         torch.zeros(batch, 257, clip_dim))
-        return self.identity_tokens(Identity(zeros.id_embeds.to(param), zeros.clip_embeds.to(param)), shortcut_scale)
 
     def set_scale(self, scale: float | torch.Tensor) -> None:
         for proc in self.attn_processors.values():

@@ -1,0 +1,408 @@
+"""Offline loading of every weight file RIDFR uses, with errors that say which file and what to do.
+
+Nothing here touches a model hub: architectures come from the JSON files in ``configs/sd15`` (or a
+``config_dir`` of the same shape, which is how the tests build tiny models), weights from local files.
+
+- SD1.5 base: a single-file checkpoint (``.safetensors``; ``.ckpt`` read with ``weights_only=True``)
+  in the original LDM key layout, or a diffusers folder. The text encoder is only used once, to
+  compute the empty-prompt embedding that RIDFR always conditions on, which is cached on disk.
+- Identity adapter: ``ip-adapter-faceid-plus(v2)_sd15`` ``.bin``/``.safetensors`` in the published
+  layout (``image_proj`` + ``ip_adapter``, the latter with the FaceID LoRA).
+- CLIP ViT-H/14 image encoder as ComfyUI users keep it (``models/clip_vision``, transformers layout).
+- RIDFR content weights: one ``.safetensors`` whose metadata holds format, version and config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .content import ContentControlNet
+from .identity import ID_TOKENS, IdentityAdapter, IdentityAttnProcessor
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+CONTENT_FORMAT = "ridfr-content"
+CONTENT_FORMAT_VERSION = 1
+CLIP_BOS, CLIP_EOS = 49406, 49407  # SD1.5's tokenizer pads with EOS: the empty prompt is BOS + 76 x EOS
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+FACEID_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used, with the file and the fix in the message."""
+
+
+def load_config(name: str, config_dir: Path | str | None = None) -> dict:
+    path = Path(config_dir or CONFIG_DIR) / f"{name}.json"
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or a pickled torch file, read without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what}: file not found: {path}. Put the file there or pass the right path.")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a dict of tensors.")
+            return state
+    except CheckpointError:
+        raise
+    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
+        raise CheckpointError(
+            f"{what}: cannot read {path} ({type(err).__name__}: {err}). The file is truncated, corrupt or not "
+            "a weight file: download it again (compare its size with the source) or export it as .safetensors."
+        ) from err
+    raise CheckpointError(f"{what}: {path} has unknown extension '{path.suffix}'; use .safetensors or .ckpt/.bin.")
+
+
+def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{what}: cannot read {path} ({err}); the file is truncated or not safetensors.") from err
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
+    """Write next to the target and rename, so a crash never leaves a half-written file in its place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str,
+                ignore: tuple[str, ...] = ()) -> None:
+    """``load_state_dict`` that lists missing/unexpected keys and shape mismatches in one clear error."""
+    expected = module.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = [f"{len(missing)} missing keys: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected keys: {show(unexpected)}" if unexpected else "",
+                 "shape mismatch: " + show([f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                                            for k in wrong]) if wrong else ""]
+        raise CheckpointError(f"{what}: {path} does not match the expected architecture: "
+                              + "; ".join(p for p in parts if p) + ". Check that it is the right file.")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def on_meta(factory):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return factory()
+
+
+# ----------------------------------------------------------------------------------------------
+# SD1.5 base
+
+
+@dataclass
+class BaseModel:
+    """What RIDFR needs of Stable Diffusion 1.5: the UNet, the VAE and the empty-prompt embedding."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    empty_prompt: torch.Tensor  # (1, 77, cross_attention_dim)
+    scheduler_config: dict
+
+
+def check_base_family(state: dict[str, torch.Tensor], path: Path, unet_config: dict) -> None:
+    """Refuse SDXL, SD2 and inpainting checkpoints with a message that says what the file is."""
+    what = "SD1.5 checkpoint"
+    if any(k.startswith(("conditioner.", LDM_UNET_PREFIX + "label_emb.")) for k in state):
+        raise CheckpointError(f"{what}: {path} is an SDXL checkpoint. RIDFR is built on Stable Diffusion 1.5: "
+                              "choose an SD1.5 model (or an SD1.5 fine-tune).")
+    if not any(k.startswith(LDM_UNET_PREFIX) for k in state):
+        hint = ("it looks like a diffusers UNet file: pass the diffusers folder instead"
+                if any(k.startswith("down_blocks.") for k in state) else "it has no UNet weights")
+        raise CheckpointError(f"{what}: {path} is not a Stable Diffusion single-file checkpoint ({hint}).")
+    context_key = LDM_UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    context_dim = state[context_key].shape[1] if context_key in state else None
+    if context_dim is not None and context_dim != unet_config["cross_attention_dim"]:
+        family = "an SD2.x" if context_dim == 1024 else f"a {context_dim}-d text-context"
+        raise CheckpointError(f"{what}: {path} is {family} checkpoint; RIDFR needs Stable Diffusion 1.5 "
+                              f"({unet_config['cross_attention_dim']}-d text context).")
+    conv_in = state.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != unet_config["in_channels"]:
+        raise CheckpointError(f"{what}: {path} has a {conv_in.shape[1]}-channel UNet input (an inpainting or "
+                              "depth model); use a regular SD1.5 checkpoint.")
+
+
+def load_base(path: Path | str, config_dir: Path | str | None = None, cache_dir: Path | str | None = None,
+              dtype: torch.dtype = torch.float32) -> BaseModel:
+    """SD1.5 from a single file or a diffusers folder, with the empty-prompt embedding (cached)."""
+    path = Path(path)
+    base = load_base_folder(path, config_dir) if path.is_dir() else load_base_single_file(path, config_dir, cache_dir)
+    if dtype != torch.float32:
+        base.unet.to(dtype=dtype)
+        base.vae.to(dtype=dtype)
+    return base
+
+
+def load_base_single_file(path: Path, config_dir=None, cache_dir=None) -> BaseModel:
+    state = read_state_dict(path, "SD1.5 checkpoint")
+    unet_config = load_config("unet", config_dir)
+    check_base_family(state, path, unet_config)
+    unet = on_meta(lambda: UNet2DConditionModel(**unet_config))
+    load_strict(unet, convert_ldm_unet_checkpoint(state, unet_config), path, "SD1.5 checkpoint (UNet)")
+    vae_config = load_config("vae", config_dir)
+    vae = on_meta(lambda: AutoencoderKL(**vae_config))
+    load_strict(vae, convert_ldm_vae_checkpoint(state, vae_config), path, "SD1.5 checkpoint (VAE)")
+    empty = cached_empty_prompt(path, cache_dir, lambda: empty_prompt_from_state(state, path, config_dir))
+    return BaseModel(unet.eval(), vae.eval(), empty, load_config("scheduler", config_dir))
+
+
+def load_base_folder(path: Path, config_dir=None) -> BaseModel:
+    from transformers import CLIPTextModel
+
+    for part in ("unet", "vae", "text_encoder"):
+        if not (path / part / "config.json").is_file():
+            raise CheckpointError(f"SD1.5 diffusers folder: {path / part / 'config.json'} is missing; a diffusers "
+                                  "model folder has unet/, vae/ and text_encoder/ subfolders.")
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+    if unet.config.cross_attention_dim != load_config("unet", config_dir)["cross_attention_dim"]:
+        raise CheckpointError(f"SD1.5 diffusers folder: {path} is not an SD1.5 model "
+                              f"(cross_attention_dim {unet.config.cross_attention_dim}).")
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else load_config("scheduler")
+    return BaseModel(unet.eval(), vae.eval(), encode_empty_prompt(text_encoder), scheduler)
+
+
+def empty_prompt_from_state(state: dict[str, torch.Tensor], path: Path, config_dir=None) -> torch.Tensor:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_state = {k[len(LDM_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_TEXT_PREFIX)}
+    if not text_state:
+        raise CheckpointError(f"SD1.5 checkpoint: {path} has no text encoder ({LDM_TEXT_PREFIX}*); use a full "
+                              "checkpoint, not a UNet-only or pruned-of-CLIP file.")
+    text_encoder = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**load_config("text_encoder", config_dir))))
+    load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
+                ignore=("text_model.embeddings.position_ids",))
+    return encode_empty_prompt(text_encoder)
+
+
+@torch.no_grad()
+def encode_empty_prompt(text_encoder) -> torch.Tensor:
+    length = text_encoder.config.max_position_embeddings
+    ids = torch.tensor([[CLIP_BOS] + [CLIP_EOS] * (length - 1)])
+    return text_encoder(input_ids=ids).last_hidden_state.float()
+
+
+def cached_empty_prompt(path: Path, cache_dir, compute) -> torch.Tensor:
+    """The empty-prompt embedding depends only on the checkpoint: keep it next to nothing but a cache key."""
+    cache_dir = Path(cache_dir or os.environ.get("RIDFR_CACHE") or Path.home() / ".cache" / "ridfr")
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir / f"empty_prompt_{key}.safetensors"
+    if cached.is_file():
+        try:
+            return load_file(str(cached))["empty_prompt"]
+        except (SafetensorError, KeyError, OSError):
+            pass  # a damaged cache entry is recomputed below
+    embedding = compute()
+    try:
+        save_safetensors_atomic({"empty_prompt": embedding}, cached, {"source": str(path)})
+    except OSError:
+        pass  # a read-only cache only costs time
+    return embedding
+
+
+# ----------------------------------------------------------------------------------------------
+# IP-Adapter FaceID Plus (v2)
+
+
+def split_ip_adapter_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
+    """``{"image_proj": ..., "ip_adapter": ...}`` (.bin) or flat ``image_proj.*``/``ip_adapter.*`` (.safetensors)."""
+    if "image_proj" in state and "ip_adapter" in state:
+        return state["image_proj"], state["ip_adapter"]
+    image_proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
+    ip_adapter = {k[len("ip_adapter."):]: v for k, v in state.items() if k.startswith("ip_adapter.")}
+    if not image_proj or not ip_adapter:
+        raise CheckpointError(f"IP-Adapter: {path} has no image_proj/ip_adapter weights; it is not an IP-Adapter "
+                              "file. Use ip-adapter-faceid-plusv2_sd15.bin (or plus_sd15) in models/ipadapter.")
+    return image_proj, ip_adapter
+
+
+def describe_ip_adapter(image_proj: dict) -> str:
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        return "faceid-plus"
+    if "latents" in image_proj:
+        return "IP-Adapter Plus (CLIP image only, no face ID)"
+    if "norm.weight" in image_proj and "proj.0.weight" in image_proj:
+        return "IP-Adapter FaceID (without Plus)"
+    return "plain IP-Adapter (CLIP image only, no face ID)"
+
+
+def load_identity_adapter(path: Path | str, unet: UNet2DConditionModel, shortcut: bool | None = None
+                          ) -> tuple[IdentityAdapter, dict[str, torch.Tensor]]:
+    """The frozen identity module, and the FaceID LoRA as UNet weight deltas (``{param name: delta}``).
+
+    ``shortcut`` (the v2 design) is not visible in the weights, which are laid out identically for
+    v1 and v2; by default it follows the published file name (``...plusv2...``), like the IP-Adapter pack.
+    """
+    path = Path(path)
+    what = "IP-Adapter FaceID Plus"
+    image_proj_state, attn_state = split_ip_adapter_state(read_state_dict(path, what), path)
+    kind = describe_ip_adapter(image_proj_state)
+    if kind != "faceid-plus":
+        raise CheckpointError(f"{what}: {path} is a {kind} model. RIDFR's identity module is IP-Adapter FaceID "
+                              "Plus: use ip-adapter-faceid-plusv2_sd15.bin (or ip-adapter-faceid-plus_sd15.bin).")
+    try:
+        image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj_state, low_cpu_mem_usage=False)
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{what}: {path}: the image projection does not match FaceID Plus ({err}).") from err
+    if image_proj.proj_out.out_features != unet.config.cross_attention_dim:
+        raise CheckpointError(f"{what}: {path} makes {image_proj.proj_out.out_features}-d tokens but the UNet "
+                              f"takes {unet.config.cross_attention_dim}-d: this adapter is for another base "
+                              "model (SDXL adapters are '..._sdxl'); use the _sd15 file.")
+
+    lora = {k: v for k, v in attn_state.items() if FACEID_LORA_KEY.match(k)}
+    ip_state = {k: v for k, v in attn_state.items() if k not in lora}
+    processors, expected = {}, set()
+    for index, name in enumerate(unet.attn_processors):
+        if not name.endswith("attn2.processor"):
+            continue
+        hidden = (unet.config.block_out_channels[-1] if name.startswith("mid_block") else
+                  list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])] if name.startswith("up_")
+                  else unet.config.block_out_channels[int(name.split(".")[1])])
+        processor = IdentityAttnProcessor(hidden, unet.config.cross_attention_dim, num_tokens=(ID_TOKENS,))
+        key_state = {"to_k_ip.0.weight": ip_state.get(f"{index}.to_k_ip.weight"),
+                     "to_v_ip.0.weight": ip_state.get(f"{index}.to_v_ip.weight")}
+        expected |= {f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight"}
+        if any(v is None for v in key_state.values()):
+            raise CheckpointError(f"{what}: {path} lacks '{index}.to_k_ip.weight'/'{index}.to_v_ip.weight' for "
+                                  f"{name}: the file is incomplete or made for a different UNet.")
+        load_strict(processor, key_state, path, f"{what} ({name})")
+        processors[name] = processor
+    unexpected = sorted(set(ip_state) - expected)
+    if unexpected:
+        raise CheckpointError(f"{what}: {path} has {len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}); "
+                              "it was made for a different UNet layout.")
+    if shortcut is None:
+        shortcut = "v2" in path.name.lower()
+    adapter = IdentityAdapter(image_proj.eval(), processors, shortcut=shortcut).requires_grad_(False)
+    return adapter, faceid_lora_deltas(lora, unet, path)
+
+
+def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel, path: Path) -> dict:
+    """The published LoRA (rank 128, on every attention's q/k/v/out) as dense deltas of UNet weights."""
+    names = list(unet.attn_processors)
+    deltas = {}
+    for key in lora:
+        index, proj, part = FACEID_LORA_KEY.match(key).groups()
+        if part != "down":
+            continue
+        if int(index) >= len(names):
+            raise CheckpointError(f"IP-Adapter FaceID Plus: {path} has LoRA '{key}' for attention #{index}, but the "
+                                  f"UNet has {len(names)}; the file is for a different UNet.")
+        up = lora.get(key.replace(".down.", ".up."))
+        attn = names[int(index)].removesuffix(".processor")
+        target = f"{attn}.to_out.0.weight" if proj == "out" else f"{attn}.to_{proj}.weight"
+        deltas[target] = up.float() @ lora[key].float()
+    return deltas
+
+
+def apply_weight_deltas(module: torch.nn.Module, deltas: dict[str, torch.Tensor], strength: float = 1.0) -> None:
+    """Add ``strength * delta`` to named parameters in place (the FaceID LoRA on a UNet the caller owns)."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta.to(params[name]), alpha=strength)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP ViT-H/14 image encoder
+
+
+def load_clip_vision(path: Path | str, config_dir=None):
+    """CLIP ViT-H/14 (``CLIPVisionModelWithProjection`` layout, as ``models/clip_vision`` files are)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    path = Path(path)
+    what = "CLIP vision"
+    if path.is_dir():
+        return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
+    state = read_state_dict(path, what)
+    if any(k.startswith("visual.transformer.") for k in state):
+        raise CheckpointError(f"{what}: {path} is in open_clip layout; use the transformers-layout file "
+                              "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (h94/IP-Adapter models/image_encoder).")
+    config = CLIPVisionConfig(**load_config("clip_vision", config_dir))
+    model = on_meta(lambda: CLIPVisionModelWithProjection(config))
+    width = state.get("vision_model.embeddings.class_embedding")
+    if width is not None and width.shape[0] != config.hidden_size:
+        raise CheckpointError(f"{what}: {path} is a {width.shape[0]}-wide CLIP (e.g. ViT-bigG or ViT-L); the "
+                              f"FaceID Plus adapter needs ViT-H/14 ({config.hidden_size}-wide).")
+    load_strict(model, state, path, what, ignore=("vision_model.embeddings.position_ids", "text_model.",
+                                                  "text_projection.", "logit_scale"))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# RIDFR content weights
+
+
+def content_config(controlnet: ContentControlNet) -> dict:
+    return {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+
+
+def save_content(controlnet: ContentControlNet, path: Path | str, extra: dict[str, str] | None = None) -> None:
+    metadata = {"format": CONTENT_FORMAT, "format_version": str(CONTENT_FORMAT_VERSION),
+                "config": json.dumps(content_config(controlnet)), **(extra or {})}
+    save_safetensors_atomic(controlnet.state_dict(), path, metadata)
+
+
+def load_content(path: Path | str) -> ContentControlNet:
+    path = Path(path)
+    what = "RIDFR content weights"
+    if not path.is_file():
+        raise CheckpointError(f"{what}: file not found: {path}. Train one with `python -m ridfr_core.train` "
+                              "and put it in models/ridfr.")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{what}: {path} is not a .safetensors file; RIDFR weights are written as one "
+                              ".safetensors by `python -m ridfr_core.train`.")
+    metadata = read_safetensors_metadata(path, what)
+    if metadata.get("format") != CONTENT_FORMAT:
+        raise CheckpointError(f"{what}: {path} is not a RIDFR content file (metadata format="
+                              f"{metadata.get('format')!r}). Base checkpoints go in models/checkpoints, IP-Adapters "
+                              "in models/ipadapter; models/ridfr holds files written by ridfr_core.train.")
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) > CONTENT_FORMAT_VERSION:
+        raise CheckpointError(f"{what}: {path} has format version {version!r}, this RIDFR reads up to "
+                              f"{CONTENT_FORMAT_VERSION}: update the RIDFR node pack.")
+    config = json.loads(metadata["config"])
+    controlnet = on_meta(lambda: ContentControlNet(**config))
+    load_strict(controlnet, read_state_dict(path, what), path, what)
+    return controlnet.eval()

@@ -1,0 +1,124 @@
+"""Tiny RIDFR models with the real architectures, written to disk in the real file formats.
+
+``tiny_models`` (session fixture) gives a folder laid out like ComfyUI's ``models/`` with:
+an SD1.5-style single-file checkpoint in the LDM key layout (``checkpoints/tiny-sd15.safetensors``),
+the same as ``.ckpt``, IP-Adapter FaceID PlusV2 as ``.bin`` (torch pickle of tensors) and Plus as
+``.safetensors``, a CLIP vision file in the transformers layout, RIDFR content weights in our format,
+and the config set (``configs/``) that describes these small architectures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+TINY_CONFIGS = {
+    "unet": {
+        "act_fn": "silu", "attention_head_dim": 2, "block_out_channels": [32, 64], "cross_attention_dim": 64,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "norm_num_groups": 8, "norm_eps": 1e-5, "sample_size": 8,
+    },
+    "vae": {
+        "act_fn": "silu", "block_out_channels": [8, 8, 16, 16], "latent_channels": 4, "in_channels": 3,
+        "out_channels": 3, "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64, "scaling_factor": 0.18215,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    },
+    "text_encoder": {
+        "hidden_act": "quick_gelu", "hidden_size": 64, "intermediate_size": 37, "max_position_embeddings": 77,
+        "num_attention_heads": 2, "num_hidden_layers": 2, "projection_dim": 32, "vocab_size": 49408,
+    },
+    "clip_vision": {
+        "hidden_act": "gelu", "hidden_size": 48, "image_size": 224, "intermediate_size": 64,
+        "num_attention_heads": 2, "num_hidden_layers": 2, "patch_size": 14, "projection_dim": 24,
+    },
+}
+SCHEDULER = json.loads((Path(__file__).resolve().parents[1] / "ridfr_core/configs/sd15/scheduler.json").read_text())
+LORA_RANK = 4
+
+
+@dataclass
+class TinyModels:
+    root: Path          # ComfyUI-style models/ folder
+    configs: Path       # config set for the tiny architectures
+    checkpoint: Path    # LDM single file, .safetensors
+    checkpoint_ckpt: Path
+    adapter_v2: Path    # ip-adapter-faceid-plusv2 layout, .bin
+    adapter_v1: Path    # ip-adapter-faceid-plus layout, .safetensors (flat keys)
+    clip_vision: Path
+    content: Path       # RIDFR content weights (our format)
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+
+
+def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere, zero-initialised convs included, so every path carries signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + std * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    return module.eval()
+
+
+def write_configs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, config in {**TINY_CONFIGS, "scheduler": SCHEDULER}.items():
+        (folder / f"{name}.json").write_text(json.dumps(config))
+    return folder
+
+
+def build_tiny_models(root: Path) -> TinyModels:
+    from ridfr_core.checkpoints import save_content
+    from ridfr_core.content import ContentControlNet
+
+    configs = write_configs(root / "configs")
+    torch.manual_seed(0)
+    unet = randomise(UNet2DConditionModel(**TINY_CONFIGS["unet"]), 1)
+    vae = randomise(AutoencoderKL(**TINY_CONFIGS["vae"]), 2, std=0.1)
+    text_encoder = randomise(CLIPTextModel(CLIPTextConfig(**TINY_CONFIGS["text_encoder"])), 3)
+    clip_vision = randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CONFIGS["clip_vision"])), 4)
+
+    checkpoint = root / "checkpoints" / "tiny-sd15.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    ldm = {**unet_to_ldm(unet.state_dict(), TINY_CONFIGS["unet"]), **vae_to_ldm(vae.state_dict(), TINY_CONFIGS["vae"]),
+           **text_encoder_to_ldm(text_encoder.state_dict())}
+    ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file({k: v.contiguous() for k, v in ldm.items()}, str(checkpoint))
+    checkpoint_ckpt = checkpoint.with_suffix(".ckpt")
+    torch.save({"state_dict": ldm, "global_step": 1}, checkpoint_ckpt)
+
+    adapter_dir = root / "ipadapter"
+    adapter_dir.mkdir()
+    adapter = faceid_plus_state(TINY_CONFIGS["unet"], TINY_CONFIGS["clip_vision"]["hidden_size"], LORA_RANK, seed=5)
+    adapter_v2 = adapter_dir / "ip-adapter-faceid-plusv2_sd15.bin"
+    torch.save(adapter, adapter_v2)
+    adapter_v1 = adapter_dir / "ip-adapter-faceid-plus_sd15.safetensors"
+    save_file({f"{part}.{k}": v.contiguous() for part, sd in adapter.items() for k, v in sd.items()}, str(adapter_v1))
+
+    clip_path = root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    clip_path.parent.mkdir()
+    save_file(clip_vision.state_dict(), str(clip_path))
+
+    content = randomise(ContentControlNet.from_unet(unet), 6)
+    content_path = root / "ridfr" / "ridfr-tiny.safetensors"
+    save_content(content, content_path)
+    return TinyModels(root, configs, checkpoint, checkpoint_ckpt, adapter_v2, adapter_v1, clip_path, content_path,
+                      unet, vae, text_encoder)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))

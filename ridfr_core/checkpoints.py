@@ -274,8 +274,16 @@ def load_identity_adapter(path: Path | str, unet: UNet2DConditionModel, shortcut
     v1 and v2; by default it follows the published file name (``...plusv2...``), like the IP-Adapter pack.
     """
     path = Path(path)
+    image_proj_state, attn_state = split_ip_adapter_state(read_state_dict(path, "IP-Adapter FaceID Plus"), path)
+    if shortcut is None:
+        shortcut = "v2" in path.name.lower()
+    return identity_adapter_from_state(image_proj_state, attn_state, unet, path, shortcut)
+
+
+def identity_adapter_from_state(image_proj_state: dict, attn_state: dict, unet: UNet2DConditionModel,
+                                path: Path, shortcut: bool) -> tuple[IdentityAdapter, dict[str, torch.Tensor]]:
+    """Map the published ``image_proj`` / ``ip_adapter`` keys onto diffusers modules, checking every key."""
     what = "IP-Adapter FaceID Plus"
-    image_proj_state, attn_state = split_ip_adapter_state(read_state_dict(path, what), path)
     kind = describe_ip_adapter(image_proj_state)
     if kind != "faceid-plus":
         raise CheckpointError(f"{what}: {path} is a {kind} model. RIDFR's identity module is IP-Adapter FaceID "
@@ -311,8 +319,6 @@ def load_identity_adapter(path: Path | str, unet: UNet2DConditionModel, shortcut
     if unexpected:
         raise CheckpointError(f"{what}: {path} has {len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}); "
                               "it was made for a different UNet layout.")
-    if shortcut is None:
-        shortcut = "v2" in path.name.lower()
     adapter = IdentityAdapter(image_proj.eval(), processors, shortcut=shortcut).requires_grad_(False)
     return adapter, faceid_lora_deltas(lora, unet, path)
 
@@ -329,6 +335,9 @@ def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel
             raise CheckpointError(f"IP-Adapter FaceID Plus: {path} has LoRA '{key}' for attention #{index}, but the "
                                   f"UNet has {len(names)}; the file is for a different UNet.")
         up = lora.get(key.replace(".down.", ".up."))
+        if up is None:
+            raise CheckpointError(f"IP-Adapter FaceID Plus: {path} has '{key}' without its '.up.' half; the file "
+                                  "is incomplete: download it again.")
         attn = names[int(index)].removesuffix(".processor")
         target = f"{attn}.to_out.0.weight" if proj == "out" else f"{attn}.to_{proj}.weight"
         deltas[target] = up.float() @ lora[key].float()

@@ -1,0 +1,455 @@
+"""Evaluate ID-specific face restoration the way the RIDFR paper does (Sec. 4), reproducibly.
+
+    python -m ridfr_core.eval split   --celebref ROOT --out SPLIT_DIR [--num-test-ids 100 --seed 0]
+    python -m ridfr_core.eval degrade --split SPLIT_DIR/split.json --out DATA_DIR [--seed 0]
+    python -m ridfr_core.eval score   --restored DIR --gt DIR [--refs DIR --lq DIR] --out DIR
+    python -m ridfr_core.eval run     (--data DATA_DIR | --celebref ROOT) --out DIR [--restorer mod:fn]
+    python -m ridfr_core.eval --restored DIR --gt DIR --out DIR      (same as "score")
+
+Layout (what ``degrade`` writes and ``score`` reads), one *case* = one LQ face:
+    gt/<case>.png, lq/<case>.png, refs/<case>/<ref>.<ext> (links to the references of that identity)
+    restored/<case>.png              one restoration per case, or
+    restored/<case>/<ref>.png        one per reference, which also gives Identity Variance.
+``score`` writes per_case.csv, summary.csv, summary.json (with every skipped metric and why) and
+grid.png (LQ | restored | GT | reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import platform
+import shutil
+import sys
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from ridfr_core import metrics
+from ridfr_core.degrade import DegradationConfig, degrade
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DEFAULT_RECOGNISERS = ("dlib", "facenet", "arcface")
+DEFAULT_IQA = ("lpips", "musiq", "maniqa", "clipiqa")
+DEFAULT_RESTORER = "ridfr_core.restore:restore"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"could not read image {path} (missing, unreadable or not an image).")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_rgb(path: Path, image: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}.")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------ split
+
+def build_split(
+    celebref_root: Path, num_test_ids: int = 100, seed: int = 0, pattern: str = "*", max_images_per_id: int | None = None
+) -> dict:
+    """Hold out ``num_test_ids`` random identities (paper: 100 of CelebRef-HQ's 1,005). Every image
+    of a held-out identity is one case; its references are that identity's other images."""
+    root = Path(celebref_root)
+    if not root.is_dir():
+        raise ValueError(f"--celebref {root}: not a folder; give the CelebRef-HQ folder with one sub-folder per identity.")
+    identities = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(images) >= 2:  # a case needs at least one other image as its reference
+            identities[folder.name] = [p.relative_to(root).as_posix() for p in images]
+    if len(identities) < num_test_ids:
+        raise ValueError(
+            f"--num-test-ids {num_test_ids}: {root} has only {len(identities)} identity folders with >= 2 images "
+            f"matching --glob {pattern!r}."
+        )
+    names = sorted(identities)
+    test_ids = sorted(np.random.default_rng(seed).choice(names, size=num_test_ids, replace=False).tolist())
+    cases = []
+    for identity in test_ids:
+        images = identities[identity]
+        for gt in images[:max_images_per_id]:
+            cases.append({
+                "case": f"{identity}_{Path(gt).stem}",
+                "identity": identity,
+                "gt": gt,
+                "refs": [ref for ref in images if ref != gt],
+            })
+    return {
+        "celebref_root": str(root.resolve()),
+        "seed": seed,
+        "num_test_ids": num_test_ids,
+        "glob": pattern,
+        "max_images_per_id": max_images_per_id,
+        "test_ids": test_ids,
+        "train_ids": [name for name in names if name not in set(test_ids)],
+        "cases": cases,
+    }
+
+
+def write_split(split: dict, out_dir: Path) -> Path:
+    """split.json plus plain file lists, so the split can be rebuilt without this code."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "test_ids.txt").write_text("\n".join(split["test_ids"]) + "\n")
+    (out_dir / "train_ids.txt").write_text("\n".join(split["train_ids"]) + "\n")
+    (out_dir / "test_files.txt").write_text("\n".join(case["gt"] for case in split["cases"]) + "\n")
+    path = out_dir / "split.json"
+    path.write_text(json.dumps(split, indent=1))
+    return path
+
+
+# ---------------------------------------------------------------------------------- degrade
+
+def case_rng(seed: int, case: str) -> np.random.Generator:
+    """Per-case generator: a case's LQ does not change when other cases are added or removed."""
+    return np.random.default_rng([seed, zlib.crc32(case.encode())])
+
+
+def _link_or_copy(source: Path, target: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:  # e.g. Windows without developer mode
+        shutil.copyfile(source, target)
+
+
+def degrade_split(
+    split: dict, out_dir: Path, seed: int = 0, config: DegradationConfig = DegradationConfig(), size: int = 512
+) -> Path:
+    """Write gt/, lq/ (Eq. 7 with a per-case seed) and refs/ (links) for every case of a split."""
+    root = Path(split["celebref_root"])
+    records = {}
+    for case in split["cases"]:
+        name = case["case"]
+        gt = read_rgb(root / case["gt"])
+        if gt.shape[:2] != (size, size):
+            gt = cv2.resize(gt, (size, size), interpolation=cv2.INTER_AREA if gt.shape[0] > size else cv2.INTER_CUBIC)
+        lq, params = degrade(gt, case_rng(seed, name), config, return_params=True)
+        write_rgb(out_dir / "gt" / f"{name}.png", gt)
+        write_rgb(out_dir / "lq" / f"{name}.png", lq)
+        for ref in case["refs"]:
+            _link_or_copy(root / ref, out_dir / "refs" / name / Path(ref).name)
+        records[name] = params.to_dict()
+    manifest = {"seed": seed, "size": size, "config": config.to_dict(), "split": split, "params": records}
+    path = out_dir / "degradation.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+# ------------------------------------------------------------------------------------ score
+
+def _restorations(restored_dir: Path, case: str) -> list[Path]:
+    """restored/<case>/*.png (one per reference) or restored/<case>.<ext> (a single one)."""
+    folder = restored_dir / case
+    if folder.is_dir():
+        return list_images(folder)
+    return [p for p in restored_dir.glob(f"{case}.*") if p.suffix.lower() in IMAGE_SUFFIXES][:1]
+
+
+def _reference_for(refs_dir: Path | None, case: str, restored: Path) -> Path | None:
+    if refs_dir is None:
+        return None
+    folder = refs_dir / case
+    if folder.is_dir():
+        matching = [p for p in list_images(folder) if p.stem == restored.stem]
+        return (matching or list_images(folder) or [None])[0]
+    return next((p for p in refs_dir.glob(f"{case}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+
+
+def _finite_mean(values) -> float:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate(
+    restored_dir: Path,
+    gt_dir: Path,
+    out_dir: Path,
+    refs_dir: Path | None = None,
+    lq_dir: Path | None = None,
+    recognisers: Sequence[str] = DEFAULT_RECOGNISERS,
+    arcface_model: str | None = None,
+    iqa: Sequence[str] = DEFAULT_IQA,
+    device: str = "cpu",
+    channel: str = "y",
+    grid_rows: int = 8,
+) -> dict:
+    """Score every case in ``gt_dir``; returns the summary also written to ``out_dir``."""
+    restored_dir, gt_dir = Path(restored_dir), Path(gt_dir)
+    for option, folder in (("--restored", restored_dir), ("--gt", gt_dir)):
+        if not folder.is_dir():
+            raise ValueError(f"{option} {folder}: not a folder.")
+    gt_paths = list_images(gt_dir)
+    if not gt_paths:
+        raise ValueError(f"--gt {gt_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    restorations = {gt.stem: _restorations(restored_dir, gt.stem) for gt in gt_paths}
+    missing = [case for case, paths in restorations.items() if not paths]
+    if missing:
+        raise ValueError(
+            f"--restored {restored_dir}: no restoration for {len(missing)} of {len(gt_paths)} ground-truth faces "
+            f"(first: {missing[:3]}); expected restored/<case>.png or restored/<case>/<ref>.png."
+        )
+
+    loaded_recognisers, skipped = metrics.load_recognisers(recognisers, arcface_model)
+    iqa_metrics, iqa_skipped, iqa_info = metrics.load_pyiqa_metrics(iqa, device)
+    skipped.update(iqa_skipped)
+    multi_reference = any(len(paths) >= 2 for paths in restorations.values())
+    if not multi_reference:
+        for recogniser in loaded_recognisers:
+            skipped[f"identity_variance_{recogniser.name}"] = (
+                "one restoration per case; Identity Variance needs restored/<case>/<ref>.png for >= 2 references"
+            )
+
+    rows = []
+    for gt_path in gt_paths:
+        case, gt = gt_path.stem, read_rgb(gt_path)
+        images = [read_rgb(p) for p in restorations[case]]
+        for path, image in zip(restorations[case], images):
+            if image.shape != gt.shape:
+                raise ValueError(f"--restored {path}: size {image.shape[:2]} differs from ground truth {gt.shape[:2]}.")
+        row = {"case": case, "restorations": len(images)}
+        row[f"psnr_{channel}"] = _finite_mean(metrics.psnr(image, gt, channel) for image in images)
+        row[f"ssim_{channel}"] = _finite_mean(metrics.ssim(image, gt, channel) for image in images)
+        for recogniser in loaded_recognisers:
+            embeddings = recogniser.embed(images + [gt])
+            row[f"ids_hq_{recogniser.name}"] = float(np.mean(metrics.identity_similarity(embeddings[:-1], embeddings[-1:])))
+            if multi_reference:
+                row[f"identity_variance_{recogniser.name}"] = (
+                    metrics.identity_variance(embeddings[:-1]) if len(images) >= 2 else float("nan")
+                )
+        for name, score in iqa_metrics.items():
+            row[name] = _finite_mean(score(image, gt) for image in images)
+        rows.append(row)
+
+    columns = [key for key in rows[0] if key not in ("case", "restorations")]
+    means = {column: _finite_mean(row[column] for row in rows) for column in columns}
+    summary = {
+        "cases": len(rows),
+        "restorations": sum(row["restorations"] for row in rows),
+        "metrics": means,
+        "skipped": skipped,
+        "conventions": {
+            f"psnr_{channel}/ssim_{channel}": (
+                "on BT.601 luma (16..235), 0..255 data range" if channel == "y" else "on RGB, 0..255 data range"
+            ) + "; SSIM Gaussian window sigma 1.5; PSNR of identical images (inf) left out of the mean",
+            "ids_hq_*": "cosine of the restored and ground-truth embeddings, averaged over a case's restorations",
+            "identity_variance_*": "per case: mean squared distance of the unit embeddings of its restorations "
+            "(one per reference) to their mean (paper Table 4 I.V.); averaged over cases",
+        },
+        "recognisers": {r.name: r.description for r in loaded_recognisers},
+        "pyiqa": iqa_info,
+        "environment": {"python": platform.python_version(), "opencv": cv2.__version__, "numpy": np.__version__},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / "per_case.csv", rows)
+    _write_csv(out_dir / "summary.csv", [{"metric": k, "mean": v} for k, v in means.items()])
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    write_grid(out_dir / "grid.png", gt_paths[:grid_rows], restorations, refs_dir, lq_dir)
+    print(format_table(summary))
+    return summary
+
+
+def _json_safe(value):
+    """JSON has no inf/nan: write them as strings rather than emit invalid JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def _write_csv(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{summary['cases']} cases, {summary['restorations']} restorations", f"{'metric':34s} {'mean':>10s}"]
+    lines += [f"{name:34s} {value:10.4f}" for name, value in summary["metrics"].items()]
+    lines += [f"{name:34s} skipped: {reason}" for name, reason in summary["skipped"].items()]
+    return "\n".join(lines)
+
+
+def write_grid(path: Path, gt_paths, restorations, refs_dir, lq_dir, tile: int = 256):
+    """One row per case: LQ | restored | GT | reference (grey where not given)."""
+    header = np.full((32, 4 * tile, 3), 255, np.uint8)
+    for column, label in enumerate(("LQ", "restored", "GT", "reference")):
+        cv2.putText(header, label, (column * tile + 8, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2)
+    rows = [header]
+    for gt_path in gt_paths:
+        restored = restorations[gt_path.stem][0]
+        lq = next(iter(Path(lq_dir).glob(f"{gt_path.stem}.*")), None) if lq_dir else None
+        sources = (lq, restored, gt_path, _reference_for(Path(refs_dir) if refs_dir else None, gt_path.stem, restored))
+        tiles = [
+            cv2.resize(read_rgb(p), (tile, tile), interpolation=cv2.INTER_AREA) if p else np.full((tile, tile, 3), 128, np.uint8)
+            for p in sources
+        ]
+        rows.append(np.concatenate(tiles, axis=1))
+    write_rgb(path, np.concatenate(rows, axis=0))
+
+
+# -------------------------------------------------------------------------------------- run
+
+def load_restorer(spec: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Import ``module:function`` lazily; the function maps (lq, reference) uint8 RGB -> restored."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"--restorer {spec}: cannot import {module_name} ({error}); give module:function for a callable "
+            "restore(lq, reference) -> restored, or restore first and use the 'score' command."
+        ) from error
+    if not callable(getattr(module, function_name or "", None)):
+        raise ValueError(f"--restorer {spec}: {module_name} has no callable {function_name!r}.")
+    return getattr(module, function_name)
+
+
+def restore_cases(data_dir: Path, restored_dir: Path, restore: Callable, refs_per_case: int = 1):
+    """Restore every lq/<case> with the first ``refs_per_case`` references of refs/<case>/."""
+    for lq_path in list_images(data_dir / "lq"):
+        lq = read_rgb(lq_path)
+        references = list_images(data_dir / "refs" / lq_path.stem)[:refs_per_case]
+        if not references:
+            raise ValueError(f"{data_dir / 'refs' / lq_path.stem}: no reference images for case {lq_path.stem}.")
+        for ref_path in references:
+            write_rgb(restored_dir / lq_path.stem / f"{ref_path.stem}.png", np.asarray(restore(lq, read_rgb(ref_path))))
+
+
+def run_evaluation(data_dir: Path, out_dir: Path, restore: Callable, refs_per_case: int = 1, **score_options) -> dict:
+    """Restore a degraded split (``degrade`` output) and score it, all under ``out_dir``."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    restore_cases(data_dir, out_dir / "restored", restore, refs_per_case)
+    return evaluate(
+        out_dir / "restored", data_dir / "gt", out_dir / "scores",
+        refs_dir=data_dir / "refs", lq_dir=data_dir / "lq", **score_options,
+    )
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _add_score_options(parser: argparse.ArgumentParser):
+    parser.add_argument("--recognisers", type=_names, default=list(DEFAULT_RECOGNISERS),
+                        help="comma-separated: dlib, facenet, arcface (default: all; unusable ones are reported)")
+    parser.add_argument("--arcface-model", help="insightface ArcFace .onnx or model folder (e.g. antelopev2); "
+                        "not the buffalo_l model RIDFR is conditioned on")
+    parser.add_argument("--iqa", type=_names, default=list(DEFAULT_IQA),
+                        help="comma-separated pyiqa metrics: lpips, musiq, maniqa, clipiqa ('' for none)")
+    parser.add_argument("--device", default="cpu", help="torch device for pyiqa metrics")
+    parser.add_argument("--channel", choices=("y", "rgb"), default="y", help="PSNR/SSIM on luma (default) or RGB")
+    parser.add_argument("--grid-rows", type=int, default=8)
+
+
+def _add_degrade_options(parser: argparse.ArgumentParser):
+    parser.add_argument("--seed", type=int, default=0, help="degradation seed (each case derives its own)")
+    parser.add_argument("--config", type=Path, help="JSON file with DegradationConfig options (default: built-in)")
+    parser.add_argument("--size", type=int, default=512)
+
+
+def _add_split_options(parser: argparse.ArgumentParser):
+    parser.add_argument("--num-test-ids", type=int, default=100)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--glob", default="*", help="images inside each identity folder (default '*')")
+    parser.add_argument("--max-images-per-id", type=int, help="cap cases per identity (quick runs)")
+
+
+def _degradation_config(path: Path | None) -> DegradationConfig:
+    if path is None:
+        return DegradationConfig()
+    return DegradationConfig.from_dict(json.loads(Path(path).read_text()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ridfr_core.eval", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    split = commands.add_parser("split", help="hold out test identities of a CelebRef-HQ folder")
+    split.add_argument("--celebref", type=Path, required=True, help="folder with one sub-folder per identity")
+    split.add_argument("--out", type=Path, required=True)
+    _add_split_options(split)
+
+    degrade_command = commands.add_parser("degrade", help="write gt/, lq/, refs/ for a split")
+    degrade_command.add_argument("--split", type=Path, required=True, help="split.json written by 'split'")
+    degrade_command.add_argument("--out", type=Path, required=True)
+    _add_degrade_options(degrade_command)
+
+    score = commands.add_parser("score", help="score restored faces against ground truth")
+    score.add_argument("--restored", type=Path, required=True)
+    score.add_argument("--gt", type=Path, required=True)
+    score.add_argument("--refs", type=Path, help="references, refs/<case>/<ref> or refs/<case>.<ext> (for the grid)")
+    score.add_argument("--lq", type=Path, help="degraded inputs (for the grid)")
+    score.add_argument("--out", type=Path, required=True)
+    _add_score_options(score)
+
+    run = commands.add_parser("run", help="split + degrade (with --celebref), restore, score")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="a folder written by 'degrade'")
+    source.add_argument("--celebref", type=Path, help="a CelebRef-HQ folder: split and degrade it first")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--restorer", default=DEFAULT_RESTORER, help="module:function restore(lq, reference) -> restored")
+    run.add_argument("--refs-per-case", type=int, default=1, help=">= 2 also gives Identity Variance")
+    _add_split_options(run)
+    _add_degrade_options(run)
+    _add_score_options(run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help",):
+        argv.insert(0, "score")  # `python -m ridfr_core.eval --restored ...` is the score command
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "split":
+            split = build_split(args.celebref, args.num_test_ids, args.split_seed, args.glob, args.max_images_per_id)
+            print(f"{len(split['cases'])} cases from {len(split['test_ids'])} identities -> {write_split(split, args.out)}")
+            return 0
+        if args.command == "degrade":
+            split = json.loads(args.split.read_text())
+            print(f"-> {degrade_split(split, args.out, args.seed, _degradation_config(args.config), args.size)}")
+            return 0
+        score_options = dict(
+            recognisers=args.recognisers, arcface_model=args.arcface_model, iqa=args.iqa,
+            device=args.device, channel=args.channel, grid_rows=args.grid_rows,
+        )
+        if args.command == "score":
+            evaluate(args.restored, args.gt, args.out, refs_dir=args.refs, lq_dir=args.lq, **score_options)
+            return 0
+        restore = load_restorer(args.restorer)
+        data_dir = args.data
+        if data_dir is None:
+            split = build_split(args.celebref, args.num_test_ids, args.split_seed, args.glob, args.max_images_per_id)
+            write_split(split, args.out / "split")
+            data_dir = args.out / "data"
+            degrade_split(split, data_dir, args.seed, _degradation_config(args.config), args.size)
+        run_evaluation(data_dir, args.out, restore, args.refs_per_case, **score_options)
+        return 0
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

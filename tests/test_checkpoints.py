@@ -1,0 +1,240 @@
+"""Offline loading: tiny models written in the published layouts load back exactly; full-size layouts
+map key for key; every wrong file gets an error that names it and says what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from ridfr_core import checkpoints
+from ridfr_core.checkpoints import CheckpointError
+from ridfr_core.content import ContentControlNet
+
+SD15 = checkpoints.CONFIG_DIR
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "checkpoint_ckpt"])
+def test_single_file_base_loads_exactly(tiny_models, tmp_path, kind):
+    base = checkpoints.load_base(getattr(tiny_models, kind), tiny_models.configs, cache_dir=tmp_path)
+    assert same_state(base.unet, tiny_models.unet)
+    assert same_state(base.vae, tiny_models.vae)
+    assert torch.equal(base.empty_prompt, checkpoints.encode_empty_prompt(tiny_models.text_encoder))
+    assert base.empty_prompt.shape == (1, 77, 64)
+
+
+def test_empty_prompt_is_cached_per_file(tiny_models, tmp_path):
+    checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    cached = list(tmp_path.glob("empty_prompt_*.safetensors"))
+    assert len(cached) == 1
+    save_file({"empty_prompt": torch.full((1, 77, 64), 7.0)}, str(cached[0]))  # proves the cache is read
+    base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    assert torch.all(base.empty_prompt == 7.0)
+
+
+def test_diffusers_folder_loads(tiny_models, tmp_path):
+    tiny_models.unet.save_pretrained(tmp_path / "unet")
+    tiny_models.vae.save_pretrained(tmp_path / "vae")
+    tiny_models.text_encoder.save_pretrained(tmp_path / "text_encoder")
+    base = checkpoints.load_base(tmp_path, tiny_models.configs)
+    assert same_state(base.unet, tiny_models.unet)
+    assert torch.equal(base.empty_prompt, checkpoints.encode_empty_prompt(tiny_models.text_encoder))
+
+
+def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
+    base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    v2, lora_v2 = checkpoints.load_identity_adapter(tiny_models.adapter_v2, base.unet)
+    v1, lora_v1 = checkpoints.load_identity_adapter(tiny_models.adapter_v1, base.unet)
+    assert v2.shortcut and not v1.shortcut
+    assert same_state(v1, v2)
+    published = torch.load(tiny_models.adapter_v2, weights_only=True)
+    names = list(base.unet.attn_processors)
+    assert torch.equal(v2.attn_processors[names[1].replace(".", "__")].to_k_ip[0].weight,
+                       published["ip_adapter"]["1.to_k_ip.weight"])
+    # the LoRA delta of attention #0's query is up @ down
+    delta = lora_v2[names[0].removesuffix(".processor") + ".to_q.weight"]
+    ip = published["ip_adapter"]
+    assert torch.allclose(delta, ip["0.to_q_lora.up.weight"] @ ip["0.to_q_lora.down.weight"])
+    assert len(lora_v2) == 4 * len(names)
+
+
+def test_clip_vision_and_content_load(tiny_models):
+    clip = checkpoints.load_clip_vision(tiny_models.clip_vision, tiny_models.configs)
+    stored_clip = load_file(str(tiny_models.clip_vision))
+    assert clip.state_dict().keys() == stored_clip.keys()
+    assert all(torch.equal(stored_clip[k], v) for k, v in clip.state_dict().items())
+    content = checkpoints.load_content(tiny_models.content)
+    assert isinstance(content, ContentControlNet)
+    assert content.conv_in.in_channels == 7
+    assert "controlnet_cond_embedding.conv_in.weight" not in content.state_dict()
+    stored = load_file(str(tiny_models.content))
+    assert all(torch.equal(stored[k], v) for k, v in content.state_dict().items())
+
+
+# --- full-size published layouts --------------------------------------------------------------
+
+
+def meta(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+def test_full_size_sd15_single_file_layout_maps_every_key():
+    unet_config, vae_config = checkpoints.load_config("unet"), checkpoints.load_config("vae")
+    unet = meta(lambda: UNet2DConditionModel(**unet_config))
+    vae = meta(lambda: AutoencoderKL(**vae_config))
+    text = meta(lambda: CLIPTextModel(CLIPTextConfig(**checkpoints.load_config("text_encoder"))))
+    ldm = {**unet_to_ldm(unet.state_dict(), unet_config), **vae_to_ldm(vae.state_dict(), vae_config),
+           **text_encoder_to_ldm(text.state_dict())}
+    # the key counts of the published v1-5-pruned checkpoints
+    assert sum(k.startswith("model.diffusion_model.") for k in ldm) == 686
+    assert sum(k.startswith("first_stage_model.") for k in ldm) == 248
+    assert sum(k.startswith("cond_stage_model.") for k in ldm) == 196  # + position_ids in the files
+    for model, converted in ((unet, convert_ldm_unet_checkpoint(ldm, unet_config)),
+                             (vae, convert_ldm_vae_checkpoint(ldm, vae_config))):
+        expected = model.state_dict()
+        assert converted.keys() == expected.keys()
+        assert all(converted[k].shape == expected[k].shape for k in expected)
+
+
+def test_full_size_faceid_plus_layout_maps_every_key():
+    unet = meta(lambda: UNet2DConditionModel(**checkpoints.load_config("unet")))
+    published = faceid_plus_state(checkpoints.load_config("unet"), 1280, rank=128, device="meta")
+    assert len(published["ip_adapter"]) == 32 * 8 + 16 * 2
+    state = {part: {k: torch.empty(v.shape) for k, v in sd.items()} for part, sd in published.items()}
+    adapter, lora = checkpoints.identity_adapter_from_state(state["image_proj"], state["ip_adapter"], unet,
+                                                            Path("ip-adapter-faceid-plusv2_sd15.bin"), True)
+    assert adapter.image_proj.proj_out.out_features == 768
+    assert adapter.image_proj.proj_in.in_features == 1280
+    assert len(adapter.attn_processors) == 16
+    unet_params = dict(unet.named_parameters())
+    assert len(lora) == 128 and all(lora[k].shape == unet_params[k].shape for k in lora)
+
+
+def test_full_size_clip_vision_layout():
+    model = meta(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**checkpoints.load_config("clip_vision"))))
+    state = model.state_dict()
+    assert len(state) == 32 * 16 + 8  # 32 blocks of 16 tensors, embeddings, layer norms, projection
+    assert state["vision_model.embeddings.position_embedding.weight"].shape == (257, 1280)
+    assert state["visual_projection.weight"].shape == (1024, 1280)
+
+
+# --- wrong inputs -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ldm_state(tiny_models):
+    return load_file(str(tiny_models.checkpoint))
+
+
+def write(tmp_path: Path, name: str, state: dict, metadata=None) -> Path:
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_error(path, tiny_models) -> str:
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.load_base(path, tiny_models.configs, cache_dir=path.parent / "cache")
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_sdxl_sd2_inpainting_checkpoints_are_named(tiny_models, ldm_state, tmp_path):
+    sdxl = write(tmp_path, "sdxl.safetensors", {**ldm_state, "conditioner.embedders.0.x": torch.zeros(1)})
+    assert "SDXL" in load_error(sdxl, tiny_models)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    sd2 = write(tmp_path, "sd2.safetensors", {**ldm_state, key: torch.zeros(ldm_state[key].shape[0], 1024)})
+    assert "SD2.x" in load_error(sd2, tiny_models)
+    conv = "model.diffusion_model.input_blocks.0.0.weight"
+    inpaint = write(tmp_path, "inpaint.safetensors", {**ldm_state, conv: torch.zeros(32, 9, 3, 3)})
+    assert "inpainting" in load_error(inpaint, tiny_models)
+    unet_only = write(tmp_path, "unet.safetensors", tiny_models.unet.state_dict())
+    assert "diffusers" in load_error(unet_only, tiny_models)
+
+
+def test_truncated_corrupt_missing_and_unexpected(tiny_models, ldm_state, tmp_path):
+    data = tiny_models.checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert "truncated" in load_error(truncated, tiny_models)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a zip" * 100)
+    assert "corrupt" in load_error(corrupt, tiny_models)
+    missing_key = "model.diffusion_model.out.2.weight"
+    missing = write(tmp_path, "missing.safetensors", {k: v for k, v in ldm_state.items() if k != missing_key})
+    assert "missing keys" in load_error(missing, tiny_models)
+    assert "not found" in load_error(tmp_path / "absent.safetensors", tiny_models)
+
+
+def test_pickled_code_is_refused(tiny_models, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": Payload()}}, evil)
+    assert "cannot read" in load_error(evil, tiny_models)
+
+
+def test_content_file_errors(tiny_models, tmp_path):
+    with pytest.raises(CheckpointError, match="not a RIDFR content file"):
+        checkpoints.load_content(tiny_models.checkpoint)
+    state = load_file(str(tiny_models.content))
+    config = json.dumps(checkpoints.content_config(checkpoints.load_content(tiny_models.content)))
+    future = write(tmp_path, "future.safetensors", state,
+                   {"format": "ridfr-content", "format_version": "99", "config": config})
+    with pytest.raises(CheckpointError, match="update the RIDFR node pack"):
+        checkpoints.load_content(future)
+    extra = write(tmp_path, "extra.safetensors", {**state, "surprise.weight": torch.zeros(1)},
+                  {"format": "ridfr-content", "format_version": "1", "config": config})
+    with pytest.raises(CheckpointError, match="unexpected keys: surprise.weight"):
+        checkpoints.load_content(extra)
+    with pytest.raises(CheckpointError, match="python -m ridfr_core.train"):
+        checkpoints.load_content(tmp_path / "nothing.safetensors")
+
+
+def test_adapter_file_errors(tiny_models, tmp_path):
+    base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    plain = tmp_path / "ip-adapter_sd15.bin"
+    torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(1)}},
+               plain)
+    with pytest.raises(CheckpointError, match="plain IP-Adapter"):
+        checkpoints.load_identity_adapter(plain, base.unet)
+    published = torch.load(tiny_models.adapter_v2, weights_only=True)
+    wide = faceid_plus_state({**checkpoints.load_config("unet", tiny_models.configs), "cross_attention_dim": 128}, 48, 4)
+    sdxl_like = tmp_path / "ip-adapter-faceid-plusv2_sdxl.bin"
+    torch.save(wide, sdxl_like)
+    with pytest.raises(CheckpointError, match="another base model"):
+        checkpoints.load_identity_adapter(sdxl_like, base.unet)
+    incomplete = tmp_path / "incomplete.bin"
+    ip = dict(published["ip_adapter"])
+    del ip["3.to_v_ip.weight"]
+    torch.save({"image_proj": published["image_proj"], "ip_adapter": ip}, incomplete)
+    with pytest.raises(CheckpointError, match="lacks '3.to_k_ip.weight'/'3.to_v_ip.weight'"):
+        checkpoints.load_identity_adapter(incomplete, base.unet)
+    with pytest.raises(CheckpointError, match="no image_proj/ip_adapter"):
+        checkpoints.load_identity_adapter(tiny_models.checkpoint, base.unet)
+
+
+def test_clip_vision_errors(tiny_models, tmp_path):
+    open_clip = write(tmp_path, "open_clip.safetensors", {"visual.transformer.resblocks.0.attn.in_proj_weight":
+                                                          torch.zeros(3, 3)})
+    with pytest.raises(CheckpointError, match="open_clip layout"):
+        checkpoints.load_clip_vision(open_clip, tiny_models.configs)
+    state = load_file(str(tiny_models.clip_vision))
+    narrow = write(tmp_path, "vit_l.safetensors", {**state, "vision_model.embeddings.class_embedding": torch.zeros(1024)})
+    with pytest.raises(CheckpointError, match="ViT-H/14"):
+        checkpoints.load_clip_vision(narrow, tiny_models.configs)

@@ -1,0 +1,162 @@
+"""Whole photos: detect every face, align to FFHQ 512, restore all faces in one batch, paste back.
+
+The restorer is a callback, so this module does not depend on the diffusion pipeline::
+
+    restore_fn(aligned, identity_scales, identity_index) -> restored
+      aligned: (B,3,S,S) float RGB in [0,1]; identity_scales: (B,) float tensor;
+      identity_index: list of B ints (which identity each face gets) or None (no identity, scale 0);
+      restored: (B,3,S,S) float RGB in [0,1].
+
+Everything outside the pasted faces' masks is the input photo (upsampled when asked), pixel for pixel.
+Photos in and out are HWC uint8 RGB numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from .align import FACE_SIZE, estimate_alignment, paste_face, upscale_image, warp_to_crop
+from .analysis import ALIGNED_MODE_HINT, DETECTION_SIZES, DetectedFace, FaceAnalyzer
+from .errors import FaceInputError, NoFaceError
+from .images import as_image_list, rgb_to_tensor, tensor_to_rgb, to_rgb_uint8
+from .matching import MATCH_SIMILARITY, match_faces
+
+logger = logging.getLogger(__name__)
+
+RestoreFn = Callable[[torch.Tensor, torch.Tensor, list], torch.Tensor]
+UNMATCHED_FACES = ("restore_without_identity", "keep_original")
+ON_NO_FACE = ("error", "skip")
+
+
+@dataclass
+class PhotoRestoration:
+    """The result for one photo.
+
+    ``image``: (H',W',3) uint8 RGB, the photo upsampled by ``upscale`` with the faces pasted in.
+    ``masks``: (F,H',W') float32 blend weight of each face in ``image`` coordinates (all zero for a
+    face kept as it was). ``aligned``/``restored``: (F,3,S,S) float crops, what the restorer saw and
+    returned (a kept face's restored crop is its aligned crop). ``identity_index``: per face.
+    ``skipped``: no face was found and ``on_no_face='skip'`` returned the photo unchanged.
+    """
+
+    image: np.ndarray
+    masks: np.ndarray
+    aligned: torch.Tensor
+    restored: torch.Tensor
+    faces: list[DetectedFace]
+    identity_index: list[int | None]
+    restored_faces: list[bool]
+    skipped: bool = False
+
+
+def align_faces(rgb: np.ndarray, faces: list[DetectedFace], size: int = FACE_SIZE):
+    """(matrices (F,2,3), crops list of (S,S,3) uint8 RGB) of ``faces`` in the photo ``rgb``."""
+    matrices = [estimate_alignment(face.kps, size) for face in faces]
+    return np.array(matrices).reshape(-1, 2, 3), [warp_to_crop(rgb, matrix, size) for matrix in matrices]
+
+
+def restore_photo(image, faces: list[DetectedFace], restore_fn: RestoreFn,
+                  identity_index: list[int | None] | None = None, identity_scale: float = 1.0,
+                  unmatched: str = "restore_without_identity", upscale: float = 1.0,
+                  upscale_mode: str = "bicubic", face_size: int = FACE_SIZE) -> PhotoRestoration:
+    """Align ``faces`` (detected in ``image``), restore them in one ``restore_fn`` call, paste back.
+
+    ``identity_index``: per face, an identity index or None (default: identity 0 for every face).
+    ``unmatched``: faces with None are restored with identity scale 0 ('restore_without_identity')
+    or left as they are ('keep_original'). ``upscale``: resize the whole photo by this factor
+    (``upscale_mode``: bicubic, bilinear, lanczos, nearest) before pasting.
+    """
+    if unmatched not in UNMATCHED_FACES:
+        raise FaceInputError(f"unmatched: {unmatched!r} is not one of {UNMATCHED_FACES}.")
+    rgb = to_rgb_uint8(image, "photo")
+    identity_index = [0] * len(faces) if identity_index is None else list(identity_index)
+    if len(identity_index) != len(faces):
+        raise FaceInputError(f"identity_index: {len(identity_index)} entries for {len(faces)} faces; give one per face.")
+    matrices, crops = align_faces(rgb, faces, face_size)
+    restore = [index is not None or unmatched == "restore_without_identity" for index in identity_index]
+    aligned = rgb_to_tensor(crops) if crops else torch.zeros(0, 3, face_size, face_size)
+    restored = aligned.clone()
+    chosen = [face for face, wanted in enumerate(restore) if wanted]
+    if chosen:
+        scales = torch.tensor([identity_scale if identity_index[f] is not None else 0.0 for f in chosen])
+        output = restore_fn(aligned[chosen], scales, [identity_index[f] for f in chosen])
+        expected = (len(chosen), 3, face_size, face_size)
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise FaceInputError(f"restore_fn returned {got} for {len(chosen)} faces; expected a tensor {expected}.")
+        restored[chosen] = output.detach().float().cpu().clamp(0, 1)
+    canvas = upscale_image(rgb, upscale, upscale_mode)
+    masks = np.zeros((len(faces),) + canvas.shape[:2], np.float32)
+    restored_rgb = tensor_to_rgb(restored) if len(faces) else []
+    for face in sorted(chosen, key=lambda f: faces[f].size):  # larger faces end on top where faces overlap
+        masks[face] = paste_face(canvas, restored_rgb[face], matrices[face], upscale)
+    return PhotoRestoration(image=canvas, masks=masks, aligned=aligned, restored=restored, faces=list(faces),
+                            identity_index=identity_index, restored_faces=restore)
+
+
+def restore_faces_in_photo(analyzer: FaceAnalyzer, image, restore_fn: RestoreFn, identity_embeddings=None,
+                           match_threshold: float = MATCH_SIMILARITY, one_face_per_identity: bool = True,
+                           unmatched: str = "restore_without_identity", on_no_face: str = "error",
+                           identity_scale: float = 1.0, upscale: float = 1.0, upscale_mode: str = "bicubic",
+                           detection_sizes: tuple[int, ...] = DETECTION_SIZES, name: str = "photo") -> PhotoRestoration:
+    """Detect, match, restore and paste back every face of one photo.
+
+    ``identity_embeddings`` (K,512): each identity's combined ArcFace embedding; faces are matched
+    to them (see :func:`match_faces`). None: one identity (index 0) for every face, unmatched.
+    ``on_no_face``: 'error' raises NoFaceError, 'skip' returns the photo (upsampled) with no faces,
+    for batches of video frames where some frames show nobody.
+    """
+    if on_no_face not in ON_NO_FACE:
+        raise FaceInputError(f"on_no_face: {on_no_face!r} is not one of {ON_NO_FACE}.")
+    rgb = to_rgb_uint8(image, name)
+    faces = analyzer.detect(rgb, sizes=detection_sizes, embed=identity_embeddings is not None, name=name)
+    if not faces:
+        message = f"{name}: no face found (tried detection sizes {list(detection_sizes)}). {ALIGNED_MODE_HINT}"
+        if on_no_face == "error":
+            raise NoFaceError(message)
+        logger.warning("%s Skipped.", message)
+        result = restore_photo(rgb, [], restore_fn, upscale=upscale, upscale_mode=upscale_mode)
+        result.skipped = True
+        return result
+    if identity_embeddings is None:
+        identity_index = [0] * len(faces)
+    else:
+        matches = match_faces(np.stack([face.embedding for face in faces]), identity_embeddings,
+                              match_threshold, one_face_per_identity)
+        logger.info("%s: %s", name, matches.summary())
+        identity_index = matches.identity
+    return restore_photo(rgb, faces, restore_fn, identity_index, identity_scale, unmatched, upscale, upscale_mode)
+
+
+def restore_aligned(images, restore_fn: RestoreFn, identity_index: list[int | None] | None = None,
+                    identity_scale: float = 1.0, face_size: int = FACE_SIZE) -> torch.Tensor:
+    """The paper's setting: each image already is an FFHQ-aligned face crop, so nothing is detected.
+
+    Crops of another size are resized (bicubic) to ``face_size``. Returns (B,3,S,S) float in [0,1].
+    """
+    crops = []
+    for number, image in enumerate(as_image_list(images, "aligned faces")):
+        rgb = to_rgb_uint8(image, f"aligned face {number}")
+        height, width = rgb.shape[:2]
+        if abs(height - width) > 1:
+            raise FaceInputError(f"aligned face {number}: {width}x{height} is not square; aligned mode expects "
+                                 "FFHQ-aligned face crops. Use photo mode to detect faces in a photo.")
+        if (height, width) != (face_size, face_size):
+            rgb = cv2.resize(rgb, (face_size, face_size), interpolation=cv2.INTER_CUBIC)
+        crops.append(rgb)
+    identity_index = [0] * len(crops) if identity_index is None else list(identity_index)
+    if len(identity_index) != len(crops):
+        raise FaceInputError(f"identity_index: {len(identity_index)} entries for {len(crops)} aligned faces; "
+                             "give one per face.")
+    scales = torch.tensor([identity_scale if index is not None else 0.0 for index in identity_index])
+    output = restore_fn(rgb_to_tensor(crops), scales, identity_index)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (len(crops), 3, face_size, face_size):
+        raise FaceInputError(f"restore_fn returned {getattr(output, 'shape', type(output).__name__)} for "
+                             f"{len(crops)} faces; expected ({len(crops)}, 3, {face_size}, {face_size}).")
+    return output.detach().float().clamp(0, 1)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .content import ContentControlNet
-from .identity import ID_TOKENS, IdentityAdapter, IdentityAttnProcessor
+from .identity import IdentityAdapter, identity_processor_slots
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 CONTENT_FORMAT = "ridfr-content"
@@ -300,13 +300,7 @@ def identity_adapter_from_state(image_proj_state: dict, attn_state: dict, unet: 
     lora = {k: v for k, v in attn_state.items() if FACEID_LORA_KEY.match(k)}
     ip_state = {k: v for k, v in attn_state.items() if k not in lora}
     processors, expected = {}, set()
-    for index, name in enumerate(unet.attn_processors):
-        if not name.endswith("attn2.processor"):
-            continue
-        hidden = (unet.config.block_out_channels[-1] if name.startswith("mid_block") else
-                  list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])] if name.startswith("up_")
-                  else unet.config.block_out_channels[int(name.split(".")[1])])
-        processor = IdentityAttnProcessor(hidden, unet.config.cross_attention_dim, num_tokens=(ID_TOKENS,))
+    for index, name, processor in identity_processor_slots(unet):
         key_state = {"to_k_ip.0.weight": ip_state.get(f"{index}.to_k_ip.weight"),
                      "to_v_ip.0.weight": ip_state.get(f"{index}.to_v_ip.weight")}
         expected |= {f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight"}

@@ -182,3 +182,29 @@ class IdentityAdapter(torch.nn.Module):
     def set_scale(self, scale: float | torch.Tensor) -> None:
         for proc in self.attn_processors.values():
             proc.scale = [scale]
+
+
+def identity_processor_slots(unet) -> list[tuple[int, str, IdentityAttnProcessor]]:
+    """A fresh processor for each UNet cross-attention, with its position in ``unet.attn_processors``
+    (the published ``ip_adapter`` keys are numbered by that position: ``1.to_k_ip``, ``3.to_k_ip``, ...)."""
+    channels = unet.config.block_out_channels
+    slots = []
+    for index, name in enumerate(unet.attn_processors):
+        if not name.endswith("attn2.processor"):
+            continue
+        block = name.split(".")[1]
+        hidden = (channels[-1] if name.startswith("mid_block") else
+                  list(reversed(channels))[int(block)] if name.startswith("up_blocks") else channels[int(block)])
+        slots.append((index, name, IdentityAttnProcessor(hidden, unet.config.cross_attention_dim,
+                                                         num_tokens=(ID_TOKENS,))))
+    return slots
+
+
+def build_identity_adapter(unet, clip_hidden: int = 1280, shortcut: bool = True) -> IdentityAdapter:
+    """A FaceID-Plus(v2)-shaped adapter with random weights, for benchmarks (speed does not depend on
+    weight values); real weights come from :func:`ridfr_core.checkpoints.load_identity_adapter`."""
+    cross = unet.config.cross_attention_dim
+    image_proj = IPAdapterFaceIDPlusImageProjection(embed_dims=cross, output_dims=cross, hidden_dims=clip_hidden,
+                                                    heads=cross // 64)
+    processors = {name: processor for _, name, processor in identity_processor_slots(unet)}
+    return IdentityAdapter(image_proj, processors, shortcut).requires_grad_(False)

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .faces.errors import FaceError
+from .pipeline import DEFAULT_STEPS
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
@@ -134,13 +135,15 @@ _EVAL_RESTORER: Restorer | None = None
 def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``ridfr_core.eval``'s restorer: an aligned LQ face and an aligned reference (uint8 RGB) -> restored.
 
-    Models come from ``$RIDFR_MODELS`` (default ``./models``), laid out as for the CLI.
+    Models come from ``$RIDFR_MODELS`` (default ``./models``), laid out as for the CLI; ``$RIDFR_STEPS``
+    sets the UniPC steps (default 20).
     """
     global _EVAL_RESTORER
     if _EVAL_RESTORER is None:
         models = Path(os.environ.get("RIDFR_MODELS", "models"))
         _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
-                                  config_dir=os.environ.get("RIDFR_CONFIG_DIR"))
+                                  config_dir=os.environ.get("RIDFR_CONFIG_DIR"),
+                                  steps=int(os.environ.get("RIDFR_STEPS", DEFAULT_STEPS)))
     return _EVAL_RESTORER.restore(lq, [reference], aligned=True, aligned_references=True)
 
 
@@ -168,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned", action="store_true", help="--lq is already an FFHQ-aligned face crop "
                         "(for faces too degraded to detect)")
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
-    parser.add_argument("--steps", type=int, default=20, help="UniPC steps (default 20, as the paper)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="UniPC steps (default 20, as the paper)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", type=float, default=1.0, help="strength of the identity (0 = none)")
     parser.add_argument("--content-scale", type=float, default=1.0, help="strength of the LQ content condition")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ridfr_core import eval as evaluation
+from ridfr_core import restore
 from ridfr_core.degrade import jpeg_roundtrip
 
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "celebref-mini"
@@ -123,3 +124,21 @@ def test_run_evaluation_with_a_callable_restorer(synthetic_celebref, tmp_path):
         assert len(evaluation.list_images(restored / case["case"])) == min(2, len(case["refs"]))
     assert summary["cases"] == len(split["cases"]) and np.isfinite(summary["metrics"]["psnr_y"])
     assert (tmp_path / "out" / "scores" / "grid.png").is_file()
+
+
+@needs_faces
+def test_run_restores_with_ridfr_and_scores(ridfr_models_dir, tiny_models, tmp_path, monkeypatch):
+    """The one-command evaluation with the real restorer (tiny weights): split, degrade, restore, score."""
+    monkeypatch.setenv("RIDFR_MODELS", str(ridfr_models_dir))
+    monkeypatch.setenv("RIDFR_CONFIG_DIR", str(tiny_models.configs))
+    monkeypatch.setenv("RIDFR_STEPS", "3")
+    monkeypatch.setattr(restore, "_EVAL_RESTORER", None)
+    out = tmp_path / "run"
+    assert evaluation.main(["run", "--celebref", str(FACES), "--glob", "refs/*.jpg", "--num-test-ids", "1",
+                            "--max-images-per-id", "1", "--refs-per-case", "2",
+                            "--recognisers", "facenet", "--iqa", "", "--out", str(out)]) == 0
+    restored = evaluation.list_images(next((out / "restored").iterdir()))
+    assert len(restored) == 2
+    assert evaluation.read_rgb(restored[0]).shape == (512, 512, 3)
+    summary = json.loads((out / "scores" / "summary.json").read_text())
+    assert summary["restorations"] == 2 and "identity_variance_facenet" in summary["metrics"]

@@ -14,19 +14,6 @@ from conftest import REPO_ROOT
 from ridfr_core.restore import main
 
 
-@pytest.fixture(scope="module")
-def models_dir(tiny_models, scripted_models_root, tmp_path_factory) -> Path:
-    """A ComfyUI-style models folder: tiny weights in the real formats + scripted insightface models."""
-    root = tmp_path_factory.mktemp("cli_models")
-    for folder in ("ridfr", "clip_vision"):
-        (root / folder).symlink_to(tiny_models.root / folder)
-    for folder, path in (("checkpoints", tiny_models.checkpoint), ("ipadapter", tiny_models.adapter_v2)):
-        (root / folder).mkdir()
-        (root / folder / path.name).symlink_to(path)
-    (root / "insightface").symlink_to(scripted_models_root)
-    return root
-
-
 def test_without_models_it_lists_every_file_and_folder(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ridfr_core.restore", "--lq", "x.png", "--id", "y.png",
                              "--out", str(tmp_path / "o.png"), "--models", str(tmp_path / "models")],
@@ -38,11 +25,11 @@ def test_without_models_it_lists_every_file_and_folder(tmp_path):
         assert expected in result.stderr
 
 
-def test_several_candidates_ask_for_a_choice(tiny_models, models_dir, tmp_path, capsys):
+def test_several_candidates_ask_for_a_choice(tiny_models, ridfr_models_dir, tmp_path, capsys):
     models = tmp_path / "models"
     models.mkdir()
     for folder in ("ridfr", "clip_vision", "insightface"):
-        (models / folder).symlink_to(models_dir / folder)
+        (models / folder).symlink_to(ridfr_models_dir / folder)
     (models / "checkpoints").symlink_to(tiny_models.checkpoint.parent)  # .safetensors and .ckpt
     (models / "ipadapter").symlink_to(tiny_models.adapter_v2.parent)  # plus and plusv2
     args = ["--lq", "x.png", "--id", "y.png", "--out", str(tmp_path / "o.png"), "--models", str(models)]
@@ -52,13 +39,13 @@ def test_several_candidates_ask_for_a_choice(tiny_models, models_dir, tmp_path, 
     assert "--adapter:" in capsys.readouterr().err
 
 
-def test_restores_a_photo_and_an_aligned_face(tiny_models, models_dir, face_data, tmp_path):
+def test_restores_a_photo_and_an_aligned_face(tiny_models, ridfr_models_dir, face_data, tmp_path):
     identity = face_data / "celebref-mini" / "00005"
     lq_face = next(identity.glob("lq_*.png"))
     reference = sorted((identity / "refs").glob("*.jpg"))[0]
     photo = tmp_path / "photo.png"
     Image.open(lq_face).convert("RGB").resize((640, 640)).save(photo)
-    common = ["--id", str(reference), "--models", str(models_dir), "--config-dir", str(tiny_models.configs),
+    common = ["--id", str(reference), "--models", str(ridfr_models_dir), "--config-dir", str(tiny_models.configs),
               "--steps", "2", "--device", "cpu"]
 
     out_photo = tmp_path / "restored_photo.png"

@@ -122,3 +122,17 @@ def build_tiny_models(root: Path) -> TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
     return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def ridfr_models_dir(tiny_models, scripted_models_root, tmp_path_factory) -> Path:
+    """A ComfyUI-style models folder with one file per slot: tiny weights in the real formats and
+    scripted insightface models (see conftest)."""
+    root = tmp_path_factory.mktemp("ridfr_models")
+    for folder in ("ridfr", "clip_vision"):
+        (root / folder).symlink_to(tiny_models.root / folder)
+    for folder, path in (("checkpoints", tiny_models.checkpoint), ("ipadapter", tiny_models.adapter_v2)):
+        (root / folder).mkdir()
+        (root / folder / path.name).symlink_to(path)
+    (root / "insightface").symlink_to(scripted_models_root)
+    return root

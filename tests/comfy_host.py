@@ -1,0 +1,261 @@
+"""Running the node pack against a real ComfyUI (``COMFYUI_PATH`` = a ComfyUI checkout; see
+scripts/setup_comfyui.sh). Tests that need it are marked ``requires_comfyui`` and skip without it.
+
+- :func:`import_comfy`: ComfyUI's modules in this process (CPU, no argument parsing), the tiny SD1.5
+  family registered (tests/comfy_tiny_sd15.py) and the pack imported the way ComfyUI imports it.
+- :func:`build_comfy_models` (fixture ``comfy_models``): a ComfyUI ``models/`` folder with tiny models
+  in the real formats.
+- :class:`ComfyServer`: the real server on 127.0.0.1 with ``--base-directory`` a temp folder.
+- :func:`ui_to_api`: UI-format workflow JSON (what example_workflows/ holds) -> API-format prompt,
+  using the node schemas from ``/object_info``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+requires_comfyui = pytest.mark.skipif(
+    not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file(),
+    reason="COMFYUI_PATH is not set to a ComfyUI checkout (see scripts/setup_comfyui.sh)")
+PACK_MODULE = "ridfr_comfyui_pack"
+# Widgets the frontend adds after an input and stores in widgets_values (they are not node inputs).
+EXTRA_WIDGET_OPTIONS = ("control_after_generate", "image_upload")
+NOT_EXECUTED = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI in this process
+
+
+def import_comfy(config_dir: Path):
+    """Import ComfyUI (CPU), register the tiny SD1.5 family for ``config_dir`` and load the pack.
+    Returns the pack module (``comfy_entrypoint`` and ``nodes``)."""
+    os.environ["RIDFR_CONFIG_DIR"] = str(config_dir)
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (after args.cpu)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import comfy_tiny_sd15
+
+    comfy_tiny_sd15.register()
+    if PACK_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_MODULE] = module
+        spec.loader.exec_module(module)
+        asyncio.run(module.comfy_entrypoint())
+    return sys.modules[PACK_MODULE]
+
+
+def add_models_folder(models: Path) -> None:
+    """Make ComfyUI (in this process) see the folders of ``models`` (added, never replaced)."""
+    import folder_paths
+
+    for folder in ("checkpoints", "clip_vision", "ipadapter", "ridfr", "insightface"):
+        folder_paths.add_model_folder_path(folder, str(models / folder))
+
+
+# ------------------------------------------------------------------------------------------------
+# Models in the real formats
+
+
+def build_comfy_models(models: Path, insightface_pack: Path):
+    """A ComfyUI ``models/`` folder with tiny RIDFR models in the real file formats, and their config set.
+
+    Like tests/tiny_models.py, with two changes that ComfyUI's fixed SD1.5 building blocks need: the
+    UNet uses 32 GroupNorm groups (ComfyUI's ``normalization`` is GroupNorm(32)), and the VAE has the
+    SD1.5 architecture (ComfyUI builds its SD VAE with fixed sizes; random weights, stored as fp16).
+    Returns a ``tiny_models.TinyModels`` whose ``root`` is ``models``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from safetensors.torch import save_file
+    from tiny_models import LORA_RANK, SCHEDULER, TINY_CONFIGS, TinyModels, randomise
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ridfr_core.checkpoints import load_config, save_content
+    from ridfr_core.content import ContentControlNet
+
+    configs = {**TINY_CONFIGS, "unet": {**TINY_CONFIGS["unet"], "norm_num_groups": 32}, "scheduler": SCHEDULER}
+    config_dir = models / "configs"
+    config_dir.mkdir(parents=True)
+    for name, config in configs.items():
+        (config_dir / f"{name}.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    unet = randomise(UNet2DConditionModel(**configs["unet"]), 1)
+    vae_config = load_config("vae")
+    vae = randomise(AutoencoderKL(**vae_config), 2, std=0.03)
+    text_encoder = randomise(CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])), 3)
+    clip_vision = randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["clip_vision"])), 4)
+
+    checkpoint = models / "checkpoints" / "tiny-sd15.safetensors"
+    checkpoint.parent.mkdir()
+    state = {**unet_to_ldm(unet.state_dict(), configs["unet"]),
+             **{k: v.half() for k, v in vae_to_ldm(vae.state_dict(), vae_config).items()},
+             **text_encoder_to_ldm(text_encoder.state_dict()),
+             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
+    adapter = models / "ipadapter" / "ip-adapter-faceid-plusv2_sd15.bin"
+    adapter.parent.mkdir()
+    torch.save(faceid_plus_state(configs["unet"], configs["clip_vision"]["hidden_size"], LORA_RANK, seed=5), adapter)
+    clip_path = models / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    clip_path.parent.mkdir()
+    save_file(clip_vision.state_dict(), str(clip_path))
+    content = models / "ridfr" / "ridfr-tiny.safetensors"
+    save_content(randomise(ContentControlNet.from_unet(unet), 6), content)
+    shutil.copytree(insightface_pack, models / "insightface" / "models" / insightface_pack.name)
+    return TinyModels(models, config_dir, checkpoint, checkpoint, adapter, adapter, clip_path, content, unet, vae,
+                      text_encoder)
+
+
+@pytest.fixture(scope="session")
+def comfy_models(tmp_path_factory, scripted_models_root):
+    """Tiny models for ComfyUI (see :func:`build_comfy_models`) with the scripted insightface pack."""
+    return build_comfy_models(tmp_path_factory.mktemp("comfy") / "models", scripted_models_root / "models" / "buffalo_l")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory; stop() ends it."""
+
+    def __init__(self, base: Path, config_dir: Path):
+        self.base, self.port = base, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        env = {**os.environ, "RIDFR_CONFIG_DIR": str(config_dir), "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-auto-launch", "--base-directory", str(base)],
+            cwd=COMFYUI_PATH, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not start in {timeout}s:\n{self.log()[-4000:]}")
+
+    def request(self, path: str, data: dict | None = None):
+        body = None if data is None else json.dumps(data).encode()
+        request = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str):
+        return self.request(path)
+
+    def submit(self, prompt: dict) -> str:
+        try:
+            return self.request("/prompt", {"prompt": prompt})["prompt_id"]
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"prompt rejected: {error.read().decode()}") from None
+
+    def wait(self, prompt_id: str, timeout: float = 120) -> dict:
+        """The history entry of a finished prompt (its status says success or error)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 120) -> dict:
+        entry = self.wait(self.submit(prompt), timeout)
+        status = entry["status"]
+        if status.get("status_str") != "success":
+            raise AssertionError(f"prompt failed: {json.dumps(status.get('messages'), indent=1)[-3000:]}")
+        return entry
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# UI format -> API format
+
+
+def _is_widget(spec: list) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """API-format prompt of a UI-format workflow: each node's widget values are matched to its widget
+    inputs in schema order (plus the frontend's extra widgets: control_after_generate, image upload);
+    links become ``[source node id, output slot]``. Notes and other frontend-only nodes are dropped."""
+    links = {link[0]: (str(link[1]), link[2]) for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in NOT_EXECUTED or node.get("mode", 0) in (2, 4):  # 2 muted, 4 bypassed
+            continue
+        schema = object_info.get(node["type"])
+        if schema is None:
+            raise KeyError(f"node type {node['type']} (node {node['id']}) is not registered in this ComfyUI")
+        linked = {slot["name"]: links[slot["link"]] for slot in node.get("inputs", []) if slot.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        order = schema.get("input_order") or {k: list(v) for k, v in schema["input"].items()}
+        for category in ("required", "optional"):
+            for name in order.get(category, []):
+                spec = schema["input"][category][name]
+                if _is_widget(spec) and values:
+                    inputs[name] = values.pop(0)
+                    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                    if any(options.get(extra) for extra in EXTRA_WIDGET_OPTIONS) and values:
+                        values.pop(0)
+                if name in linked:
+                    inputs[name] = list(linked[name])
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -1,0 +1,61 @@
+"""Test support: lets ComfyUI load the tests' tiny SD1.5-architecture checkpoint with its own loaders.
+
+ComfyUI detects a checkpoint's UNet configuration from the weights and then looks it up in
+``comfy.supported_models.models``; the tiny UNet (32 channels, 64-d text context) matches no real
+model, so this registers one more SD1.5 family member whose UNet and text-encoder sizes come from the
+tiny config set in ``RIDFR_CONFIG_DIR`` (the same JSON files that build the tiny weights). Everything
+else (LDM key layout, latent format, sampling, the VAE) is ComfyUI's SD1.5 code.
+
+Used two ways: dropped into ``custom_nodes/`` of the test server (registered on import, no nodes), and
+imported in-process by the node tests (``register()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+NODE_CLASS_MAPPINGS: dict = {}
+
+
+def register() -> None:
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    config_dir = os.environ.get("RIDFR_CONFIG_DIR")
+    if not config_dir or any(model.__name__ == "TinySD15" for model in comfy.supported_models.models):
+        return
+    unet = json.loads((Path(config_dir) / "unet.json").read_text())
+    text = json.loads((Path(config_dir) / "text_encoder.json").read_text())
+    with open(Path(comfy.sd1_clip.__file__).parent / "sd1_clip_config.json") as handle:
+        text_config = {**json.load(handle), **text}
+
+    class TinyClipModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, return_projected_pooled=False,
+                             textmodel_json_config=text_config)
+
+    class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=TinyClipModel,
+                             **kwargs)
+
+    class TinySD15(comfy.supported_models.SD15):
+        unet_config = {"context_dim": unet["cross_attention_dim"], "model_channels": unet["block_out_channels"][0],
+                       "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False}
+        unet_extra_config = {"num_heads": unet["attention_head_dim"], "num_head_channels": -1}
+
+        def clip_target(self, state_dict={}):
+            return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
+
+    comfy.supported_models.models.insert(0, TinySD15)
+
+
+try:
+    import comfy.supported_models  # noqa: F401  (only inside ComfyUI)
+except ImportError:
+    pass
+else:
+    register()

@@ -111,3 +111,19 @@ def test_bad_inputs_are_named(pipeline, lq):
     three = Identity.cat([make_identity(pipeline, s) for s in (1, 2, 3)])
     with pytest.raises(ValueError, match="3 identities for 2 faces"):
         pipeline(lq, three, steps=1)
+
+
+def test_half_precision_follows_full_precision(tiny_models, tmp_path, lq):
+    """The reduced-precision path (fp16/bf16 on CUDA) runs every module in that dtype; bf16 runs on CPU."""
+    def load():
+        return load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,
+                           tiny_models.clip_vision, config_dir=tiny_models.configs, cache_dir=tmp_path)
+
+    full = RIDFRPipeline(load())
+    half = RIDFRPipeline(load(), "cpu", torch.bfloat16)
+    assert next(half.models.unet.parameters()).dtype == torch.bfloat16
+    identity = make_identity(full, 1)
+    reference = full(lq, identity, steps=STEPS, seed=3)
+    reduced = half(lq, identity, steps=STEPS, seed=3)
+    assert reduced.dtype == torch.float32 and torch.isfinite(reduced).all()
+    assert (reduced - reference).abs().mean() < 0.05

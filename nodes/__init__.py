@@ -1,0 +1,27 @@
+"""RIDFR as ComfyUI nodes: patches on ComfyUI's own MODEL, sampled by ComfyUI's samplers.
+
+- :mod:`.loading`: ``LoadRIDFR`` and the model folders (models/ridfr, ipadapter, clip_vision, insightface).
+- :mod:`.identity_nodes`: ``FaceIDEncode`` (references -> identity), ``MatchIdentities`` (several people).
+- :mod:`.condition_nodes`: ``ContentCondition`` and ``IdentityCondition`` (patched MODEL clones).
+- :mod:`.sampling_nodes`: ``RIDFRSample`` (convenience sampler) and ``PasteFaces`` (for KSampler users).
+- :mod:`.patches`: the content-ControlNet wrapper and the identity attention replacement themselves.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .condition_nodes import ContentCondition, IdentityCondition
+from .identity_nodes import FaceIDEncode, MatchIdentities
+from .loading import LoadRIDFR, register_model_folders
+from .sampling_nodes import PasteFaces, RIDFRSample
+
+NODES = [LoadRIDFR, FaceIDEncode, MatchIdentities, ContentCondition, IdentityCondition, RIDFRSample, PasteFaces]
+
+
+class RIDFRExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> RIDFRExtension:
+    register_model_folders()
+    return RIDFRExtension()

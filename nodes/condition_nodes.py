@@ -1,0 +1,158 @@
+"""ContentCondition (LQ faces -> content patch) and IdentityCondition (identity -> attention patch)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from .patches import IdentityTokens, apply_content, apply_identity
+from .types import FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, module_of
+
+logger = logging.getLogger(__name__)
+INPUT_MODES = ("aligned faces", "whole photo")
+ON_NO_FACE = ("error", "skip")
+LATENT_DOWNSCALE = 8
+
+
+def aligned_faces(image: torch.Tensor, face_size: int) -> FaceBatch:
+    from ridfr_core.faces import FaceError, restore_aligned
+
+    try:
+        lq = restore_aligned(image.cpu().numpy(), lambda crops, scales, index: crops, face_size=face_size)
+    except FaceError as error:
+        raise NodeError("ContentCondition", "image", str(error)) from None
+    return FaceBatch(lq=lq, photos=None)
+
+
+def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str) -> FaceBatch:
+    from ridfr_core.faces import FaceError, align_faces, to_rgb_uint8
+    from ridfr_core.faces.images import rgb_to_tensor
+
+    analyzer = ridfr.face_analyzer()
+    photos, crops = [], []
+    for number, frame in enumerate(image):
+        rgb = to_rgb_uint8(frame.cpu().numpy(), f"photo {number}")
+        try:
+            detected = analyzer.detect(rgb, embed=False, name=f"photo {number}")
+        except FaceError as error:
+            raise NodeError("ContentCondition", "image", str(error)) from None
+        if not detected:
+            if on_no_face == "error":
+                raise NodeError("ContentCondition", "image", f"no face found in photo {number}. Use a photo where "
+                                "faces are visible, 'aligned faces' mode for face crops too degraded to detect, or "
+                                "on_no_face 'skip' for batches where some photos show nobody.")
+            logger.warning("ContentCondition: no face in photo %d; it is passed through unchanged.", number)
+        _, photo_crops = align_faces(rgb, detected, face_size)
+        photos.append(PhotoFaces(image=rgb, faces=detected, first=len(crops)))
+        crops += photo_crops
+    if not crops:
+        raise NodeError("ContentCondition", "image", f"no face in any of the {len(image)} photo(s); nothing to restore.")
+    return FaceBatch(lq=rgb_to_tensor(crops), photos=photos)
+
+
+class ContentCondition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ContentCondition",
+            display_name="Content Condition (RIDFR)",
+            category="RIDFR",
+            description="Patches a clone of the MODEL so that RIDFR's content module sees the low-quality faces at "
+                        "every step (the noisy latent + the LQ image, resized to latent size). Works with RIDFR "
+                        "Sample and with a plain KSampler (use the latent output).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 MODEL (any fine-tune; LoRAs and other patches compose)."),
+                RIDFRModelsSocket.Input("ridfr", tooltip="The modules from Load RIDFR."),
+                io.Image.Input("image", tooltip="Low-quality faces: aligned face crops (a batch) or whole photos, "
+                                                "see input_mode."),
+                io.Combo.Input("input_mode", options=list(INPUT_MODES), default="aligned faces",
+                               tooltip="'aligned faces': each image is an FFHQ-aligned face crop (the paper's "
+                                       "setting; nothing is detected). 'whole photo': every face is detected, "
+                                       "aligned and later pasted back."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Scale of the content residuals (1.0 as trained)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling at which the content condition starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling at which the content condition stops."),
+                io.Int.Input("face_size", default=512, min=64, max=1024, step=64,
+                             tooltip="Size of the aligned face crops that are restored (RIDFR is trained at 512)."),
+                io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error",
+                               tooltip="Whole-photo mode, a photo without a face: stop with an error, or pass it "
+                                       "through unchanged."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The MODEL with the content patch."),
+                FacesSocket.Output(display_name="faces", tooltip="The aligned faces (and where they came from) for "
+                                                                 "RIDFR Sample, Match Identities and Paste Faces."),
+                io.Latent.Output(display_name="latent", tooltip="An empty latent with one sample per face, for "
+                                                                "KSampler."),
+                io.Image.Output(display_name="lq_faces", tooltip="The aligned low-quality faces."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, input_mode, on_no_face, start_percent, end_percent) -> bool | str:
+        if input_mode not in INPUT_MODES:
+            return f"ContentCondition (input_mode): '{input_mode}' is not one of {', '.join(INPUT_MODES)}."
+        if on_no_face not in ON_NO_FACE:
+            return f"ContentCondition (on_no_face): '{on_no_face}' is not one of {', '.join(ON_NO_FACE)}."
+        if start_percent > end_percent:
+            return (f"ContentCondition (start_percent): {start_percent} is after end_percent {end_percent}; the "
+                    "condition would never be active.")
+        return True
+
+    @classmethod
+    def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
+                on_no_face) -> io.NodeOutput:
+        if face_size % LATENT_DOWNSCALE:
+            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of 64.")
+        if input_mode == "aligned faces":
+            faces = aligned_faces(image, face_size)
+        else:
+            faces = faces_in_photos(ridfr, image, face_size, on_no_face)
+        patched = apply_content(model, ridfr, faces.lq, strength, start_percent, end_percent)
+        latent = torch.zeros(faces.count, 4, face_size // LATENT_DOWNSCALE, face_size // LATENT_DOWNSCALE)
+        lq_faces = faces.lq.permute(0, 2, 3, 1).contiguous()
+        return io.NodeOutput(patched, faces, {"samples": latent}, lq_faces)
+
+
+class IdentityCondition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IdentityCondition",
+            display_name="Identity Condition (RIDFR)",
+            category="RIDFR",
+            description="Patches a clone of the MODEL with the IP-Adapter FaceID Plus identity attention and its "
+                        "LoRA. With cfg > 1 the negative side is the null identity (identity guidance).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 MODEL, usually the output of Content Condition."),
+                RIDFRModelsSocket.Input("ridfr", tooltip="The modules from Load RIDFR."),
+                IdentitySocket.Input("identity", tooltip="From FaceID Encode (one person for every face) or Match "
+                                                         "Identities (one per face)."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="Identity scale: how strongly the restored face follows the reference "
+                                       "(0 = no identity)."),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the identity patch.")],
+        )
+
+    @classmethod
+    def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
+        import comfy.model_management as mm
+        from ridfr_core.identity import null_identity
+
+        mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
+        adapter = module_of(ridfr.adapter)
+        with torch.no_grad():
+            tokens = adapter.identity_tokens(identity.identity).float().cpu()
+            null_tokens = adapter.identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
+        scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
+        patched = apply_identity(model, ridfr, IdentityTokens(tokens, null_tokens, scales.float(), weight),
+                                 lora_strength)
+        return io.NodeOutput(patched)

@@ -1,0 +1,159 @@
+"""LoadRIDFR and the model folders it reads.
+
+Folders (added with ``folder_paths.add_model_folder_path``, so paths from extra_model_paths.yaml and
+other packs stay): ``models/ridfr`` (RIDFR content weights), ``models/ipadapter`` (IP-Adapter FaceID
+Plus/PlusV2, shared with the IP-Adapter pack), ``models/clip_vision`` (ComfyUI's own) and
+``models/insightface`` (``models/<buffalo_l|antelopev2>/*.onnx``, shared with the IP-Adapter and
+InstantID packs). The base SD1.5 model comes from ComfyUI's checkpoint loader as MODEL.
+
+``RIDFR_CONFIG_DIR`` (environment): a config set like ``ridfr_core/configs/sd15`` for the UNet
+structure the adapter is laid out for and the CLIP vision architecture. Only the tests set it (tiny
+models); users never need it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from .types import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket
+
+CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
+WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+FACE_DEVICES = ("auto", "cpu", "cuda")
+RUNTIME_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
+                    "cv2": "opencv-python-headless", "scipy": "scipy"}
+FACE_PACKAGES = {"insightface": "insightface", "onnxruntime": "onnxruntime (onnxruntime-gpu on CUDA machines)"}
+
+
+def register_model_folders() -> None:
+    for name in (CONTENT_FOLDER, ADAPTER_FOLDER, FACE_FOLDER):
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+
+
+def weight_files(folder: str) -> list[str]:
+    try:
+        names = folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+    return [name for name in names if name.lower().endswith(WEIGHT_EXTENSIONS)]
+
+
+def face_model_packs() -> dict[str, Path]:
+    """{pack name: folder} for every ``<insightface folder>/models/<pack>`` holding .onnx files."""
+    packs: dict[str, Path] = {}
+    try:
+        roots = folder_paths.get_folder_paths(FACE_FOLDER)
+    except KeyError:
+        roots = []
+    for root in roots:
+        models = Path(root) / "models"
+        if models.is_dir():
+            for pack in sorted(models.iterdir()):
+                if pack.is_dir() and pack.name not in packs and any(pack.glob("**/*.onnx")):
+                    packs[pack.name] = pack
+    return packs
+
+
+def missing_packages(packages: dict[str, str]) -> list[str]:
+    return [pip_name for module, pip_name in packages.items() if importlib.util.find_spec(module) is None]
+
+
+def config_dir() -> str | None:
+    return os.environ.get("RIDFR_CONFIG_DIR") or None
+
+
+def model_patcher(module):
+    """Wrap a module so that ComfyUI loads it to the GPU and offloads it like any model. The module sits
+    in a plain holder because ModelPatcher sets ``.device`` on its model, a read-only property of
+    diffusers and transformers models."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(ModuleHolder(module), load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def compute_dtype(module):
+    import comfy.model_management as mm
+
+    return mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
+
+
+class LoadRIDFR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        packs = list(face_model_packs())
+        return io.Schema(
+            node_id="LoadRIDFR",
+            display_name="Load RIDFR",
+            category="RIDFR",
+            description="Loads RIDFR's content module, the IP-Adapter FaceID Plus identity module, CLIP ViT-H "
+                        "and the insightface face models. Connect the SD1.5 MODEL from a checkpoint loader to "
+                        "ContentCondition / IdentityCondition.",
+            inputs=[
+                io.Combo.Input("content_weights", options=weight_files(CONTENT_FOLDER),
+                               tooltip="RIDFR content weights (.safetensors written by ridfr_core.train) in "
+                                       "models/ridfr."),
+                io.Combo.Input("ipadapter", options=weight_files(ADAPTER_FOLDER),
+                               tooltip="IP-Adapter FaceID PlusV2 (ip-adapter-faceid-plusv2_sd15.bin) or Plus for "
+                                       "SD1.5, in models/ipadapter."),
+                io.Combo.Input("clip_vision", options=weight_files(CLIP_FOLDER),
+                               tooltip="CLIP ViT-H/14 image encoder "
+                                       "(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision."),
+                io.Combo.Input("insightface", options=packs, default="buffalo_l" if "buffalo_l" in packs else None,
+                               tooltip="insightface model pack in models/insightface/models/ (buffalo_l, which "
+                                       "FaceID Plus was trained with, or antelopev2)."),
+                io.Combo.Input("face_device", options=list(FACE_DEVICES), default="auto",
+                               tooltip="Where face detection and ArcFace run (onnxruntime): auto uses CUDA when "
+                                       "onnxruntime-gpu is installed."),
+            ],
+            outputs=[RIDFRModelsSocket.Output(display_name="ridfr", tooltip="The loaded RIDFR modules.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> bool | str:
+        checks = [("content_weights", content_weights, weight_files(CONTENT_FOLDER), CONTENT_FOLDER),
+                  ("ipadapter", ipadapter, weight_files(ADAPTER_FOLDER), ADAPTER_FOLDER),
+                  ("clip_vision", clip_vision, weight_files(CLIP_FOLDER), CLIP_FOLDER),
+                  ("insightface", insightface, list(face_model_packs()), FACE_FOLDER + "/models")]
+        for option, value, available, folder in checks:
+            if value not in available:
+                listing = ", ".join(available) if available else "none"
+                return (f"LoadRIDFR ({option}): '{value}' is not in models/{folder} (found: {listing}). Put the "
+                        f"file there and press Refresh, or pick one of the listed files.")
+        if face_device not in FACE_DEVICES:
+            return f"LoadRIDFR (face_device): '{face_device}' is not one of {', '.join(FACE_DEVICES)}."
+        missing = missing_packages(RUNTIME_PACKAGES) + missing_packages(FACE_PACKAGES)
+        if missing:
+            return f"LoadRIDFR: missing Python packages: pip install {' '.join(missing)}"
+        return True
+
+    @classmethod
+    def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
+        from diffusers import UNet2DConditionModel
+        from ridfr_core import checkpoints
+
+        configs = config_dir()
+        try:
+            content = checkpoints.load_content(folder_paths.get_full_path_or_raise(CONTENT_FOLDER, content_weights))
+            unet_layout = checkpoints.on_meta(
+                lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
+            adapter, lora_deltas = checkpoints.load_identity_adapter(
+                folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, ipadapter), unet_layout)
+            clip = checkpoints.load_clip_vision(folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_vision), configs)
+        except checkpoints.CheckpointError as error:
+            raise NodeError("LoadRIDFR", None, str(error)) from None
+        face_models = face_model_packs().get(insightface)
+        if face_models is None:
+            raise NodeError("LoadRIDFR", "insightface", f"model pack '{insightface}' is not in models/insightface/"
+                            "models/ any more; put buffalo_l there or pick another pack.")
+        for module in (content, adapter, clip):
+            module.requires_grad_(False).to(dtype=compute_dtype(module))
+        return io.NodeOutput(RIDFRModels(content=model_patcher(content), adapter=model_patcher(adapter),
+                                         lora_deltas=lora_deltas, clip_vision=model_patcher(clip),
+                                         face_models=face_models, face_device=face_device))

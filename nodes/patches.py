@@ -1,0 +1,210 @@
+"""RIDFR's two conditions as patches on a clone of ComfyUI's MODEL.
+
+- Content: a DIFFUSION_MODEL wrapper runs the content ControlNet on the UNet's own input (the scaled
+  noisy latent ``x`` and timestep ``t``, exactly what the UNet sees) plus the resized LQ faces, and adds
+  its residuals to ``control`` (the skip connections and the mid block) before calling the UNet, summed
+  with any ControlNet already there. Wrappers chain, so other packs' wrappers keep working.
+- Identity: an ``attn2`` replacement on every cross-attention computes
+  ``Attn(Q,K,V) + scale * Attn(Q,K',V')`` with ``ridfr_core.identity.identity_attention``; an
+  existing replacement at the same block (another pack's) computes the first term.
+- The FaceID LoRA goes in as ordinary weight patches (``ModelPatcher.add_patches``).
+
+The modules are registered as additional models of the patched MODEL, so ComfyUI loads them with it.
+Patch objects are immutable: ``ModelPatcher.clone`` deep-copies ``model_options``, and they return
+themselves from ``__deepcopy__`` so that clones share the modules instead of copying them.
+
+Batches: ComfyUI runs cond and uncond as chunks of one batch (``transformer_options["cond_or_uncond"]``),
+each chunk holding all F faces. Conditions are per face and repeated per chunk; the uncond chunk gets
+the null identity (FaceID-Plus' unconditional tokens), so CFG is identity guidance as in the diffusers
+pipeline. ``transformer_options["ridfr"]`` (set by RIDFRSample) multiplies the scales at run time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .types import NodeError, module_of
+
+RUNTIME_SCALES = "ridfr"
+LDM_ATTENTION = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?1\.transformer_blocks\.(\d+)\.attn2\.")
+BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+def runtime_scale(transformer_options: dict, name: str) -> float:
+    return float(transformer_options.get(RUNTIME_SCALES, {}).get(name, 1.0))
+
+
+def chunks_of(batch: int, faces: int, node: str, option: str) -> int:
+    """How many cond/uncond chunks a model batch of ``batch`` holds for ``faces`` faces."""
+    if faces == 0 or batch % faces:
+        raise NodeError(node, option, f"the sampler runs a batch of {batch} latents but the condition is for {faces} "
+                        f"face(s). Sample the latent from ContentCondition (one latent per face), or give one "
+                        f"condition per latent.")
+    return batch // faces
+
+
+def merge_control(control: dict | None, down: tuple[torch.Tensor, ...], mid: torch.Tensor) -> dict:
+    """ComfyUI's control dict with RIDFR's residuals added: ``output`` holds the skip-connection
+    residuals in UNet input-block order (ComfyUI pops them from the end), ``middle`` the mid block's."""
+    merged = {"input": [], "middle": [mid], "output": list(down)}
+    if control:
+        for name, residuals in control.items():
+            if name not in merged or not merged[name]:
+                merged[name] = list(residuals)
+                continue
+            if len(residuals) != len(merged[name]):
+                raise NodeError("ContentCondition", None, f"another control ({len(residuals)} '{name}' residuals) "
+                                f"does not match RIDFR's {len(merged[name])}; it is not an SD1.5 ControlNet.")
+            merged[name] = [ours if theirs is None else theirs + ours for theirs, ours in zip(residuals, merged[name])]
+    return merged
+
+
+class ContentPatch:
+    """DIFFUSION_MODEL wrapper: ``(executor, x, timesteps, context, y, control, transformer_options)``."""
+
+    def __init__(self, content, lq_faces: torch.Tensor, strength: float, sigma_start: float, sigma_end: float):
+        self.content = content            # ModelPatcher around ContentControlNet
+        self.lq = lq_faces * 2 - 1        # (F,3,S,S) in [-1,1]
+        self.strength = strength
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def active(self, transformer_options: dict) -> bool:
+        sigmas = transformer_options.get("sigmas")
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.reshape(-1)[0])
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def residuals(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, transformer_options: dict):
+        from ridfr_core.content import lq_to_latent_size
+
+        module = module_of(self.content)
+        param = next(module.parameters())
+        repeats = chunks_of(x.shape[0], self.lq.shape[0], "ContentCondition", "image")
+        lq = lq_to_latent_size(self.lq.to(param.device, torch.float32), tuple(x.shape[-2:])).repeat(repeats, 1, 1, 1)
+        scale = self.strength * runtime_scale(transformer_options, "content_scale")
+        down, mid = module(x.to(param.device, param.dtype), timesteps.to(param.device),
+                           context.to(param.device, param.dtype), lq.to(param.dtype), scale)
+        return tuple(d.to(x.device, x.dtype) for d in down), mid.to(x.device, x.dtype)
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        if self.strength != 0 and self.active(transformer_options):
+            control = merge_control(control, *self.residuals(x, timesteps, context, transformer_options))
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+class IdentityTokens:
+    """The identity tokens (B,4,C) for the cond chunks, the null-identity tokens (1,4,C) for uncond
+    chunks, and the per-face scale (B,), shared by every attention patch of one IdentityCondition."""
+
+    def __init__(self, tokens: torch.Tensor, null_tokens: torch.Tensor, face_scales: torch.Tensor, weight: float):
+        self.tokens, self.null_tokens = tokens, null_tokens
+        self.face_scales = face_scales * weight
+
+    def for_batch(self, batch: int, cond_or_uncond: list[int] | None):
+        chunks = len(cond_or_uncond) if cond_or_uncond else 1
+        faces = batch // chunks
+        if batch % chunks or self.tokens.shape[0] not in (1, faces):
+            raise NodeError("IdentityCondition", "identity", f"{self.tokens.shape[0]} identities for {faces} faces per "
+                            "batch: use one identity for all faces, or MatchIdentities for one per face.")
+        tokens = self.tokens.expand(faces, -1, -1)
+        scales = self.face_scales.expand(faces) if self.face_scales.shape[0] == 1 else self.face_scales
+        if scales.shape[0] != faces:
+            raise NodeError("IdentityCondition", "identity", f"{scales.shape[0]} per-face scales for {faces} faces.")
+        kinds = cond_or_uncond or [0]
+        tokens = torch.cat([tokens if kind == 0 else self.null_tokens.expand(faces, -1, -1) for kind in kinds])
+        return tokens, scales.repeat(chunks)
+
+
+class IdentityAttentionPatch:
+    """``attn2`` replacement ``(q, k, v, extra_options) -> out`` for one cross-attention of the UNet."""
+
+    def __init__(self, adapter, processor_name: str, tokens: IdentityTokens, wrapped=None):
+        self.adapter = adapter            # ModelPatcher around IdentityAdapter
+        self.processor_name = processor_name
+        self.tokens = tokens
+        self.wrapped = wrapped            # a replacement that was already there (another pack's), or None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules import attention
+        from ridfr_core.identity import identity_attention
+
+        heads = extra_options["n_heads"]
+        if self.wrapped is not None:
+            out = self.wrapped(q, k, v, extra_options)
+        else:
+            out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        scale_multiplier = runtime_scale(extra_options, "identity_scale")
+        if scale_multiplier == 0:
+            return out
+        processor = module_of(self.adapter).attn_processors[self.processor_name]
+        weight = processor.to_k_ip[0].weight
+        tokens, scales = self.tokens.for_batch(q.shape[0], extra_options.get("cond_or_uncond"))
+        tokens = tokens.to(weight.device, weight.dtype)
+        id_keys = processor.to_k_ip[0](tokens).to(q.device, q.dtype)
+        id_values = processor.to_v_ip[0](tokens).to(q.device, q.dtype)
+        id_out = identity_attention(q, id_keys, id_values, heads)
+        return out + (scales * scale_multiplier).to(q.device, q.dtype).view(-1, 1, 1) * id_out
+
+
+def diffusers_to_comfy_keys(model) -> dict[str, str]:
+    """{diffusers UNet parameter name: ComfyUI state-dict key (``diffusion_model.…``)} for this MODEL."""
+    import comfy.utils
+
+    unet_config = model.model.model_config.unet_config
+    return {diffusers: f"diffusion_model.{ldm}" for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items()}
+
+
+def attention_block(key_map: dict[str, str], processor_name: str) -> tuple[str, int, int]:
+    """Diffusers processor name -> ComfyUI's attn2 patch key (block, number, transformer index)."""
+    ldm = key_map.get(processor_name.removesuffix(".processor") + ".to_k.weight", "").removeprefix("diffusion_model.")
+    match = LDM_ATTENTION.match(ldm)
+    if match is None:
+        raise NodeError("IdentityCondition", "model", f"the MODEL has no cross-attention matching the adapter's "
+                        f"'{processor_name}'; the adapter and the checkpoint are not both SD1.5.")
+    return BLOCK_NAMES[match[1]], int(match[2] or 0), int(match[3])
+
+
+def apply_identity(model, ridfr, tokens: IdentityTokens, lora_strength: float):
+    """A clone of ``model`` with the identity attention, the FaceID LoRA and the adapter registered."""
+    patched = model.clone()
+    key_map = diffusers_to_comfy_keys(model)
+    replaced = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    for name in module_of(ridfr.adapter).attn_processors:
+        block, number, index = attention_block(key_map, name.replace("__", "."))
+        wrapped = replaced.get((block, number, index), replaced.get((block, number)))
+        patched.set_model_attn2_replace(IdentityAttentionPatch(ridfr.adapter, name, tokens, wrapped),
+                                        block, number, index)
+    if lora_strength != 0 and ridfr.lora_deltas:
+        missing = [name for name in ridfr.lora_deltas if name not in key_map]
+        if missing:
+            raise NodeError("IdentityCondition", "model", f"the FaceID LoRA targets {missing[0]}, which this MODEL "
+                            "does not have; use an SD1.5 checkpoint.")
+        patches = {key_map[name]: ("diff", (delta,)) for name, delta in ridfr.lora_deltas.items()}
+        applied = patched.add_patches(patches, strength_patch=lora_strength)
+        if len(applied) != len(patches):
+            raise NodeError("IdentityCondition", "model", f"only {len(applied)} of {len(patches)} FaceID LoRA weights "
+                            "fit this MODEL; use an SD1.5 checkpoint.")
+    patched.set_additional_models(f"ridfr_identity_{id(tokens)}", [ridfr.adapter])
+    return patched
+
+
+def apply_content(model, ridfr, lq_faces: torch.Tensor, strength: float, start_percent: float, end_percent: float):
+    """A clone of ``model`` whose UNet gets RIDFR's content residuals between the two percents."""
+    import comfy.patcher_extension
+
+    patched = model.clone()
+    sampling = model.get_model_object("model_sampling")
+    patch = ContentPatch(ridfr.content, lq_faces, strength, sampling.percent_to_sigma(start_percent),
+                         sampling.percent_to_sigma(end_percent))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"ridfr_content_{id(patch)}", patch)
+    patched.set_additional_models(f"ridfr_content_{id(patch)}", [ridfr.content])
+    return patched

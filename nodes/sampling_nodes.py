@@ -1,0 +1,147 @@
+"""RIDFRSample (ComfyUI's own sampler over the patched MODEL, decode, paste back) and PasteFaces."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from .patches import RUNTIME_SCALES
+from .types import FacesSocket, NodeError, image_to_nchw, nchw_to_image
+
+LATENT_DOWNSCALE = 8
+
+
+def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(photos IMAGE, masks MASK (F,H,W)) with the restored faces (F,3,S,S) pasted into their photos; in
+    aligned mode the restored faces themselves with full masks."""
+    from ridfr_core.faces import FaceError, restore_photo
+
+    if restored.shape[0] != faces.count:
+        raise NodeError(node, "images", f"{restored.shape[0]} restored images for {faces.count} faces; decode the "
+                        "latent that was sampled for these faces (one image per face).")
+    if restored.shape[-1] != faces.size or restored.shape[-2] != faces.size:
+        restored = F.interpolate(restored, size=(faces.size, faces.size), mode="bicubic", antialias=True).clamp(0, 1)
+    if faces.photos is None:
+        return nchw_to_image(restored), torch.ones(faces.count, faces.size, faces.size)
+    photos, masks = [], []
+    for photo in faces.photos:
+        part = restored[photo.first:photo.first + len(photo.faces)]
+        try:
+            result = restore_photo(photo.image, photo.faces, lambda aligned, scales, index: part, face_size=faces.size)
+        except FaceError as error:
+            raise NodeError(node, "faces", str(error)) from None
+        photos.append(torch.from_numpy(result.image).float() / 255.0)
+        masks.append(torch.from_numpy(result.masks))
+    return torch.stack(photos), torch.cat(masks)
+
+
+def empty_prompt(clip):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+
+def sample_faces(model, clip, faces, seed: int, steps: int, guidance: float, sampler_name: str, scheduler: str,
+                 identity_scale: float, content_scale: float) -> torch.Tensor:
+    """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with a local generator
+    (face i uses seed + i, as ridfr_core's pipeline does)."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+    from ridfr_core.pipeline import seeded_noise
+
+    scaled = model.clone()
+    scaled.model_options["transformer_options"][RUNTIME_SCALES] = {"identity_scale": identity_scale,
+                                                                   "content_scale": content_scale}
+    side = faces.size // LATENT_DOWNSCALE
+    latent = torch.zeros(faces.count, 4, side, side)
+    noise = seeded_noise(tuple(latent.shape), seed, "cpu", torch.float32)
+    conditioning = empty_prompt(clip)
+    callback = latent_preview.prepare_callback(scaled, steps)
+    return comfy.sample.sample(scaled, noise, steps, guidance, sampler_name, scheduler, conditioning, conditioning,
+                               latent, denoise=1.0, callback=callback, seed=seed,
+                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+
+
+class RIDFRSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="RIDFRSample",
+            display_name="RIDFR Sample",
+            category="RIDFR",
+            description="Restores the faces of Content Condition with ComfyUI's sampler (empty prompt, UniPC 20 "
+                        "steps by default), decodes them and, for whole photos, pastes them back.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL from Content Condition (and Identity Condition)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; RIDFR conditions on the empty prompt."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to decode the restored faces."),
+                FacesSocket.Input("faces", tooltip="The faces output of the Content Condition that patched the model."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; face i uses seed + i."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps (20 in the paper)."),
+                io.Float.Input("guidance", default=1.0, min=1.0, max=10.0, step=0.1,
+                               tooltip="Identity guidance (CFG against the null identity); 1.0 turns it off and is "
+                                       "twice as fast."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="uni_pc",
+                               tooltip="ComfyUI sampler (uni_pc as in the paper)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="ComfyUI noise schedule."),
+                io.Float.Input("identity_scale", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="Multiplies the identity weight of Identity Condition (0 = no identity)."),
+                io.Float.Input("content_scale", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Multiplies the strength of Content Condition."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="restored_faces", tooltip="The restored aligned faces."),
+                io.Image.Output(display_name="photo", tooltip="Whole-photo mode: the photos with the restored faces "
+                                                              "pasted back; aligned mode: the restored faces."),
+                io.Mask.Output(display_name="masks", tooltip="Where each face was pasted (one mask per face)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
+        import comfy.samplers
+
+        if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+            return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
+        if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler, identity_scale,
+                content_scale) -> io.NodeOutput:
+        samples = sample_faces(model, clip, faces, seed, steps, guidance, sampler_name, scheduler, identity_scale,
+                               content_scale)
+        restored = image_to_nchw(vae.decode(samples))
+        photos, masks = paste_back(faces, restored, "RIDFRSample")
+        return io.NodeOutput(nchw_to_image(restored), photos, masks)
+
+
+class PasteFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PasteFaces",
+            display_name="Paste Faces (RIDFR)",
+            category="RIDFR",
+            description="Pastes restored faces (e.g. KSampler + VAE Decode) back into the photos Content Condition "
+                        "found them in.",
+            inputs=[
+                FacesSocket.Input("faces", tooltip="The faces output of Content Condition."),
+                io.Image.Input("images", tooltip="The restored faces, one per face, in the same order."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="photo", tooltip="The photos with the faces pasted back (aligned mode: "
+                                                              "the faces)."),
+                io.Mask.Output(display_name="masks", tooltip="Where each face was pasted (one mask per face)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, faces, images) -> io.NodeOutput:
+        photos, masks = paste_back(faces, image_to_nchw(images), "PasteFaces")
+        return io.NodeOutput(photos, masks)

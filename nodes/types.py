@@ -1,0 +1,106 @@
+"""The values that travel between RIDFR nodes (ComfyUI sockets RIDFR_MODELS, RIDFR_IDENTITY, RIDFR_FACES).
+
+They hold loaded modules and tensors only, are never mutated after a node returns them (ComfyUI may
+hand one output to several nodes and cache it), and carry no reference to a node class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+RIDFRModelsSocket = io.Custom("RIDFR_MODELS")
+IdentitySocket = io.Custom("RIDFR_IDENTITY")
+FacesSocket = io.Custom("RIDFR_FACES")
+
+
+class NodeError(ValueError):
+    """A user-facing error: ``NodeError("ContentCondition", "image", "what was wrong; how to fix it")``."""
+
+    def __init__(self, node: str, option: str | None, message: str):
+        where = f"{node} ({option})" if option else node
+        super().__init__(f"{where}: {message}")
+
+
+class ModuleHolder(torch.nn.Module):
+    """The root module ComfyUI's ModelPatcher manages; ``.module`` is the RIDFR module itself."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def module_of(patcher) -> torch.nn.Module:
+    return patcher.model.module
+
+
+@dataclass(eq=False)
+class RIDFRModels:
+    """Output of LoadRIDFR. Each module is wrapped in a ComfyUI ModelPatcher so that ComfyUI's model
+    management moves it to the GPU with the diffusion model and offloads it under memory pressure."""
+
+    content: object            # ModelPatcher around ridfr_core.content.ContentControlNet
+    adapter: object            # ModelPatcher around ridfr_core.identity.IdentityAdapter
+    lora_deltas: dict          # {diffusers UNet param name: dense FaceID LoRA delta}
+    clip_vision: object        # ModelPatcher around transformers CLIPVisionModelWithProjection
+    face_models: Path          # insightface model pack folder (…/models/<pack>)
+    face_device: str           # onnxruntime device: auto, cpu or cuda
+
+    def face_analyzer(self):
+        from ridfr_core.faces import load_face_analyzer
+
+        return load_face_analyzer(model_dir=self.face_models, device=self.face_device)
+
+
+@dataclass(eq=False)
+class FaceIdentity:
+    """An identity condition. ``identity`` has B=1 (one person, for every face) or one entry per face
+    (after MatchIdentities); ``face_scales`` (B,) multiplies the identity weight per face (0 = restore
+    that face without identity) or is None (1 for all); ``embedding`` is the combined ArcFace
+    embedding used to recognise this person in a photo (None for per-face identities)."""
+
+    identity: object           # ridfr_core.identity.Identity
+    embedding: np.ndarray | None
+    face_scales: torch.Tensor | None
+    label: str
+
+
+@dataclass(eq=False)
+class PhotoFaces:
+    """One photo of a whole-photo batch: the photo (HWC uint8 RGB) and its detected faces, whose aligned
+    crops are ``FaceBatch.lq[first:first + len(faces)]``."""
+
+    image: np.ndarray
+    faces: list
+    first: int
+
+
+@dataclass(eq=False)
+class FaceBatch:
+    """Output of ContentCondition: the aligned LQ faces that were conditioned on, (F,3,S,S) in [0,1],
+    and, in whole-photo mode, where they came from (for pasting the restored faces back)."""
+
+    lq: torch.Tensor
+    photos: list[PhotoFaces] | None
+
+    @property
+    def count(self) -> int:
+        return self.lq.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.lq.shape[-1]
+
+
+def image_to_nchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B,H,W,C) in [0,1] -> (B,3,H,W) float."""
+    return image[..., :3].permute(0, 3, 1, 2).float()
+
+
+def nchw_to_image(tensor: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) in [0,1] -> ComfyUI IMAGE (B,H,W,3) float32 on the CPU."""
+    return tensor.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Set up a CPU-only ComfyUI checkout + venv for the node pack's integration tests.
+#
+#   scripts/setup_comfyui.sh MIRROR_GIT_DIR [COMFYUI_DIR] [VENV_DIR]
+#
+# MIRROR_GIT_DIR: a bare clone of Comfy-Org/ComfyUI (tested with v0.3.64, commit a125cd8).
+# Defaults: COMFYUI_DIR=/work/comfyui, VENV_DIR=/work/comfyui-venv. Not run by CI.
+# Then: COMFYUI_PATH=$COMFYUI_DIR $VENV_DIR/bin/python -m pytest tests/test_comfyui_integration.py tests/test_nodes.py
+set -euo pipefail
+
+MIRROR=${1:?usage: setup_comfyui.sh MIRROR_GIT_DIR [COMFYUI_DIR] [VENV_DIR]}
+COMFYUI_DIR=${2:-/work/comfyui}
+VENV_DIR=${3:-/work/comfyui-venv}
+PACK_DIR=$(cd "$(dirname "$0")/.." && pwd)
+COMMIT=${COMFYUI_COMMIT:-$(git --git-dir="$MIRROR" rev-parse HEAD)}
+
+# 1. Checkout. A shallow/partial mirror may lack some blobs (e.g. the Llama tokenizer.json): restore
+#    every blob that exists and report the rest.
+mkdir -p "$COMFYUI_DIR"
+export GIT_INDEX_FILE="$COMFYUI_DIR/.git-index-tmp"
+git --git-dir="$MIRROR" read-tree "$COMMIT"
+missing=$(git --git-dir="$MIRROR" ls-files -s | awk '{print $2}' \
+  | git --git-dir="$MIRROR" cat-file --batch-check | awk '$2 == "missing" {print $1}')
+git --git-dir="$MIRROR" ls-files -s | { if [ -n "$missing" ]; then grep -v -F "$missing"; else cat; fi; } \
+  | awk '{print $4}' | tr '\n' '\0' \
+  | git --git-dir="$MIRROR" --work-tree="$COMFYUI_DIR" checkout-index --force -z --stdin
+rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE
+if [ -n "$missing" ]; then echo "absent from the mirror (skipped):"; git --git-dir="$MIRROR" ls-tree -r "$COMMIT" | grep -F "$missing"; fi
+echo "$COMMIT" > "$COMFYUI_DIR/.ridfr-comfyui-commit"
+
+# 2. venv with the CPU torch and ComfyUI's + this pack's requirements. The constraint keeps pip from
+#    replacing torch with a CUDA build.
+CONSTRAINTS=$(mktemp)
+echo "torch==2.13.0" > "$CONSTRAINTS"
+python3 -m venv "$VENV_DIR"
+PIP="$VENV_DIR/bin/python -m pip"
+$PIP install -q -c "$CONSTRAINTS" torch==2.13.0
+$PIP install -q -c "$CONSTRAINTS" -r "$COMFYUI_DIR/requirements.txt" requests
+$PIP install -q -c "$CONSTRAINTS" -r "$PACK_DIR/requirements.txt" pytest
+
+# 3. torchvision/torchaudio from PyPI are CUDA builds whose compiled ops cannot load against CPU torch.
+#    ComfyUI imports torchvision unconditionally; drop the compiled parts so the pure-Python parts load.
+SITE=$("$VENV_DIR/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+rm -rf "$SITE"/torchvision/_C.so "$SITE"/torchvision/image.so "$SITE"/torchvision.libs "$SITE"/torchaudio/lib/*.so
+"$VENV_DIR/bin/python" - "$SITE/torchvision/_meta_registrations.py" <<'PY'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+for op in ("nms", "qnms"):
+    plain = f'@torch.library.register_fake("torchvision::{op}")'
+    guarded = f'@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() else (lambda fn: fn))'
+    if guarded not in text:
+        text = text.replace(plain, guarded)
+open(path, "w").write(text)
+PY
+"$VENV_DIR/bin/python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+echo "ComfyUI at $COMFYUI_DIR, venv at $VENV_DIR"

@@ -1,0 +1,133 @@
+"""The pack in a real ComfyUI server (COMFYUI_PATH): every example workflow submitted over HTTP,
+/object_info, the template browser and Cancel. Tiny models in the real formats; real photos (from
+../shared, used at run time only) with the YuNet-based insightface pack so that faces are detected."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_host import REPO_ROOT, ComfyServer, build_comfy_models, requires_comfyui, ui_to_api
+
+pytestmark = requires_comfyui
+WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
+PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition", "IdentityCondition", "RIDFRSample",
+              "PasteFaces")
+FACE = 64
+# Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
+MODEL_NAMES = {"v1-5-pruned-emaonly.safetensors": "tiny-sd15.safetensors",
+               "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2"}
+INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",
+               "person_a.jpg": "obama_obama.jpg", "person_b.jpg": "biden_biden.jpg",
+               "reference_1.jpg": "obama_obama.jpg", "reference_2.jpg": "obama_obama2.jpg",
+               "reference_3.jpg": "obama_obama3.jpg"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, yunet_models_root, face_data):
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = build_comfy_models(base / "models", yunet_models_root / "models" / "antelopev2")
+    (base / "custom_nodes").mkdir()
+    os.symlink(REPO_ROOT, base / "custom_nodes" / "ridfr")
+    os.symlink(REPO_ROOT / "tests" / "comfy_tiny_sd15.py", base / "custom_nodes" / "comfy_tiny_sd15.py")
+    (base / "input").mkdir()
+    for name, source in INPUT_FILES.items():
+        if source is None:
+            lq = np.random.default_rng(0).integers(0, 255, (FACE, FACE, 3), dtype=np.uint8)
+            Image.fromarray(lq).save(base / "input" / name)
+        else:
+            shutil.copy(face_data / "unaligned" / source, base / "input" / name)
+    host = ComfyServer(base, models.configs)
+    yield host
+    host.stop()
+
+
+def api_prompt(server, workflow: Path, steps: int = 3) -> dict:
+    prompt = ui_to_api(json.loads(workflow.read_text()), server.get("/object_info"))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key, value in inputs.items():
+            if isinstance(value, str) and value in MODEL_NAMES:
+                inputs[key] = MODEL_NAMES[value]
+        if node["class_type"] == "ContentCondition":
+            inputs["face_size"] = FACE
+        if "steps" in inputs:
+            inputs["steps"] = steps
+    return prompt
+
+
+def saved_images(server, entry: dict) -> list[np.ndarray]:
+    images = []
+    for output in entry["outputs"].values():
+        for image in output.get("images", []):
+            if image["type"] == "output":
+                path = server.base / "output" / image["subfolder"] / image["filename"]
+                images.append(np.asarray(Image.open(path).convert("RGB")))
+    return images
+
+
+def test_object_info_lists_every_node_with_tooltips(server):
+    info = server.get("/object_info")
+    log = server.log()
+    assert "Cannot import" not in log and "IMPORT FAILED" not in log, log[-3000:]
+    assert "Unable to parse pyproject.toml" not in log
+    for node_id in PACK_NODES:
+        assert node_id in info, f"{node_id} missing from /object_info"
+        for category in ("required", "optional"):
+            for name, spec in info[node_id]["input"].get(category, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert set(info["LoadRIDFR"]["input"]["required"]["insightface"][1]["options"]) == {"antelopev2"}
+
+
+def test_example_workflows_are_in_the_template_browser(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["ridfr"]) == sorted(path.stem for path in WORKFLOWS)
+    for path in WORKFLOWS:
+        assert path.with_suffix(".jpg").is_file()
+        notes = [node for node in json.loads(path.read_text())["nodes"] if node["type"] == "Note"]
+        assert notes and "models/ipadapter" in notes[0]["widgets_values"][0]
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
+def test_example_workflow_runs_and_is_deterministic(server, workflow):
+    prompt = api_prompt(server, workflow)
+    first = saved_images(server, server.run(prompt))
+    server.request("/free", {"unload_models": True, "free_memory": True})
+    second = saved_images(server, server.run(prompt))
+    assert first and len(first) == len(second)
+    for image, again in zip(first, second):
+        assert image.std() > 2, "blank output"
+        np.testing.assert_array_equal(image, again)
+    if "group_photo" in workflow.stem:
+        photo = np.asarray(Image.open(server.base / "input" / "group_photo.jpg").convert("RGB"))
+        assert first[0].shape == photo.shape
+        assert (first[0] != photo).any(axis=-1).mean() < 0.5  # faces replaced, the rest kept
+    else:
+        assert first[0].shape == (FACE, FACE, 3)
+
+
+def test_cancel_stops_a_running_prompt(server):
+    prompt = api_prompt(server, WORKFLOWS[0], steps=200)
+    for node in prompt.values():
+        if node["class_type"] == "RIDFRSample":
+            node["inputs"].update(guidance=3.0, seed=7)
+        if node["class_type"] == "ContentCondition":
+            node["inputs"]["face_size"] = 256
+    prompt_id = server.submit(prompt)
+    deadline = time.time() + 60
+    while not server.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    started = time.time()
+    server.request("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=60)
+    assert time.time() - started < 20
+    messages = [message[0] for message in entry["status"]["messages"]]
+    assert "execution_interrupted" in messages, entry["status"]

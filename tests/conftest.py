@@ -15,6 +15,7 @@ that insightface's real model routing, pre- and post-processing run:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 torch.set_flush_denormal(True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+# Real faces and small real models live beside the repository (never in it: their licences forbid
+# redistribution); RIDFR_SHARED points elsewhere, e.g. for a clone in another folder.
+SHARED = Path(os.environ.get("RIDFR_SHARED", REPO_ROOT.parent / "shared"))
 FACE_DATA = SHARED / "data" / "faces"
 YUNET_PATH = SHARED / "models" / "yunet" / "yunet_s_640_640.onnx"
 

@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,8 +10,9 @@ import pytest
 from ridfr_core import eval as evaluation
 from ridfr_core import restore
 from ridfr_core.degrade import jpeg_roundtrip
+from conftest import FACE_DATA
 
-FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "celebref-mini"
+FACES = FACE_DATA / "celebref-mini"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 

@@ -9,8 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ridfr_core import metrics
+from conftest import FACE_DATA
 
-FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "celebref-mini"
+FACES = FACE_DATA / "celebref-mini"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 

@@ -84,10 +84,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (Linux: KiB)
 
 
-def hand_stepped(models: RIDFRModels, lq: torch.Tensor, id_tokens: torch.Tensor, steps: int, device, dtype):
+def hand_stepped(models: RIDFRModels, lq: torch.Tensor, identity: Identity, steps: int, device, dtype):
     """The composition with no pipeline around it: the loop a user would write."""
     unet, content, vae = models.unet, models.content, models.vae
     batch = lq.shape[0]
+    id_tokens = models.adapter.identity_tokens(identity.broadcast_to(batch)).to(dtype)
     latent_hw = (lq.shape[-2] // 8, lq.shape[-1] // 8)
     scheduler = UniPCMultistepScheduler.from_config(models.scheduler_config)
     scheduler.set_timesteps(steps, device=device)
@@ -129,7 +130,9 @@ def stock_diffusers_pipeline(models: RIDFRModels, device, dtype) -> StableDiffus
 
 def run_stock(pipe, models: RIDFRModels, lq: torch.Tensor, identity: Identity, steps: int, device, dtype):
     batch = lq.shape[0]
-    pipe.unet.encoder_hid_proj.image_projection_layers[0].clip_embeds = identity.clip_embeds[:, None].to(device, dtype)
+    # the pipeline repeats the ID embedding to the prompt batch itself, not the CLIP features set here
+    clip_embeds = identity.broadcast_to(batch).clip_embeds[:, None]
+    pipe.unet.encoder_hid_proj.image_projection_layers[0].clip_embeds = clip_embeds.to(device, dtype)
     return pipe(prompt_embeds=models.empty_prompt.to(device, dtype).expand(batch, -1, -1), image=lq,
                 ip_adapter_image_embeds=[identity.id_embeds[:, None].to(device, dtype)], num_inference_steps=steps,
                 guidance_scale=1.0, output_type="pt", height=lq.shape[-2], width=lq.shape[-1],
@@ -171,9 +174,9 @@ def main() -> None:
             encode_s, identity = timed(lambda: Identity(torch.nn.functional.normalize(torch.randn(1, 512), dim=-1),
                                                         encode_clip_features(models.clip_vision, crops).float()),
                                        device, args.repeats)
-            tokens_s, id_tokens = timed(lambda: pipeline.identity_tokens(identity, batch), device, args.repeats)
+            tokens_s, _ = timed(lambda: pipeline.identity_tokens(identity, batch), device, args.repeats)
             ours_s, _ = timed(lambda: pipeline(lq, identity, steps=args.steps), device, args.repeats)
-            hand_s, _ = timed(lambda: hand_stepped(models, lq, id_tokens.to(dtype), args.steps, device, dtype),
+            hand_s, _ = timed(lambda: hand_stepped(models, lq, identity, args.steps, device, dtype),
                               device, args.repeats)
             latents = torch.randn(batch, 4, args.size // 8, args.size // 8, device=device, dtype=dtype)
             decode_s, _ = timed(lambda: pipeline.decode(latents), device, args.repeats)

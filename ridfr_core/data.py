@@ -116,16 +116,23 @@ def require_folder(root: Path | str, option: str = "data") -> Path:
     return root
 
 
-def scan_faces(root: Path | str, min_image_size: int) -> tuple[list[Path], SkipReport]:
-    """Stage ``content``: every usable image under ``root`` (FFHQ keeps them in numbered subfolders)."""
-    root = require_folder(root)
-    report, kept = SkipReport(), []
-    for path in list_images(root, recursive=True):
+def usable_images(paths: list[Path], root: Path, min_image_size: int, report: SkipReport) -> list[Path]:
+    """The readable, large-enough images among ``paths``; the others go into ``report`` with the reason."""
+    kept = []
+    for path in paths:
         problem = image_problem(path, min_image_size)
         if problem is None:
             kept.append(path)
         else:
             getattr(report, problem[0]).append((str(path.relative_to(root)), problem[1]))
+    return kept
+
+
+def scan_faces(root: Path | str, min_image_size: int) -> tuple[list[Path], SkipReport]:
+    """Stage ``content``: every usable image under ``root`` (FFHQ keeps them in numbered subfolders)."""
+    root = require_folder(root)
+    report = SkipReport()
+    kept = usable_images(list_images(root, recursive=True), root, min_image_size, report)
     if not kept:
         raise DataError(f"data: no usable images in {root} (looked for {sorted(IMAGE_SUFFIXES)} recursively"
                         + (f"; {report.summary(min_image_size)}" if report.skipped_images else "")
@@ -146,13 +153,7 @@ def scan_identities(root: Path | str, min_image_size: int, min_images: int) -> t
     report, groups = SkipReport(), []
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     for folder in folders:
-        paths = []
-        for path in list_images(folder, recursive=False):
-            problem = image_problem(path, min_image_size)
-            if problem is None:
-                paths.append(path)
-            else:
-                getattr(report, problem[0]).append((str(path.relative_to(root)), problem[1]))
+        paths = usable_images(list_images(folder, recursive=False), root, min_image_size, report)
         if not paths and not any(folder.iterdir()):
             continue
         groups.append(IdentityGroup(folder.name, paths))

@@ -67,15 +67,23 @@ def sync(device: torch.device) -> None:
 
 def timed(fn, device, repeats: int) -> tuple[float, object]:
     """Median seconds of ``repeats`` runs after one warm-up."""
-    result = fn()
-    times = []
+    medians, results = timed_interleaved({"only": fn}, device, repeats)
+    return medians["only"], results["only"]
+
+
+def timed_interleaved(fns: dict, device, repeats: int) -> tuple[dict[str, float], dict]:
+    """Median seconds of each function, run in turn within every repeat, so that load from elsewhere on
+    a shared machine falls on all of them alike instead of on whichever ran at the wrong moment."""
+    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}, results
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -175,15 +183,14 @@ def main() -> None:
                                                         encode_clip_features(models.clip_vision, crops).float()),
                                        device, args.repeats)
             tokens_s, _ = timed(lambda: pipeline.identity_tokens(identity, batch), device, args.repeats)
-            ours_s, _ = timed(lambda: pipeline(lq, identity, steps=args.steps), device, args.repeats)
-            hand_s, _ = timed(lambda: hand_stepped(models, lq, identity, args.steps, device, dtype),
-                              device, args.repeats)
+            variants = {"ridfr": lambda: pipeline(lq, identity, steps=args.steps),
+                        "hand": lambda: hand_stepped(models, lq, identity, args.steps, device, dtype)}
+            if stock is not None:
+                variants["diffusers"] = lambda: run_stock(stock, models, lq, identity, args.steps, device, dtype)
+            medians, _ = timed_interleaved(variants, device, args.repeats)
+            ours_s, hand_s, stock_s = medians["ridfr"], medians["hand"], medians.get("diffusers")
             latents = torch.randn(batch, 4, args.size // 8, args.size // 8, device=device, dtype=dtype)
             decode_s, _ = timed(lambda: pipeline.decode(latents), device, args.repeats)
-            stock_s = None
-            if stock is not None:
-                stock_s, _ = timed(lambda: run_stock(stock, models, lq, identity, args.steps, device, dtype),
-                                   device, args.repeats)
         matrix = estimate_alignment(ffhq_template(args.size) * 0.5 + args.size / 2, args.size)
         face = np.full((args.size, args.size, 3), 200, np.uint8)
         paste_s, _ = timed(lambda: paste_face(photo.copy(), face, matrix), device, args.repeats)

@@ -148,7 +148,7 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, rotation_deg: flo
 
 def apply_degradation(image: np.ndarray, params: DegradationParams) -> np.ndarray:
     """Apply Eq. 7 with fixed parameters to a uint8 HxWx3 RGB image; returns uint8 of the same size."""
-    _check_image(image)
+    _check_image(image, "apply_degradation")
     height, width = image.shape[:2]
     work = image.astype(np.float32)
     if params.blur_sigma_x is not None:
@@ -208,7 +208,7 @@ def downsample_reference(
     """Simulate an ID image of uneven quality: shrink the longer side to a random size in
     [min_size, max_size] (area), then bicubic back to the original size. No-op when the drawn
     size is not smaller than the image."""
-    _check_image(image)
+    _check_image(image, "downsample_reference")
     if not 1 <= min_size <= max_size:
         raise ValueError(f"downsample_reference: min_size={min_size}, max_size={max_size}; need 1 <= min <= max.")
     height, width = image.shape[:2]
@@ -220,7 +220,8 @@ def downsample_reference(
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def _check_image(image: np.ndarray):
+def _check_image(image: np.ndarray, caller: str):
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
         described = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"expected a uint8 HxWx3 RGB image, got a {described}.")
+        raise ValueError(f"{caller}: expected a uint8 HxWx3 RGB image, got a {described}; convert it first "
+                         "(float [0, 1]: np.rint(image * 255).astype(np.uint8); grayscale: np.repeat(image[..., None], 3, 2)).")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import importlib
 import json
 import platform
@@ -56,6 +57,13 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def image_with_stem(folder: Path, stem: str) -> Path | None:
+    """``folder/<stem>.<image suffix>`` (the first by name if there are several), or None."""
+    matches = sorted(p for p in Path(folder).glob(f"{glob.escape(stem)}.*")
+                     if p.stem == stem and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return matches[0] if matches else None
+
+
 # ------------------------------------------------------------------------------------ split
 
 def build_split(
@@ -78,6 +86,7 @@ def build_split(
         )
     names = sorted(identities)
     test_ids = sorted(np.random.default_rng(seed).choice(names, size=num_test_ids, replace=False).tolist())
+    held_out = set(test_ids)
     cases = []
     for identity in test_ids:
         images = identities[identity]
@@ -95,7 +104,7 @@ def build_split(
         "glob": pattern,
         "max_images_per_id": max_images_per_id,
         "test_ids": test_ids,
-        "train_ids": [name for name in names if name not in set(test_ids)],
+        "train_ids": [name for name in names if name not in held_out],
         "cases": cases,
     }
 
@@ -158,7 +167,8 @@ def _restorations(restored_dir: Path, case: str) -> list[Path]:
     folder = restored_dir / case
     if folder.is_dir():
         return list_images(folder)
-    return [p for p in restored_dir.glob(f"{case}.*") if p.suffix.lower() in IMAGE_SUFFIXES][:1]
+    single = image_with_stem(restored_dir, case)
+    return [single] if single else []
 
 
 def _reference_for(refs_dir: Path | None, case: str, restored: Path) -> Path | None:
@@ -168,7 +178,7 @@ def _reference_for(refs_dir: Path | None, case: str, restored: Path) -> Path | N
     if folder.is_dir():
         matching = [p for p in list_images(folder) if p.stem == restored.stem]
         return (matching or list_images(folder) or [None])[0]
-    return next((p for p in refs_dir.glob(f"{case}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+    return image_with_stem(refs_dir, case)
 
 
 def _finite_mean(values) -> float:
@@ -193,7 +203,7 @@ def evaluate(
     restored_dir, gt_dir = Path(restored_dir), Path(gt_dir)
     for option, folder in (("--restored", restored_dir), ("--gt", gt_dir)):
         if not folder.is_dir():
-            raise ValueError(f"{option} {folder}: not a folder.")
+            raise ValueError(f"{option} {folder}: not a folder; give the folder holding the {option[2:]} images.")
     gt_paths = list_images(gt_dir)
     if not gt_paths:
         raise ValueError(f"--gt {gt_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
@@ -296,7 +306,7 @@ def write_grid(path: Path, gt_paths, restorations, refs_dir, lq_dir, tile: int =
     rows = [header]
     for gt_path in gt_paths:
         restored = restorations[gt_path.stem][0]
-        lq = next(iter(Path(lq_dir).glob(f"{gt_path.stem}.*")), None) if lq_dir else None
+        lq = image_with_stem(lq_dir, gt_path.stem) if lq_dir else None
         sources = (lq, restored, gt_path, _reference_for(Path(refs_dir) if refs_dir else None, gt_path.stem, restored))
         tiles = [
             cv2.resize(read_rgb(p), (tile, tile), interpolation=cv2.INTER_AREA) if p else np.full((tile, tile, 3), 128, np.uint8)
@@ -311,6 +321,8 @@ def write_grid(path: Path, gt_paths, restorations, refs_dir, lq_dir, tile: int =
 def load_restorer(spec: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Import ``module:function`` lazily; the function maps (lq, reference) uint8 RGB -> restored."""
     module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--restorer {spec}: expected module:function, e.g. {DEFAULT_RESTORER}.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -318,7 +330,7 @@ def load_restorer(spec: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
             f"--restorer {spec}: cannot import {module_name} ({error}); give module:function for a callable "
             "restore(lq, reference) -> restored, or restore first and use the 'score' command."
         ) from error
-    if not callable(getattr(module, function_name or "", None)):
+    if not callable(getattr(module, function_name, None)):
         raise ValueError(f"--restorer {spec}: {module_name} has no callable {function_name!r}.")
     return getattr(module, function_name)
 
@@ -378,7 +390,16 @@ def _add_split_options(parser: argparse.ArgumentParser):
 def _degradation_config(path: Path | None) -> DegradationConfig:
     if path is None:
         return DegradationConfig()
-    return DegradationConfig.from_dict(json.loads(Path(path).read_text()))
+    return DegradationConfig.from_dict(_read_json(path, "--config", "a JSON object of DegradationConfig options"))
+
+
+def _read_json(path: Path, option: str, what: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot read it ({error.strerror or error}); give {what}.") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{option} {path}: not valid JSON ({error}); give {what}.") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(split['cases'])} cases from {len(split['test_ids'])} identities -> {write_split(split, args.out)}")
             return 0
         if args.command == "degrade":
-            split = json.loads(args.split.read_text())
+            split = _read_json(args.split, "--split", "the split.json written by the 'split' command")
             print(f"-> {degrade_split(split, args.out, args.seed, _degradation_config(args.config), args.size)}")
             return 0
         score_options = dict(

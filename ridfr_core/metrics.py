@@ -27,12 +27,6 @@ PYIQA_METRICS = {"lpips": "lpips", "musiq": "musiq", "maniqa": "maniqa", "clipiq
 PYIQA_FULL_REFERENCE = {"lpips"}
 PYIQA_LOWER_IS_BETTER = {"lpips"}
 
-# Five landmarks (eyes, nose tip, mouth corners) of an FFHQ-aligned 512 crop (facexlib's template).
-# Aligned crops need no detector to be put into ArcFace's 112x112 layout.
-FFHQ_LANDMARKS_512 = np.array(
-    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
-    dtype=np.float32,
-)
 # Where dlib's HOG detector and MTCNN put the face box on aligned 512 crops (median over the
 # CelebRef faces in shared/data/faces); used when detection fails on a badly restored face.
 DLIB_ALIGNED_BOX_512 = (95, 164, 405, 474)  # left, top, right, bottom
@@ -227,9 +221,12 @@ def arcface_unavailable_reason(model_path: str | Path | None) -> str | None:
 
 def load_arcface_recogniser(model_path: str | Path) -> Recogniser:
     """An insightface ArcFace ONNX model (a file, or a model-pack folder such as antelopev2).
-    Aligned crops are warped to ArcFace's 112x112 layout with the FFHQ landmark template."""
+    Aligned crops need no detector: the FFHQ five-point template (facexlib's, the one the face
+    front-end aligns to) is warped to ArcFace's 112x112 layout. insightface models take BGR."""
     from insightface.model_zoo import get_model
     from insightface.utils.face_align import norm_crop
+
+    from .faces.align import FFHQ_TEMPLATE_512, FACE_SIZE  # imported here: the faces package loads torch
 
     onnx_path = _find_arcface_onnx(Path(model_path))
     model = get_model(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -237,7 +234,7 @@ def load_arcface_recogniser(model_path: str | Path) -> Recogniser:
     def embed(images):
         crops = []
         for image in images:
-            landmarks = FFHQ_LANDMARKS_512 * np.array([image.shape[1] / 512.0, image.shape[0] / 512.0], dtype=np.float32)
+            landmarks = FFHQ_TEMPLATE_512 * np.array([image.shape[1], image.shape[0]], np.float32) / FACE_SIZE
             crops.append(cv2.cvtColor(norm_crop(image, landmarks, image_size=112), cv2.COLOR_RGB2BGR))
         return normalise(model.get_feat(crops).reshape(len(images), -1))
 
@@ -289,6 +286,9 @@ def load_pyiqa_metrics(names: Sequence[str], device: str = "cpu"):
     info = {"pyiqa_version": pyiqa.__version__, "pyiqa_pinned": PYIQA_VERSION, "variants": {}}
     if pyiqa.__version__ != PYIQA_VERSION:
         info["warning"] = f"pyiqa {pyiqa.__version__} differs from the pinned {PYIQA_VERSION}; variants may differ"
+    def to_tensor(image):
+        return torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
+
     metrics, skipped = {}, {}
     for name in names:
         try:
@@ -297,9 +297,6 @@ def load_pyiqa_metrics(names: Sequence[str], device: str = "cpu"):
             skipped[name] = f"pyiqa could not load '{PYIQA_METRICS[name]}': {type(error).__name__}: {error}"
             continue
         info["variants"][name] = PYIQA_METRICS[name]
-
-        def to_tensor(image):
-            return torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
 
         def score(restored, ground_truth, network=network, full_reference=name in PYIQA_FULL_REFERENCE):
             with torch.no_grad():

@@ -11,6 +11,7 @@ from ridfr_core.degrade import (
     degrade,
     downsample_reference,
     gaussian_kernel,
+    jpeg_roundtrip,
 )
 
 NO_DEGRADATION = DegradationParams(
@@ -97,6 +98,27 @@ def test_downsample_by_four_loses_detail(textured_image):
     coarse = lambda image: cv2.resize(image, (16, 16), interpolation=cv2.INTER_AREA).astype(np.float64)
     assert np.abs(coarse(out) - coarse(textured_image)).mean() < 3.0
 
+
+
+def test_stages_run_in_eq7_order(textured_image):
+    """[(I * k) down_r + n]_JPEG, then back to the input size: the same stages composed by hand in
+    Eq. 7's order give the same image, and swapping noise and downsampling does not."""
+    params = with_stage(blur_sigma_x=2.0, blur_sigma_y=4.0, blur_rotation_deg=25.0, downsample_scale=4.0,
+                        downsample_interpolation="linear", noise_sigma=8.0, noise_seed=11, jpeg_quality=40)
+    kernel = gaussian_kernel(41, 2.0, 4.0, 25.0)
+    blurred = cv2.filter2D(textured_image.astype(np.float32), -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+    small = cv2.resize(blurred, (64, 64), interpolation=cv2.INTER_LINEAR)
+
+    def noisy(image):
+        noise = np.random.default_rng(11).standard_normal(image.shape, dtype=np.float32) * np.float32(8.0)
+        return np.clip(np.rint(image + noise), 0, 255).astype(np.uint8)
+
+    expected = cv2.resize(jpeg_roundtrip(noisy(small), 40), (256, 256), interpolation=cv2.INTER_CUBIC)
+    out = apply_degradation(textured_image, params)
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    noise_first = cv2.resize(jpeg_roundtrip(cv2.resize(noisy(blurred), (64, 64), interpolation=cv2.INTER_LINEAR), 40),
+                             (256, 256), interpolation=cv2.INTER_CUBIC)
+    assert np.abs(out.astype(float) - noise_first).mean() > 1.0
 
 def test_config_round_trip_and_partial_dict():
     config = DegradationConfig(blur_sigma=(0.2, 10.0), jpeg_quality=(60, 100), downsample_interpolations=("linear",))

@@ -71,6 +71,27 @@ def test_score_reports_missing_restorations(tmp_path, capsys):
 def test_unimportable_restorer_is_a_clear_error():
     with pytest.raises(ValueError, match="--restorer no_such_module:restore"):
         evaluation.load_restorer("no_such_module:restore")
+    with pytest.raises(ValueError, match="--restorer ridfr_core.restore: expected module:function"):
+        evaluation.load_restorer("ridfr_core.restore")
+
+
+def test_unreadable_split_or_config_names_the_option(tmp_path, capsys):
+    assert evaluation.main(["degrade", "--split", str(tmp_path / "missing.json"), "--out", str(tmp_path / "d")]) == 2
+    assert "--split" in capsys.readouterr().err
+    split = tmp_path / "split.json"
+    split.write_text('{"cases": []}')
+    (tmp_path / "bad.json").write_text("{blur_sigma: [1, 2]")
+    assert evaluation.main(["degrade", "--split", str(split), "--config", str(tmp_path / "bad.json"),
+                            "--out", str(tmp_path / "d")]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_single_restorations_are_found_by_exact_stem(tmp_path):
+    for name in ("a.b.png", "a.png.txt", "a.jpg", "a.png", "[x].png"):
+        (tmp_path / name).write_bytes(b"")
+    assert evaluation.image_with_stem(tmp_path, "a") == tmp_path / "a.jpg"  # first by name, images only
+    assert evaluation.image_with_stem(tmp_path, "[x]") == tmp_path / "[x].png"  # glob characters are literal
+    assert evaluation.image_with_stem(tmp_path, "b") is None
 
 
 @needs_faces

@@ -104,3 +104,17 @@ def test_upscale_modes():
     assert upscale_image(photo, 2.0, "lanczos").shape == (120, 160, 3)
     with pytest.raises(FaceInputError, match="upscale_mode"):
         upscale_image(photo, 2.0, "magic")
+    with pytest.raises(FaceInputError, match="upscale_mode"):  # a typo is reported even when nothing is resized
+        upscale_image(photo, 1.0, "magic")
+    with pytest.raises(FaceInputError, match="upscale: must be positive"):
+        upscale_image(photo, 0.0)
+
+
+def test_paste_writes_the_mask_into_a_given_array():
+    photo = smooth_photo()
+    matrix = estimate_alignment(KPS)
+    expected = paste_face(photo.copy(), warp_to_crop(photo, matrix), matrix)
+    masks = np.zeros((2,) + photo.shape[:2], np.float32)
+    returned = paste_face(photo.copy(), warp_to_crop(photo, matrix), matrix, out=masks[1])
+    np.testing.assert_array_equal(masks[1], expected)
+    assert np.shares_memory(returned, masks[1]) and masks[0].max() == 0

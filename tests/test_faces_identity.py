@@ -81,6 +81,17 @@ def test_matching_assigns_the_right_identity():
     assert match_faces(np.zeros((0, 512)), np.stack([alice_centre])).identity == []
 
 
+
+def test_matching_ignores_the_scores_of_pairs_below_the_threshold():
+    """Face 0 is clearly identity 0 (0.9). Counting the raw -0.9 of face 1 / identity 1, a pair that
+    is below the threshold anyway, made the swap (0.25 + 0.3) look better than keeping face 0 with
+    its own identity (0.9 - 0.9)."""
+    identities = np.eye(3)[:2]
+    faces = np.array([[0.9, 0.25, np.sqrt(1 - 0.9**2 - 0.25**2)], [0.3, -0.9, np.sqrt(1 - 0.3**2 - 0.9**2)]])
+    matches = match_faces(faces, identities, threshold=0.2)
+    np.testing.assert_allclose(matches.similarity, [[0.9, 0.25], [0.3, -0.9]], atol=1e-12)
+    assert matches.identity == [0, None]
+
 def test_references_from_real_photos_build_one_identity(yunet_models_root, face_data):
     analyzer = load_face_analyzer(models_root=yunet_models_root)
     unaligned = face_data / "unaligned"

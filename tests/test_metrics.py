@@ -113,6 +113,25 @@ def test_arcface_recogniser_loads_recognition_model_from_folder(tmp_path, image)
     assert embeddings[0] @ embeddings[1] == pytest.approx(1.0) and embeddings[0] @ embeddings[2] < 0.99
 
 
+
+def test_arcface_recogniser_feeds_insightface_bgr_at_the_ffhq_landmarks(tmp_path):
+    """The same embedding as insightface's own recogniser given the BGR image and the FFHQ template
+    landmarks (swapping the channels, or the template, changes the projection's output)."""
+    from insightface.app.common import Face
+    from insightface.model_zoo import get_model
+
+    from ridfr_core.faces.align import FFHQ_TEMPLATE_512
+
+    path = _projection_arcface(tmp_path / "w600k_like.onnx")
+    recognisers, _ = metrics.load_recognisers(["arcface"], arcface_model=path)
+    rng = np.random.default_rng(5)
+    face = cv2.resize(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), (512, 512), interpolation=cv2.INTER_CUBIC)
+    reference = get_model(str(path), providers=["CPUExecutionProvider"]).get(
+        np.ascontiguousarray(face[:, :, ::-1]), Face(kps=FFHQ_TEMPLATE_512.copy()))
+    np.testing.assert_allclose(recognisers[0].embed([face])[0], metrics.normalise(reference), atol=1e-5)
+    swapped = recognisers[0].embed([np.ascontiguousarray(face[:, :, ::-1])])[0]
+    assert swapped @ metrics.normalise(reference) < 0.999
+
 @needs_faces
 @pytest.mark.parametrize("name", ["dlib", "facenet"])
 def test_real_recognisers_separate_identities(name):

@@ -11,6 +11,8 @@ Coordinates: pixel (x, y) is the centre of column x, row y (OpenCV's convention)
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
@@ -70,28 +72,37 @@ def feather_mask(size: int = FACE_SIZE, border: float = 0.02, feather: float = 0
     return np.minimum(ramp[:, None], ramp[None, :])
 
 
+@lru_cache(maxsize=4)
+def _default_mask(size: int) -> np.ndarray:
+    """feather_mask(size), computed once per size for every face pasted (read-only)."""
+    mask = feather_mask(size)
+    mask.setflags(write=False)
+    return mask
+
+
 def upscale_image(image: np.ndarray, upscale: float, mode: str = "bicubic") -> np.ndarray:
     """The whole photo resized by ``upscale`` with ``mode`` (one of UPSCALE_MODES)."""
-    if upscale == 1.0:
-        return image.copy()
     if mode not in UPSCALE_MODES:
         raise FaceInputError(f"upscale_mode: {mode!r} is not one of {sorted(UPSCALE_MODES)}.")
-    if upscale <= 0:
-        raise FaceInputError(f"upscale: must be positive, got {upscale}.")
+    if not upscale > 0:
+        raise FaceInputError(f"upscale: must be positive, got {upscale}; use 1 to keep the photo's size.")
+    if upscale == 1.0:
+        return image.copy()
     height, width = image.shape[:2]
     size = (int(round(width * upscale)), int(round(height * upscale)))
     return cv2.resize(image, size, interpolation=UPSCALE_MODES[mode])
 
 
 def paste_face(photo: np.ndarray, crop: np.ndarray, matrix: np.ndarray, upscale: float = 1.0,
-               mask: np.ndarray | None = None) -> np.ndarray:
+               mask: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Blend one restored crop into ``photo`` (already upsampled by ``upscale``) in place.
 
     Only the bounding box of the warped crop is touched, which keeps 8K photos cheap. Returns the
-    blend mask in photo coordinates, (H, W) float32 in [0, 1].
+    blend mask in photo coordinates, (H, W) float32 in [0, 1]: written into ``out`` (an all-zero
+    (H, W) float32 array, e.g. a row of a preallocated stack) when given, else a new array.
     """
     size = crop.shape[0]
-    mask = feather_mask(size) if mask is None else mask
+    mask = _default_mask(size) if mask is None else mask
     inverse = inverse_alignment(matrix, upscale)
     height, width = photo.shape[:2]
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64) - [0.5, 0.5, 0]
@@ -99,7 +110,7 @@ def paste_face(photo: np.ndarray, crop: np.ndarray, matrix: np.ndarray, upscale:
     x0, y0 = np.maximum(np.floor(projected.min(axis=0)).astype(int) - 1, 0)
     x1 = min(int(np.ceil(projected[:, 0].max())) + 2, width)
     y1 = min(int(np.ceil(projected[:, 1].max())) + 2, height)
-    full_mask = np.zeros((height, width), np.float32)
+    full_mask = np.zeros((height, width), np.float32) if out is None else out
     if x0 >= x1 or y0 >= y1:
         return full_mask
     local = inverse.copy()

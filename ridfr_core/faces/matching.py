@@ -40,8 +40,9 @@ def match_faces(face_embeddings, identity_embeddings, threshold: float = MATCH_S
     """Assign each face (F,512) to the most similar identity (K,512) above ``threshold``.
 
     ``one_face_per_identity``: a person appears once in a photo, so faces and identities are paired
-    by the assignment with the highest total similarity (Hungarian); otherwise every face takes its
-    own best identity, and several faces may share one.
+    by the assignment with the highest total similarity over the pairs at or above ``threshold``
+    (Hungarian; a pair below it counts as no match, so its score cannot pull the others apart);
+    otherwise every face takes its own best identity, and several faces may share one.
     """
     faces = _as_unit_rows(face_embeddings, "face_embeddings")
     identities = _as_unit_rows(identity_embeddings, "identity_embeddings")
@@ -52,7 +53,7 @@ def match_faces(face_embeddings, identity_embeddings, threshold: float = MATCH_S
     assigned: list[int | None] = [None] * len(faces)
     if similarity.size:
         if one_face_per_identity:
-            rows, cols = linear_sum_assignment(-similarity)
+            rows, cols = linear_sum_assignment(-np.where(similarity >= threshold, similarity, 0.0))
         else:
             rows, cols = np.arange(len(faces)), similarity.argmax(axis=1)
         for face, identity in zip(rows, cols):

@@ -84,18 +84,14 @@ def restore_photo(image, faces: list[DetectedFace], restore_fn: RestoreFn,
     restored = aligned.clone()
     chosen = [face for face, wanted in enumerate(restore) if wanted]
     if chosen:
-        scales = torch.tensor([identity_scale if identity_index[f] is not None else 0.0 for f in chosen])
-        output = restore_fn(aligned[chosen], scales, [identity_index[f] for f in chosen])
-        expected = (len(chosen), 3, face_size, face_size)
-        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise FaceInputError(f"restore_fn returned {got} for {len(chosen)} faces; expected a tensor {expected}.")
-        restored[chosen] = output.detach().float().cpu().clamp(0, 1)
+        index = [identity_index[f] for f in chosen]
+        restored[chosen] = _call_restorer(restore_fn, aligned[chosen], index, identity_scale).cpu()
     canvas = upscale_image(rgb, upscale, upscale_mode)
     masks = np.zeros((len(faces),) + canvas.shape[:2], np.float32)
-    restored_rgb = tensor_to_rgb(restored) if len(faces) else []
+    restored_rgb = tensor_to_rgb(restored[chosen]) if chosen else []
+    pasted = dict(zip(chosen, restored_rgb))
     for face in sorted(chosen, key=lambda f: faces[f].size):  # larger faces end on top where faces overlap
-        masks[face] = paste_face(canvas, restored_rgb[face], matrices[face], upscale)
+        paste_face(canvas, pasted[face], matrices[face], upscale, out=masks[face])
     return PhotoRestoration(image=canvas, masks=masks, aligned=aligned, restored=restored, faces=list(faces),
                             identity_index=identity_index, restored_faces=restore)
 
@@ -154,9 +150,18 @@ def restore_aligned(images, restore_fn: RestoreFn, identity_index: list[int | No
     if len(identity_index) != len(crops):
         raise FaceInputError(f"identity_index: {len(identity_index)} entries for {len(crops)} aligned faces; "
                              "give one per face.")
+    return _call_restorer(restore_fn, rgb_to_tensor(crops), identity_index, identity_scale)
+
+
+def _call_restorer(restore_fn: RestoreFn, aligned: torch.Tensor, identity_index: list[int | None],
+                   identity_scale: float) -> torch.Tensor:
+    """``restore_fn`` on a batch (scale 0 for faces without an identity), its output checked and
+    clamped to [0, 1] (float, on the device the restorer returned it on)."""
     scales = torch.tensor([identity_scale if index is not None else 0.0 for index in identity_index])
-    output = restore_fn(rgb_to_tensor(crops), scales, identity_index)
-    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (len(crops), 3, face_size, face_size):
-        raise FaceInputError(f"restore_fn returned {getattr(output, 'shape', type(output).__name__)} for "
-                             f"{len(crops)} faces; expected ({len(crops)}, 3, {face_size}, {face_size}).")
+    output = restore_fn(aligned, scales, identity_index)
+    expected = tuple(aligned.shape)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise FaceInputError(f"restore_fn returned {got} for {len(aligned)} faces; expected a tensor {expected} "
+                             "(B,3,S,S) float RGB in [0, 1], one crop per input crop.")
     return output.detach().float().clamp(0, 1)

@@ -46,7 +46,7 @@ class ReferenceFace:
 def quality_weight(det_score: float, face_scale: float) -> float:
     """Detection confidence times how much of ArcFace's 112 px input the face fills: a face smaller
     than that is upsampled into the recogniser and its embedding is less reliable."""
-    return float(det_score) * float(np.clip(face_scale / landmark_spread(ARCFACE_TEMPLATE_112), 0.1, 1.0))
+    return float(det_score) * float(np.clip(face_scale / ARCFACE_SPREAD_112, 0.1, 1.0))
 
 
 def landmark_spread(kps: np.ndarray) -> float:
@@ -54,6 +54,9 @@ def landmark_spread(kps: np.ndarray) -> float:
     the detector's box conventions and also exists for aligned crops."""
     kps = np.asarray(kps, np.float64)
     return float(np.linalg.norm(kps - kps.mean(axis=0), axis=1).mean())
+
+
+ARCFACE_SPREAD_112 = landmark_spread(ARCFACE_TEMPLATE_112)
 
 
 def encode_references(analyzer: FaceAnalyzer, images, face_index: int | list[int | None] | None = None,

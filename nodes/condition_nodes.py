@@ -8,7 +8,8 @@ import torch
 from comfy_api.latest import io
 
 from .patches import IdentityTokens, apply_content, apply_identity
-from .types import FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, module_of
+from .types import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
+                    module_of)
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("aligned faces", "whole photo")
@@ -95,11 +96,15 @@ class ContentCondition(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, input_mode, on_no_face, start_percent, end_percent) -> bool | str:
-        if input_mode not in INPUT_MODES:
-            return f"ContentCondition (input_mode): '{input_mode}' is not one of {', '.join(INPUT_MODES)}."
-        if on_no_face not in ON_NO_FACE:
-            return f"ContentCondition (on_no_face): '{on_no_face}' is not one of {', '.join(ON_NO_FACE)}."
-        if start_percent > end_percent:
+        # ComfyUI skips its own combo and min/max checks for the inputs named here; None = a linked input.
+        for option, value, choices in (("input_mode", input_mode, INPUT_MODES), ("on_no_face", on_no_face, ON_NO_FACE)):
+            error = invalid_choice("ContentCondition", option, value, choices)
+            if error:
+                return error
+        for option, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                return f"ContentCondition ({option}): {value} is outside 0..1."
+        if start_percent is not None and end_percent is not None and start_percent > end_percent:
             return (f"ContentCondition (start_percent): {start_percent} is after end_percent {end_percent}; the "
                     "condition would never be active.")
         return True
@@ -107,8 +112,11 @@ class ContentCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
                 on_no_face) -> io.NodeOutput:
+        verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
+        if verdict is not True:
+            raise ValueError(verdict)
         if face_size % LATENT_DOWNSCALE:
-            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of 64.")
+            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_DOWNSCALE}.")
         if input_mode == "aligned faces":
             faces = aligned_faces(image, face_size)
         else:

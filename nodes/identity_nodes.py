@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from .types import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, module_of
+from .types import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, invalid_choice, module_of
 
 logger = logging.getLogger(__name__)
 ON_NO_FACE = ("error", "skip")
@@ -78,12 +78,13 @@ class FaceIDEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, on_no_face) -> bool | str:
-        if on_no_face not in ON_NO_FACE:
-            return f"FaceIDEncode (on_no_face): '{on_no_face}' is not one of {', '.join(ON_NO_FACE)}."
-        return True
+        return invalid_choice("FaceIDEncode", "on_no_face", on_no_face, ON_NO_FACE) or True
 
     @classmethod
     def execute(cls, ridfr, references, references_are_aligned, on_no_face) -> io.NodeOutput:
+        verdict = cls.validate_inputs(on_no_face)  # a linked input is only known now
+        if verdict is not True:
+            raise ValueError(verdict)
         identity, crops, report = encode_identity(ridfr, references, references_are_aligned, on_no_face)
         logger.info("FaceIDEncode: %s", report)
         return io.NodeOutput(identity, crops, report)

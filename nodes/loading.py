@@ -20,7 +20,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from .types import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket
+from .types import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket, invalid_choice
 
 CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -122,12 +122,13 @@ class LoadRIDFR(io.ComfyNode):
                   ("clip_vision", clip_vision, weight_files(CLIP_FOLDER), CLIP_FOLDER),
                   ("insightface", insightface, list(face_model_packs()), FACE_FOLDER + "/models")]
         for option, value, available, folder in checks:
-            if value not in available:
+            if value is not None and value not in available:  # None: a linked input, known when it runs
                 listing = ", ".join(available) if available else "none"
                 return (f"LoadRIDFR ({option}): '{value}' is not in models/{folder} (found: {listing}). Put the "
                         f"file there and press Refresh, or pick one of the listed files.")
-        if face_device not in FACE_DEVICES:
-            return f"LoadRIDFR (face_device): '{face_device}' is not one of {', '.join(FACE_DEVICES)}."
+        error = invalid_choice("LoadRIDFR", "face_device", face_device, FACE_DEVICES)
+        if error:
+            return error
         missing = missing_packages(RUNTIME_PACKAGES) + missing_packages(FACE_PACKAGES)
         if missing:
             return f"LoadRIDFR: missing Python packages: pip install {' '.join(missing)}"

@@ -10,7 +10,8 @@
 - The FaceID LoRA goes in as ordinary weight patches (``ModelPatcher.add_patches``).
 
 The modules are registered as additional models of the patched MODEL, so ComfyUI loads them with it.
-Patch objects are immutable: ``ModelPatcher.clone`` deep-copies ``model_options``, and they return
+Patch objects are immutable (apart from caches of step-independent tensors: the resized LQ faces, the
+identity K'/V' projections): ``ModelPatcher.clone`` deep-copies ``model_options``, and they return
 themselves from ``__deepcopy__`` so that clones share the modules instead of copying them.
 
 Batches: ComfyUI runs cond and uncond as chunks of one batch (``transformer_options["cond_or_uncond"]``),
@@ -51,7 +52,9 @@ def merge_control(control: dict | None, down: tuple[torch.Tensor, ...], mid: tor
     merged = {"input": [], "middle": [mid], "output": list(down)}
     if control:
         for name, residuals in control.items():
-            if name not in merged or not merged[name]:
+            if not residuals:  # e.g. a T2I-Adapter's empty 'middle'/'output' lists
+                continue
+            if not merged.get(name):
                 merged[name] = list(residuals)
                 continue
             if len(residuals) != len(merged[name]):
@@ -69,6 +72,7 @@ class ContentPatch:
         self.lq = lq_faces * 2 - 1        # (F,3,S,S) in [-1,1]
         self.strength = strength
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self._resized = {}                # (latent hw, repeats, device, dtype) -> LQ input, constant over steps
 
     def __deepcopy__(self, memo):
         return self
@@ -80,16 +84,24 @@ class ContentPatch:
         sigma = float(sigmas.reshape(-1)[0])
         return self.sigma_end <= sigma <= self.sigma_start
 
-    def residuals(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, transformer_options: dict):
+    def lq_input(self, latent_hw: tuple[int, int], repeats: int, device, dtype) -> torch.Tensor:
+        """The LQ faces resized to the latent and repeated per cond/uncond chunk (computed once per shape)."""
         from ridfr_core.content import lq_to_latent_size
 
+        key = (latent_hw, repeats, device, dtype)
+        if key not in self._resized:
+            lq = lq_to_latent_size(self.lq.to(device, torch.float32), latent_hw)
+            self._resized[key] = lq.repeat(repeats, 1, 1, 1).to(dtype)
+        return self._resized[key]
+
+    def residuals(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, transformer_options: dict):
         module = module_of(self.content)
         param = next(module.parameters())
         repeats = chunks_of(x.shape[0], self.lq.shape[0], "ContentCondition", "image")
-        lq = lq_to_latent_size(self.lq.to(param.device, torch.float32), tuple(x.shape[-2:])).repeat(repeats, 1, 1, 1)
+        lq = self.lq_input(tuple(x.shape[-2:]), repeats, param.device, param.dtype)
         scale = self.strength * runtime_scale(transformer_options, "content_scale")
         down, mid = module(x.to(param.device, param.dtype), timesteps.to(param.device),
-                           context.to(param.device, param.dtype), lq.to(param.dtype), scale)
+                           context.to(param.device, param.dtype), lq, scale)
         return tuple(d.to(x.device, x.dtype) for d in down), mid.to(x.device, x.dtype)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -105,33 +117,58 @@ class IdentityTokens:
     def __init__(self, tokens: torch.Tensor, null_tokens: torch.Tensor, face_scales: torch.Tensor, weight: float):
         self.tokens, self.null_tokens = tokens, null_tokens
         self.face_scales = face_scales * weight
+        self.inactive = not bool(self.face_scales.any())  # weight 0, or no face matched anybody
+        self._layouts = {}
 
-    def for_batch(self, batch: int, cond_or_uncond: list[int] | None):
-        chunks = len(cond_or_uncond) if cond_or_uncond else 1
+    def layout(self, batch: int, cond_or_uncond: list[int] | None, device, dtype):
+        """(rows, scales) for a model batch: ``rows`` (batch,) indexes ``cat([tokens, null_tokens])`` (the
+        null identity for uncond chunks), ``scales`` (batch,) the per-face scales. Cached per batch layout,
+        since every attention patch of every step asks for the same one."""
+        kinds = tuple(cond_or_uncond or [0])
+        key = (batch, kinds, device, dtype)
+        if key not in self._layouts:
+            self._layouts[key] = self._layout(batch, kinds, device, dtype)
+        return self._layouts[key]
+
+    def _layout(self, batch: int, kinds: tuple[int, ...], device, dtype):
+        chunks, count = len(kinds), self.tokens.shape[0]
         faces = batch // chunks
-        if batch % chunks or self.tokens.shape[0] not in (1, faces):
-            raise NodeError("IdentityCondition", "identity", f"{self.tokens.shape[0]} identities for {faces} faces per "
+        if batch % chunks or count not in (1, faces):
+            raise NodeError("IdentityCondition", "identity", f"{count} identities for {faces} faces per "
                             "batch: use one identity for all faces, or MatchIdentities for one per face.")
-        tokens = self.tokens.expand(faces, -1, -1)
         scales = self.face_scales.expand(faces) if self.face_scales.shape[0] == 1 else self.face_scales
         if scales.shape[0] != faces:
             raise NodeError("IdentityCondition", "identity", f"{scales.shape[0]} per-face scales for {faces} faces.")
-        kinds = cond_or_uncond or [0]
-        tokens = torch.cat([tokens if kind == 0 else self.null_tokens.expand(faces, -1, -1) for kind in kinds])
-        return tokens, scales.repeat(chunks)
+        cond_rows = torch.arange(faces) if count == faces else torch.zeros(faces, dtype=torch.long)
+        rows = torch.cat([cond_rows if kind == 0 else torch.full((faces,), count) for kind in kinds])
+        return rows.to(device), scales.repeat(chunks).to(device, dtype).view(-1, 1, 1)
 
 
 class IdentityAttentionPatch:
-    """``attn2`` replacement ``(q, k, v, extra_options) -> out`` for one cross-attention of the UNet."""
+    """``attn2`` replacement ``(q, k, v, extra_options) -> out`` for one cross-attention of the UNet.
+    ``q, k, v`` come already projected by the attention's to_q/to_k/to_v, heads not yet split."""
 
     def __init__(self, adapter, processor_name: str, tokens: IdentityTokens, wrapped=None):
         self.adapter = adapter            # ModelPatcher around IdentityAdapter
         self.processor_name = processor_name
         self.tokens = tokens
         self.wrapped = wrapped            # a replacement that was already there (another pack's), or None
+        self._projected = {}              # (device, dtype) -> K', V' of cat([tokens, null_tokens]): constant
 
     def __deepcopy__(self, memo):
         return self
+
+    def projected(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """to_k_ip / to_v_ip of the identity and null tokens, once (the adapter is frozen)."""
+        key = (device, dtype)
+        if key not in self._projected:
+            processor = module_of(self.adapter).attn_processors[self.processor_name]
+            weight = processor.to_k_ip[0].weight
+            tokens = torch.cat([self.tokens.tokens, self.tokens.null_tokens]).to(weight.device, weight.dtype)
+            with torch.no_grad():
+                self._projected[key] = (processor.to_k_ip[0](tokens).to(device, dtype),
+                                        processor.to_v_ip[0](tokens).to(device, dtype))
+        return self._projected[key]
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention
@@ -140,19 +177,16 @@ class IdentityAttentionPatch:
         heads = extra_options["n_heads"]
         if self.wrapped is not None:
             out = self.wrapped(q, k, v, extra_options)
-        else:
-            out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        else:  # what CrossAttention itself runs (transformer_options: other packs' attention overrides)
+            out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                                transformer_options=extra_options)
         scale_multiplier = runtime_scale(extra_options, "identity_scale")
-        if scale_multiplier == 0:
+        if scale_multiplier == 0 or self.tokens.inactive:
             return out
-        processor = module_of(self.adapter).attn_processors[self.processor_name]
-        weight = processor.to_k_ip[0].weight
-        tokens, scales = self.tokens.for_batch(q.shape[0], extra_options.get("cond_or_uncond"))
-        tokens = tokens.to(weight.device, weight.dtype)
-        id_keys = processor.to_k_ip[0](tokens).to(q.device, q.dtype)
-        id_values = processor.to_v_ip[0](tokens).to(q.device, q.dtype)
-        id_out = identity_attention(q, id_keys, id_values, heads)
-        return out + (scales * scale_multiplier).to(q.device, q.dtype).view(-1, 1, 1) * id_out
+        rows, scales = self.tokens.layout(q.shape[0], extra_options.get("cond_or_uncond"), q.device, q.dtype)
+        id_keys, id_values = self.projected(q.device, q.dtype)
+        id_out = identity_attention(q, id_keys[rows], id_values[rows], heads)
+        return out + (scales * scale_multiplier) * id_out
 
 
 def diffusers_to_comfy_keys(model) -> dict[str, str]:

@@ -54,7 +54,8 @@ def sample_faces(model, clip, faces, seed: int, steps: int, guidance: float, sam
                                                                    "content_scale": content_scale}
     side = faces.size // LATENT_DOWNSCALE
     latent = torch.zeros(faces.count, 4, side, side)
-    noise = seeded_noise(tuple(latent.shape), seed, "cpu", torch.float32)
+    seeds = [(seed + index) % 2 ** 64 for index in range(faces.count)]  # the seed widget goes up to 2**64 - 1
+    noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     conditioning = empty_prompt(clip)
     callback = latent_preview.prepare_callback(scaled, steps)
     return comfy.sample.sample(scaled, noise, steps, guidance, sampler_name, scheduler, conditioning, conditioning,
@@ -105,9 +106,10 @@ class RIDFRSample(io.ComfyNode):
     def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
         import comfy.samplers
 
-        if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        # None: linked (e.g. from a sampler selector node); ComfyUI checks the link's type instead.
+        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
             return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
-        if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
         return True
 

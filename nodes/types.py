@@ -26,6 +26,15 @@ class NodeError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+def invalid_choice(node: str, option: str, value, choices) -> str | None:
+    """``validate_inputs`` message for a value outside ``choices``, or None when it is fine. ``None`` is
+    a linked input (ComfyUI validates before upstream nodes run and passes None for those), accepted
+    here like ComfyUI's own combo check accepts links."""
+    if value is None or value in choices:
+        return None
+    return f"{node} ({option}): '{value}' is not one of {', '.join(map(str, choices))}."
+
+
 class ModuleHolder(torch.nn.Module):
     """The root module ComfyUI's ModelPatcher manages; ``.module`` is the RIDFR module itself."""
 

@@ -321,3 +321,70 @@ print(pack.nodes.loading.missing_packages(pack.nodes.loading.FACE_PACKAGES))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "['insightface']" in result.stdout
+
+
+def test_identity_patch_is_independent_of_the_batch_layout_and_honours_attention_overrides(env):
+    """Cached K'/V' and per-layout rows: the cond rows of a cond+uncond batch equal a cond-only batch, the
+    uncond rows (null identity) differ; ComfyUI's optimized_attention_override still sees attn2."""
+    model, = run(env, "IdentityCondition", model=env.model, ridfr=env.ridfr,
+                 identity=face_identity(env, random_identity(2), torch.tensor([1.0, 0.5])), weight=1.0,
+                 lora_strength=1.0)
+    cross_calls = []
+
+    def override(func, *args, **kwargs):
+        cross_calls.append(args[1].shape[1] == env.text.shape[1])
+        return func(*args, **kwargs)
+
+    model.model_options["transformer_options"]["optimized_attention_override"] = override
+    x_d, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([2.0])
+    text = env.text.expand(2, -1, -1)
+    cond = comfy_eps(model, x_d, sigma, text, [0])
+    both = comfy_eps(model, torch.cat([x_d, x_d]), sigma, torch.cat([text, text]), [0, 1])
+    torch.testing.assert_close(both[:2], cond)
+    assert (both[2:] - cond).abs().max() > 1e-4
+    assert any(cross_calls), "the identity patch bypassed optimized_attention_override for attn2"
+    weightless, = run(env, "IdentityCondition", model=env.model, ridfr=env.ridfr,
+                      identity=face_identity(env, random_identity(2), torch.ones(2)), weight=0.0, lora_strength=0.0)
+    torch.testing.assert_close(comfy_eps(weightless, x_d, sigma, text, [0]), comfy_eps(env.model, x_d, sigma, text, [0]))
+
+
+def test_content_residuals_merge_with_a_t2i_adapter_control(env):
+    """A T2I-Adapter's control has empty 'middle'/'output' lists; RIDFR's residuals must still apply."""
+    merge = env.pack.nodes.patches.merge_control
+    down, mid = tuple(torch.full((1, 1), float(i)) for i in range(3)), torch.full((1, 1), 9.0)
+    merged = merge({"input": [torch.ones(1, 1)], "middle": [], "output": []}, down, mid)
+    assert [t.item() for t in merged["output"]] == [0.0, 1.0, 2.0] and merged["middle"][0].item() == 9.0
+    assert len(merged["input"]) == 1
+    summed = merge({"input": [], "middle": [torch.ones(1, 1)], "output": [None, torch.ones(1, 1), None]}, down, mid)
+    assert [t.item() for t in summed["output"]] == [0.0, 2.0, 2.0] and summed["middle"][0].item() == 10.0
+    with pytest.raises(ValueError, match="not an SD1.5 ControlNet"):
+        merge({"output": [torch.ones(1, 1)]}, down, mid)
+
+
+def test_validate_inputs_accepts_linked_inputs_and_checks_ranges(env):
+    """ComfyUI validates before upstream nodes run and passes None for linked inputs; it also skips its own
+    min/max checks for the inputs validate_inputs names."""
+    nodes = env.nodes
+    assert nodes["ContentCondition"].validate_inputs(input_mode=None, on_no_face=None, start_percent=None,
+                                                     end_percent=0.5) is True
+    assert nodes["RIDFRSample"].validate_inputs(sampler_name=None, scheduler=None) is True
+    assert nodes["FaceIDEncode"].validate_inputs(on_no_face=None) is True
+    assert nodes["LoadRIDFR"].validate_inputs(content_weights=None, ipadapter=None, clip_vision=None,
+                                              insightface=None, face_device=None) is True
+    error = nodes["ContentCondition"].validate_inputs(input_mode="aligned faces", on_no_face="error",
+                                                      start_percent=0.0, end_percent=1.5)
+    assert error.startswith("ContentCondition (end_percent): 1.5 is outside 0..1")
+    error = nodes["FaceIDEncode"].validate_inputs(on_no_face="maybe")
+    assert error.startswith("FaceIDEncode (on_no_face): 'maybe' is not one of error, skip")
+    with pytest.raises(ValueError, match=r"ContentCondition \(input_mode\): 'photo' is not one of"):
+        nodes["ContentCondition"].execute(model=env.model, ridfr=env.ridfr, image=lq_faces(1), input_mode="photo",
+                                          strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE,
+                                          on_no_face="error")
+
+
+def test_ridfr_sample_takes_the_largest_seed(env):
+    model, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=lq_faces(2),
+                             input_mode="aligned faces", strength=1.0, start_percent=0.0, end_percent=1.0,
+                             face_size=FACE, on_no_face="error")
+    restored = sample(env, model, faces, seed=0xFFFFFFFFFFFFFFFF, steps=1)[0]
+    assert restored.shape == (2, FACE, FACE, 3)

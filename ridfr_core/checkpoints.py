@@ -39,6 +39,8 @@ CLIP_BOS, CLIP_EOS = 49406, 49407  # SD1.5's tokenizer pads with EOS: the empty 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
 FACEID_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # what read_state_dict reads
 
 
 class CheckpointError(ValueError):
@@ -47,6 +49,9 @@ class CheckpointError(ValueError):
 
 def load_config(name: str, config_dir: Path | str | None = None) -> dict:
     path = Path(config_dir or CONFIG_DIR) / f"{name}.json"
+    if not path.is_file():
+        raise CheckpointError(f"architecture config {path} not found: a config folder holds unet.json, vae.json, "
+                              "text_encoder.json, clip_vision.json and scheduler.json (see ridfr_core/configs/sd15).")
     return json.loads(path.read_text())
 
 
@@ -62,7 +67,7 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        if path.suffix in PICKLE_SUFFIXES:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
@@ -76,7 +81,8 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
             f"{what}: cannot read {path} ({type(err).__name__}: {err}). The file is truncated, corrupt or not "
             "a weight file: download it again (compare its size with the source) or export it as .safetensors."
         ) from err
-    raise CheckpointError(f"{what}: {path} has unknown extension '{path.suffix}'; use .safetensors or .ckpt/.bin.")
+    raise CheckpointError(f"{what}: {path} has unknown extension '{path.suffix}'; use one of "
+                          f"{', '.join(WEIGHT_SUFFIXES)}.")
 
 
 def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:
@@ -84,7 +90,8 @@ def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{what}: cannot read {path} ({err}); the file is truncated or not safetensors.") from err
+        raise CheckpointError(f"{what}: cannot read {path} ({err}); the file is truncated or not safetensors: "
+                              "download or write it again.") from err
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
@@ -191,13 +198,19 @@ def load_base_folder(path: Path, config_dir=None) -> BaseModel:
             raise CheckpointError(f"SD1.5 diffusers folder: {path / part / 'config.json'} is missing; a diffusers "
                                   "model folder has unet/, vae/ and text_encoder/ subfolders.")
     unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-    if unet.config.cross_attention_dim != load_config("unet", config_dir)["cross_attention_dim"]:
-        raise CheckpointError(f"SD1.5 diffusers folder: {path} is not an SD1.5 model "
-                              f"(cross_attention_dim {unet.config.cross_attention_dim}).")
+    expected = load_config("unet", config_dir)
+    if unet.config.cross_attention_dim != expected["cross_attention_dim"]:
+        raise CheckpointError(f"SD1.5 diffusers folder: {path} is not an SD1.5 model (cross_attention_dim "
+                              f"{unet.config.cross_attention_dim}, SD1.5 has {expected['cross_attention_dim']}); "
+                              "choose an SD1.5 model (or an SD1.5 fine-tune).")
+    if unet.config.in_channels != expected["in_channels"]:
+        raise CheckpointError(f"SD1.5 diffusers folder: {path} has a {unet.config.in_channels}-channel UNet input "
+                              "(an inpainting or depth model); use a regular SD1.5 model.")
     vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else load_config("scheduler")
+    scheduler = (json.loads(scheduler_file.read_text()) if scheduler_file.is_file()
+                 else load_config("scheduler", config_dir))
     return BaseModel(unet.eval(), vae.eval(), encode_empty_prompt(text_encoder), scheduler)
 
 
@@ -320,6 +333,7 @@ def identity_adapter_from_state(image_proj_state: dict, attn_state: dict, unet: 
 def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel, path: Path) -> dict:
     """The published LoRA (rank 128, on every attention's q/k/v/out) as dense deltas of UNet weights."""
     names = list(unet.attn_processors)
+    params = dict(unet.named_parameters())
     deltas = {}
     for key in lora:
         index, proj, part = FACEID_LORA_KEY.match(key).groups()
@@ -334,7 +348,12 @@ def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel
                                   "is incomplete: download it again.")
         attn = names[int(index)].removesuffix(".processor")
         target = f"{attn}.to_out.0.weight" if proj == "out" else f"{attn}.to_{proj}.weight"
-        deltas[target] = up.float() @ lora[key].float()
+        delta = up.float() @ lora[key].float()
+        if delta.shape != params[target].shape:
+            raise CheckpointError(f"IP-Adapter FaceID Plus: {path}: LoRA '{key}' makes a {tuple(delta.shape)} delta for "
+                                  f"{target} {tuple(params[target].shape)}; the file is for a different base model: "
+                                  "use the _sd15 file.")
+        deltas[target] = delta
     return deltas
 
 
@@ -405,7 +424,11 @@ def load_content(path: Path | str) -> ContentControlNet:
     if not version.isdigit() or int(version) > CONTENT_FORMAT_VERSION:
         raise CheckpointError(f"{what}: {path} has format version {version!r}, this RIDFR reads up to "
                               f"{CONTENT_FORMAT_VERSION}: update the RIDFR node pack.")
-    config = json.loads(metadata["config"])
-    controlnet = on_meta(lambda: ContentControlNet(**config))
+    try:
+        config = json.loads(metadata["config"])
+        controlnet = on_meta(lambda: ContentControlNet(**config))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{what}: {path} has no usable architecture in its metadata 'config' ({err}); "
+                              "the file was not written by ridfr_core.train or was edited: write it again.") from err
     load_strict(controlnet, read_state_dict(path, what), path, what)
     return controlnet.eval()

@@ -56,7 +56,7 @@ class ContentControlNet(ControlNetModel):
         del self.controlnet_cond_embedding  # the LQ image enters through conv_in instead
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, load_weights_from_unet: bool = True, **_) -> "ContentControlNet":
+    def from_unet(cls, unet: UNet2DConditionModel, load_weights_from_unet: bool = True) -> "ContentControlNet":
         """Copy the UNet encoder; the latent channels of ``conv_in`` copy the UNet's, the LQ channels start at 0.
 
         With the zero-initialised output convs of ControlNet the fresh module adds nothing, so training

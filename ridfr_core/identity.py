@@ -97,16 +97,18 @@ def encode_clip_features(clip_vision, crops: torch.Tensor) -> torch.Tensor:
 
 
 def identity_attention(
-    query: torch.Tensor, id_keys: torch.Tensor, id_values: torch.Tensor, heads: int
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int
 ) -> torch.Tensor:
-    """Attn(Q, K', V') on (B, L, C) tensors, heads split inside; returns (B, L, C)."""
+    """Multi-head Attn(Q, K, V) on (B, L, C) tensors, heads split inside; returns (B, L, C).
+
+    Used for both branches of Eq. 3: the text attention Attn(Q, K, V) and the identity one Attn(Q, K', V')."""
     batch, _, channels = query.shape
     head_dim = channels // heads
 
     def split(x: torch.Tensor) -> torch.Tensor:
         return x.view(batch, -1, heads, head_dim).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(split(query), split(id_keys), split(id_values))
+    out = F.scaled_dot_product_attention(split(query), split(keys), split(values))
     return out.transpose(1, 2).reshape(batch, -1, channels)
 
 
@@ -128,22 +130,18 @@ class IdentityAttnProcessor(IPAdapterAttnProcessor2_0):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError(
+                "IdentityAttnProcessor: encoder_hidden_states must be the tuple (text_states, [id_tokens]); "
+                f"got {type(encoder_hidden_states).__name__}. Call the UNet through RIDFRDenoiser, which builds it."
+            )
         text_states, id_tokens = encoder_hidden_states
         id_tokens = id_tokens[0] if isinstance(id_tokens, (list, tuple)) else id_tokens
-        batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
-        key, value = attn.to_k(text_states), attn.to_v(text_states)
-        heads = attn.heads
-        head_dim = query.shape[-1] // heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, heads, head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        out = identity_attention(query, attn.to_k(text_states), attn.to_v(text_states), attn.heads)
         scale = self.scale[0]
         if isinstance(scale, torch.Tensor) or scale != 0:
-            id_out = identity_attention(query, self.to_k_ip[0](id_tokens), self.to_v_ip[0](id_tokens), heads)
+            id_out = identity_attention(query, self.to_k_ip[0](id_tokens), self.to_v_ip[0](id_tokens), attn.heads)
             out = out + scale_per_sample(scale, id_out) * id_out
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
         if attn.residual_connection:

@@ -104,6 +104,8 @@ def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -
     """Noise drawn on the CPU from a local generator (one seed per face, or seed+i), so results are the
     same on every device and never touch the global RNG."""
     seeds = seed if isinstance(seed, list) else [seed + i for i in range(shape[0])]
+    if len(seeds) != shape[0]:
+        raise ValueError(f"seed: {len(seeds)} seeds for {shape[0]} faces; give one int or one seed per face.")
     noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(noise).to(device, dtype)
 
@@ -131,7 +133,8 @@ class RIDFRPipeline:
     def null_tokens(self, batch: int) -> torch.Tensor:
         if self._null_tokens is None:
             if self.models.clip_vision is None:
-                raise ValueError("RIDFRPipeline: identity guidance needs the CLIP vision model (clip_vision=...).")
+                raise ValueError("RIDFRPipeline: identity guidance (guidance != 1) needs the CLIP vision model for the "
+                                 "null identity: pass clip_vision=<CLIP-ViT-H-14 file> to load_models/from_files.")
             self._null_tokens = self.models.adapter.identity_tokens(null_identity(self.models.clip_vision))
         return self._null_tokens.expand(batch, -1, -1)
 
@@ -166,7 +169,8 @@ class RIDFRPipeline:
         id_tokens = None
         if identity is not None:
             if models.adapter is None:
-                raise ValueError("RIDFRPipeline: an identity was given but no IP-Adapter FaceID Plus is loaded.")
+                raise ValueError("RIDFRPipeline: an identity was given but no IP-Adapter FaceID Plus is loaded; "
+                                 "pass adapter=<ip-adapter-faceid-plusv2_sd15.bin> to load_models/from_files.")
             id_tokens = self.identity_tokens(identity, batch).to(self.dtype)
         if isinstance(identity_scale, torch.Tensor):
             identity_scale = identity_scale.to(self.device, self.dtype)

@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError
+from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .pipeline import DEFAULT_STEPS
-
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,10 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     for slot in MODEL_SLOTS:
         path = pick_file(models, slot, choices.get(slot.option))
         if path is None:
-            wanted = choices.get(slot.option) or slot.example
-            missing.append(f"  {models / slot.folder / Path(wanted).name}\n      ({slot.source})")
+            explicit = choices.get(slot.option)
+            where = (f"{explicit} (given with --{slot.option.replace('_', '-')}: neither a file nor a name in "
+                     f"{models / slot.folder})") if explicit else str(models / slot.folder / slot.example)
+            missing.append(f"  {where}\n      ({slot.source})")
         else:
             paths[slot.option] = path
     if need_insightface:
@@ -147,14 +147,14 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return _EVAL_RESTORER.restore(lq, [reference], aligned=True, aligned_references=True)
 
 
-def read_rgb(path: str) -> np.ndarray:
+def read_rgb(path: str, option: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        raise ValueError(f"{option}: cannot read image {path} ({err}); give a PNG/JPEG/WebP photo.") from err
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     try:
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
-        lq = read_rgb(args.lq)
-        references = [read_rgb(path) for path in args.references]
+        lq = read_rgb(args.lq, "--lq")
+        references = [read_rgb(path, "--id") for path in args.references]
         restorer = Restorer(paths, args.device, args.config_dir, args.identity_scale, steps=args.steps,
                             seed=args.seed, content_scale=args.content_scale, guidance=args.guidance)
         restored = restorer.restore(lq, references, args.aligned, args.aligned_references, args.upscale)
@@ -198,8 +198,12 @@ def main(argv=None) -> int:
         return 2
     from PIL import Image
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(restored).save(args.out)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(restored).save(args.out)
+    except (OSError, ValueError) as err:  # PIL: ValueError for an unknown extension
+        print(f"error: --out: cannot write {args.out} ({err}); give a writable .png or .jpg path.", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -70,6 +70,23 @@ def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
     assert len(lora_v2) == 4 * len(names)
 
 
+def test_v2_shortcut_adds_the_normalised_id_tokens(tiny_models, tmp_path):
+    """FaceID-Plus v2: tokens = norm(proj(ArcFace)) + perceiver output (shortcut scale 1); v1 has no shortcut."""
+    from ridfr_core.identity import Identity
+
+    base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    v2, _ = checkpoints.load_identity_adapter(tiny_models.adapter_v2, base.unet)
+    v1, _ = checkpoints.load_identity_adapter(tiny_models.adapter_v1, base.unet)
+    generator = torch.Generator().manual_seed(0)
+    identity = Identity(torch.randn(2, 512, generator=generator), torch.randn(2, 257, 48, generator=generator))
+    with torch.no_grad():
+        proj = v1.image_proj
+        id_tokens = proj.norm(proj.proj(identity.id_embeds).reshape(2, 4, -1))
+        tokens_v1, tokens_v2 = v1.identity_tokens(identity), v2.identity_tokens(identity)
+    assert tokens_v1.shape == (2, 4, 64)
+    assert torch.allclose(tokens_v2 - tokens_v1, id_tokens, atol=1e-5)
+
+
 def test_clip_vision_and_content_load(tiny_models):
     clip = checkpoints.load_clip_vision(tiny_models.clip_vision, tiny_models.configs)
     stored_clip = load_file(str(tiny_models.clip_vision))
@@ -204,6 +221,12 @@ def test_content_file_errors(tiny_models, tmp_path):
         checkpoints.load_content(extra)
     with pytest.raises(CheckpointError, match="python -m ridfr_core.train"):
         checkpoints.load_content(tmp_path / "nothing.safetensors")
+    for name, bad_config in (("no_config", None), ("four_channels", json.dumps({**json.loads(config), "in_channels": 4}))):
+        metadata = {"format": "ridfr-content", "format_version": "1", **({"config": bad_config} if bad_config else {})}
+        bad = write(tmp_path, f"{name}.safetensors", state, metadata)
+        with pytest.raises(CheckpointError, match="no usable architecture") as info:
+            checkpoints.load_content(bad)
+        assert str(bad) in str(info.value)
 
 
 def test_adapter_file_errors(tiny_models, tmp_path):
@@ -227,6 +250,12 @@ def test_adapter_file_errors(tiny_models, tmp_path):
         checkpoints.load_identity_adapter(incomplete, base.unet)
     with pytest.raises(CheckpointError, match="no image_proj/ip_adapter"):
         checkpoints.load_identity_adapter(tiny_models.checkpoint, base.unet)
+    ip = dict(published["ip_adapter"])
+    ip["0.to_q_lora.up.weight"] = torch.zeros(2 * ip["0.to_q_lora.up.weight"].shape[0], ip["0.to_q_lora.up.weight"].shape[1])
+    other_lora = tmp_path / "other-lora.bin"
+    torch.save({"image_proj": published["image_proj"], "ip_adapter": ip}, other_lora)
+    with pytest.raises(CheckpointError, match="LoRA '0.to_q_lora.down.weight'.*different base model"):
+        checkpoints.load_identity_adapter(other_lora, base.unet)
 
 
 def test_clip_vision_errors(tiny_models, tmp_path):

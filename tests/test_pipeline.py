@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ridfr_core import checkpoints
-from ridfr_core.content import ContentControlNet
+from ridfr_core.content import ContentControlNet, lq_to_latent_size
 from ridfr_core.identity import Identity, encode_clip_features
 from ridfr_core.pipeline import RIDFRDenoiser, RIDFRModels, RIDFRPipeline, load_models
 
@@ -127,3 +127,60 @@ def test_half_precision_follows_full_precision(tiny_models, tmp_path, lq):
     reduced = half(lq, identity, steps=STEPS, seed=3)
     assert reduced.dtype == torch.float32 and torch.isfinite(reduced).all()
     assert (reduced - reference).abs().mean() < 0.05
+
+
+# --- the re-stated diffusers computations match diffusers ---------------------------------------
+
+
+def test_content_module_matches_diffusers_controlnet(tiny_models):
+    """ControlNetModel.forward with the LQ image entering through conv_in instead of the hint encoder:
+    diffusers' own forward, whose hint encoder is the LQ third of conv_in, gives the same residuals."""
+    from diffusers import ControlNetModel
+
+    content = checkpoints.load_content(tiny_models.content)
+    reference = ControlNetModel(**{**checkpoints.content_config(content), "in_channels": 4}).eval()
+    weight = content.conv_in.weight
+    reference.load_state_dict({**content.state_dict(), "conv_in.weight": weight[:, :4]}, strict=False)
+    hint = torch.nn.Conv2d(3, weight.shape[0], 3, padding=1, bias=False)
+    hint.weight.data.copy_(weight[:, 4:])
+    reference.controlnet_cond_embedding = hint
+
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+    lq_image = torch.rand(2, 3, 64, 64) * 2 - 1
+    timesteps = torch.tensor([10, 900])
+    with torch.no_grad():
+        down, mid = content(latents, timesteps, text, lq_image, 0.7)
+        expected = reference(latents, timesteps, text, lq_to_latent_size(lq_image, (8, 8)), conditioning_scale=0.7,
+                             return_dict=False)
+        per_face_down, per_face_mid = content(latents, timesteps, text, lq_image, torch.tensor([0.7, 0.0]))
+    assert len(down) == len(expected[0])
+    for ours, theirs in zip((*down, mid), (*expected[0], expected[1])):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    for ours, full in zip((*per_face_down, per_face_mid), (*down, mid)):
+        assert torch.allclose(ours[0], full[0]) and torch.all(ours[1] == 0)
+
+
+def test_identity_processor_matches_diffusers_ip_adapter_processor():
+    """The per-face-scale processor is diffusers' IPAdapterAttnProcessor2_0 at each face's scale."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    from ridfr_core.identity import IdentityAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=64, heads=2, dim_head=16).eval()
+    ours = IdentityAttnProcessor(32, 64, num_tokens=(4,))
+    theirs = IPAdapterAttnProcessor2_0(32, 64, num_tokens=(4,), scale=0.6)
+    theirs.load_state_dict(ours.state_dict())
+    hidden, text, tokens = torch.randn(2, 16, 32), torch.randn(2, 77, 64), torch.randn(2, 4, 64)
+    states = (text, [tokens])
+    with torch.no_grad():
+        expected = theirs(attn, hidden, states)
+        ours.scale = [0.6]
+        assert torch.allclose(ours(attn, hidden, states), expected, atol=1e-6)
+        theirs.scale = [0.0]
+        expected_off = theirs(attn, hidden, states)
+        ours.scale = [torch.tensor([0.6, 0.0])]
+        mixed = ours(attn, hidden, states)
+    assert torch.allclose(mixed[0], expected[0], atol=1e-6) and torch.allclose(mixed[1], expected_off[1], atol=1e-6)
+    with pytest.raises(ValueError, match="must be the tuple"):
+        ours(attn, hidden, text)

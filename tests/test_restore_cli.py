@@ -37,6 +37,18 @@ def test_several_candidates_ask_for_a_choice(tiny_models, ridfr_models_dir, tmp_
     assert "--adapter:" in capsys.readouterr().err
 
 
+def test_explicit_missing_file_and_unreadable_image_are_named(ridfr_models_dir, tmp_path, capsys):
+    args = ["--lq", str(tmp_path / "x.png"), "--id", "y.png", "--out", str(tmp_path / "o.png"),
+            "--models", str(ridfr_models_dir)]
+    assert main([*args, "--base", str(tmp_path / "elsewhere.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "elsewhere.safetensors") in err and "--base" in err
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--lq" in err and str(tmp_path / "x.png") in err
+
+
 def test_restores_a_photo_and_an_aligned_face(tiny_models, ridfr_models_dir, face_data, tmp_path):
     identity = face_data / "celebref-mini" / "00005"
     lq_face = next(identity.glob("lq_*.png"))

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints
-from .content import ContentControlNet
+from .content import ContentControlNet, lq_to_latent_size
 from .data import (AlignDataset, DataError, FaceDataset, IdentityCache, IdentityEncoder, IdentityGroup, NoiseSpec,
                    SkipReport, StepBatchSampler, exclude_small_identities, make_loader, sample_rng, scan_faces,
                    scan_identities, write_json_atomic, STREAM_VALIDATION)
@@ -185,9 +185,9 @@ class TrainConfig:
             need(self.adapter, "adapter: stage 'align' needs the frozen identity module; pass --adapter "
                                "ip-adapter-faceid-plusv2_sd15.bin.")
         for name in ("resolution", "batch_size", "gradient_accumulation_steps", "max_steps", "identity_variants",
-                     "identity_min_size", "validation_steps", "min_image_size"):
+                     "identity_min_size", "validation_steps", "min_image_size", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}.")
-        for name in ("lr_warmup_steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints",
+        for name in ("lr_warmup_steps", "num_workers", "log_every", "checkpoint_every",
                      "validation_every", "validation_count", "max_grad_norm", "align_weight", "adam_weight_decay"):
             need(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}.")
         need(self.resolution % 8 == 0, f"resolution: {self.resolution} is not a multiple of 8 (the VAE's factor).")
@@ -438,13 +438,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def write_json(path: Path, value) -> None:
-    with open(path, "w") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def fsync_folder(folder: Path) -> None:
     """Make the files (and the rename) in ``folder`` durable, where the OS allows it."""
     try:
@@ -476,8 +469,10 @@ def make_accelerator(config: TrainConfig):
 
     has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
-    if config.mixed_precision == "fp16" and not has_gpu:
-        raise ConfigError("mixed_precision: 'fp16' needs a GPU; on CPU use --set mixed_precision=no (or bf16).")
+    if config.mixed_precision != "no" and not has_gpu:
+        # CPU autocast leaves GroupNorm alone, so the bf16 UNet would get the fp32 content residuals and fail.
+        raise ConfigError(f"mixed_precision: '{config.mixed_precision}' needs a GPU; on CPU use "
+                          "--set mixed_precision=no.")
     return Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out)
 
 
@@ -577,7 +572,7 @@ class Trainer:
         noise = batch["noise"].to(device)
         timesteps = batch["timestep"].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        lq = batch["lq"].to(device)
+        lq = lq_to_latent_size(batch["lq"].to(device), noisy.shape[-2:])  # once, not once per ID reference
         text = self.empty_prompt.expand(noisy.shape[0], -1, -1)
         if self.config.stage == "content":
             eps = self.denoiser(noisy, timesteps, text, lq).float()
@@ -597,7 +592,7 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns local mean losses."""
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         count = len(micro_batches)
         for index, batch in enumerate(micro_batches):
             last = index == count - 1
@@ -606,19 +601,20 @@ class Trainer:
                     losses = self.compute_losses(batch)
                 self.accelerator.backward(losses["loss"] / count)
             for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.item() / count
+                totals[key] = totals.get(key, 0.0) + value.detach() / count
             self.skipped_at_load += int(batch["skipped"].sum())
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimiser.step()
-        self.lr_scheduler.step()
+        if not self.optimiser.step_was_skipped:  # fp16 loss scaler found inf/NaN gradients: no step taken
+            self.lr_scheduler.step()
         self.optimiser.zero_grad(set_to_none=True)
         if self.ema is not None:
             with torch.no_grad():
                 for shadow, param in zip(self.ema.parameters(), self.content.parameters()):
                     shadow.lerp_(param, 1.0 - self.config.ema_decay)
         self.step += 1
-        return totals
+        return dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one device sync per step
 
     # -- checkpoints
     def save_checkpoint(self) -> Path:
@@ -633,7 +629,7 @@ class Trainer:
         acc.wait_for_everyone()
         tensors, meta = rng_state()
         checkpoints.save_safetensors_atomic(tensors, partial / f"rng-{acc.process_index}.safetensors", {})
-        write_json(partial / f"rng-{acc.process_index}.json", meta)
+        write_json_atomic(partial / f"rng-{acc.process_index}.json", meta)
         acc.wait_for_everyone()
         if acc.is_main_process:
             save = checkpoints.save_safetensors_atomic
@@ -642,12 +638,13 @@ class Trainer:
                 save(self.ema.state_dict(), partial / "ema.safetensors", {})
             tensors, meta = optimizer_to_files(self.optimiser.state_dict())
             save(tensors, partial / "optimizer.safetensors", {})
-            write_json(partial / "optimizer.json", meta)
-            write_json(partial / "lr_scheduler.json", self.lr_scheduler.state_dict())
-            write_json(partial / "config.json", self.config.to_dict())
+            write_json_atomic(partial / "optimizer.json", meta)
+            write_json_atomic(partial / "lr_scheduler.json", self.lr_scheduler.state_dict())
+            write_json_atomic(partial / "config.json", self.config.to_dict())
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            write_json(partial / "state.json", {"format": STATE_FORMAT, "version": STATE_VERSION, "step": self.step,
-                                                "skipped_at_load": self.skipped_at_load, "grad_scaler": scaler})
+            write_json_atomic(partial / "state.json", {"format": STATE_FORMAT, "version": STATE_VERSION,
+                                                       "step": self.step, "skipped_at_load": self.skipped_at_load,
+                                                       "grad_scaler": scaler})
             fsync_folder(partial)
             if final.exists():
                 shutil.rmtree(final)
@@ -672,7 +669,8 @@ class Trainer:
         return path
 
     def load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        def load_file(path: str) -> dict[str, torch.Tensor]:
+            return checkpoints.read_state_dict(path, f"--resume {folder}")
 
         state = json.loads((folder / "state.json").read_text())
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
@@ -684,6 +682,10 @@ class Trainer:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ConfigError(f"--resume: {folder} was trained with other settings ({details}). Resume with the same "
                               "options, or start a new run (--out elsewhere, or --resume none).")
+        if self.config.lr_scheduler in ("linear", "cosine") and saved.get("max_steps") != self.config.max_steps:
+            raise ConfigError(f"max_steps: {folder} was trained with max_steps={saved.get('max_steps')} and "
+                              f"lr_scheduler={self.config.lr_scheduler!r}, whose learning rate depends on max_steps; "
+                              f"resume with --max-steps {saved.get('max_steps')}, or start a new run.")
         self.content.load_state_dict(load_file(str(folder / "content.safetensors")))
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
@@ -738,7 +740,10 @@ class Trainer:
         if not hasattr(self, "_validation"):
             self._validation = self.validation_batch()
         batch = self._validation
-        content = place(copy.deepcopy(self.ema if self.ema is not None else self.content), self.device,
+        # The trained module's forward carries accelerate's autocast + fp32-output wrapper: its fp32
+        # residuals would meet the fp16 UNet outside autocast. Sample with a plain copy, as users do.
+        source = self.ema if self.ema is not None else self.content
+        content = place(self.accelerator.unwrap_model(copy.deepcopy(source), keep_fp32_wrapper=False), self.device,
                         self.weight_dtype)
         models = RIDFRModels(self.unet, self.vae, content, self.empty_prompt, self.scheduler_config, self.adapter)
         pipeline = RIDFRPipeline(models, self.device, dtype=self.weight_dtype)

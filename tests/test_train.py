@@ -79,6 +79,25 @@ def test_align_stage_loss_goes_down_and_the_alignment_term(tiny_models, small_fa
     assert all(torch.equal(v, trainer.adapter.state_dict()[k]) for k, v in adapter_before.items())
 
 
+def test_validation_samples_with_the_mixed_precision_weights(tiny_models, small_faces, tmp_path):  # noqa: F811
+    """accelerate wraps the trained module's forward in autocast with fp32 outputs; validation must sample
+    with a plain copy in the frozen models' dtype (bf16 on CPU stands in for fp16 on a GPU here)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    config = make_config("content", tmp_path / "run", tiny_models, small_faces, validation_count=1,
+                         validation_steps=1)
+    config.mixed_precision = "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one global precision per process
+    try:
+        trainer = Trainer(config, Accelerator(mixed_precision="bf16", project_dir=config.out))
+        assert trainer.unet.dtype == torch.bfloat16
+        trainer.validate()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert (tmp_path / "run" / "samples" / "step-00000000.png").is_file()
+
+
 def run_cli(stage: str, out: Path, models, faces, cache: Path | None = None, *extra: str) -> int:
     args = ["--stage", stage, "--data", str(faces.faces if stage == "content" else faces.identities),
             "--base", str(models.checkpoint), "--out", str(out), "--config-dir", str(models.configs),
@@ -206,6 +225,10 @@ def test_options_are_checked_with_the_option_named(tiny_models, small_faces, tmp
     assert train.main(["--stage", "content", "--data", "x", "--base", "x", "--out", str(tmp_path),
                        "--set", "mixed_precision=fp16"]) == 2
     assert "fp16' needs a GPU" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train.main(["--stage", "content", "--data", "x", "--base", "x", "--out", str(tmp_path),
+                           "--set", "mixed_precision=bf16"]) == 2
+        assert "bf16' needs a GPU; on CPU use --set mixed_precision=no" in capsys.readouterr().err
 
     out = tmp_path / "run"
     assert run_cli("content", out, tiny_models, small_faces, None, "--max-steps", "1") == 0

@@ -37,10 +37,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .degrade import DegradationConfig, degrade, downsample_reference
+from .imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_rgb
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Independent random streams per sample: adding a draw to one never shifts the others.
 STREAM_ORDER, STREAM_SAMPLE, STREAM_ID_VARIANT, STREAM_VALIDATION = 1, 2, 3, 4
 CACHE_FORMAT = "ridfr-identity-cache"
@@ -50,10 +50,6 @@ LOAD_RETRIES = 16
 
 class DataError(ValueError):
     """Training data that cannot be used, with the option and the fix in the message."""
-
-
-class ImageReadError(OSError):
-    """One image that cannot be decoded; the data loader skips it and counts it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,11 +85,6 @@ class SkipReport:
     def to_dict(self) -> dict:
         return {"unreadable": [list(x) for x in self.unreadable], "too_small": [list(x) for x in self.too_small],
                 "excluded_identities": [list(x) for x in self.excluded_identities]}
-
-
-def list_images(folder: Path, recursive: bool) -> list[Path]:
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def image_problem(path: Path, min_image_size: int) -> tuple[str, str] | None:
@@ -183,15 +174,8 @@ def exclude_small_identities(groups: list[IdentityGroup], min_images: int, repor
 
 
 def read_face(path: Path, resolution: int) -> np.ndarray:
-    """HWC uint8 RGB, centre-cropped to a square and resized to ``resolution`` (area down, cubic up).
-
-    PIL rather than OpenCV: OpenCV returns a grey-padded image for a truncated JPEG, PIL raises.
-    """
-    try:
-        with Image.open(path) as handle:
-            image = np.array(handle.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise ImageReadError(f"{path}: {type(error).__name__}: {error}") from error
+    """HWC uint8 RGB, centre-cropped to a square and resized to ``resolution`` (area down, cubic up)."""
+    image = read_rgb(path, "data")
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
@@ -460,9 +444,8 @@ class IdentityCache:
         for path in paths:
             key = path.relative_to(root).as_posix()
             try:
-                with Image.open(path) as handle:
-                    image = np.asarray(handle.convert("RGB"))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+                image = read_rgb(path, "identity cache")
+            except ImageReadError as error:
                 logger.warning("identity cache: skipping unreadable image %s (%s)", path, error)
                 self.index["unreadable"][key] = f"{type(error).__name__}: {error}"
                 continue

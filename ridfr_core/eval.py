@@ -33,28 +33,11 @@ import numpy as np
 
 from ridfr_core import metrics
 from ridfr_core.degrade import DegradationConfig, degrade
+from ridfr_core.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_RECOGNISERS = ("dlib", "facenet", "arcface")
 DEFAULT_IQA = ("lpips", "musiq", "maniqa", "clipiqa")
 DEFAULT_RESTORER = "ridfr_core.restore:restore"
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"could not read image {path} (missing, unreadable or not an image).")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def write_rgb(path: Path, image: np.ndarray):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}.")
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def image_with_stem(folder: Path, stem: str) -> Path | None:

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
+from .imageio import read_rgb, write_rgb
 from .pipeline import DEFAULT_STEPS
 
 
@@ -147,16 +148,6 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return _EVAL_RESTORER.restore(lq, [reference], aligned=True, aligned_references=True)
 
 
-def read_rgb(path: str, option: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"{option}: cannot read image {path} ({err}); give a PNG/JPEG/WebP photo.") from err
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ridfr_core.restore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,11 +187,8 @@ def main(argv=None) -> int:
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from PIL import Image
-
     try:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(restored).save(args.out)
+        write_rgb(args.out, restored)
     except (OSError, ValueError) as err:  # PIL: ValueError for an unknown extension
         print(f"error: --out: cannot write {args.out} ({err}); give a writable .png or .jpg path.", file=sys.stderr)
         return 2

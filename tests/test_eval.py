@@ -10,6 +10,7 @@ import pytest
 from ridfr_core import eval as evaluation
 from ridfr_core import restore
 from ridfr_core.degrade import jpeg_roundtrip
+from ridfr_core.imageio import list_images, read_rgb, write_rgb
 from conftest import FACE_DATA
 
 FACES = FACE_DATA / "celebref-mini"
@@ -53,7 +54,7 @@ def test_degrade_split_is_reproducible(synthetic_celebref, tmp_path):
     for case in split["cases"]:
         lq_a = (tmp_path / "a" / "lq" / f"{case['case']}.png").read_bytes()
         assert lq_a == (tmp_path / "b" / "lq" / f"{case['case']}.png").read_bytes()
-        assert len(evaluation.list_images(tmp_path / "a" / "refs" / case["case"])) == len(case["refs"])
+        assert len(list_images(tmp_path / "a" / "refs" / case["case"])) == len(case["refs"])
     manifest = json.loads(first.read_text())
     assert manifest["seed"] == 5 and set(manifest["params"]) == {c["case"] for c in split["cases"]}
 
@@ -101,14 +102,14 @@ def test_end_to_end_on_real_faces(tmp_path, capsys):
     assert evaluation.main(["split", "--celebref", str(FACES), "--glob", "refs/*.jpg", "--num-test-ids", "2",
                             "--max-images-per-id", "2", "--out", str(split_dir)]) == 0
     assert evaluation.main(["degrade", "--split", str(split_dir / "split.json"), "--out", str(data)]) == 0
-    cases = [p.stem for p in evaluation.list_images(data / "gt")]
+    cases = [p.stem for p in list_images(data / "gt")]
     assert len(cases) == 4
 
     restored = tmp_path / "restored"
     for case in cases:
-        gt = evaluation.read_rgb(data / "gt" / f"{case}.png")
-        for quality, ref in zip((60, 90), evaluation.list_images(data / "refs" / case)):
-            evaluation.write_rgb(restored / case / f"{ref.stem}.png", jpeg_roundtrip(gt, quality))
+        gt = read_rgb(data / "gt" / f"{case}.png")
+        for quality, ref in zip((60, 90), list_images(data / "refs" / case)):
+            write_rgb(restored / case / f"{ref.stem}.png", jpeg_roundtrip(gt, quality))
     out = tmp_path / "scores"
     assert evaluation.main(["--restored", str(restored), "--gt", str(data / "gt"), "--refs", str(data / "refs"),
                             "--lq", str(data / "lq"), "--out", str(out), "--grid-rows", "2"]) == 0
@@ -142,7 +143,7 @@ def test_run_evaluation_with_a_callable_restorer(synthetic_celebref, tmp_path):
     )
     restored = tmp_path / "out" / "restored"
     for case in split["cases"]:
-        assert len(evaluation.list_images(restored / case["case"])) == min(2, len(case["refs"]))
+        assert len(list_images(restored / case["case"])) == min(2, len(case["refs"]))
     assert summary["cases"] == len(split["cases"]) and np.isfinite(summary["metrics"]["psnr_y"])
     assert (tmp_path / "out" / "scores" / "grid.png").is_file()
 
@@ -158,8 +159,8 @@ def test_run_restores_with_ridfr_and_scores(ridfr_models_dir, tiny_models, tmp_p
     assert evaluation.main(["run", "--celebref", str(FACES), "--glob", "refs/*.jpg", "--num-test-ids", "1",
                             "--max-images-per-id", "1", "--refs-per-case", "2",
                             "--recognisers", "facenet", "--iqa", "", "--out", str(out)]) == 0
-    restored = evaluation.list_images(next((out / "restored").iterdir()))
+    restored = list_images(next((out / "restored").iterdir()))
     assert len(restored) == 2
-    assert evaluation.read_rgb(restored[0]).shape == (512, 512, 3)
+    assert read_rgb(restored[0]).shape == (512, 512, 3)
     summary = json.loads((out / "scores" / "summary.json").read_text())
     assert summary["restorations"] == 2 and "identity_variance_facenet" in summary["metrics"]

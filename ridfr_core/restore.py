@@ -111,23 +111,39 @@ class Restorer:
         refs = encode_references(self.analyzer, references, aligned=aligned_references)
         return build_identity(refs, self.pipeline.models.clip_vision)
 
-    def restore_fn(self, identity):
-        def run(faces: torch.Tensor, scales: torch.Tensor, _identity_index) -> torch.Tensor:
-            scales = scales * self.identity_scale  # 0 for faces matched to nobody
-            return self.pipeline(faces, identity, identity_scale=scales, **self.sampling).cpu()
+    def restore_fn(self, identities: list):
+        """The faces callback: each face gets the identity it was matched to (scale 0 for nobody)."""
+        def run(faces: torch.Tensor, scales: torch.Tensor, identity_index: list) -> torch.Tensor:
+            from .identity import Identity
+
+            per_face = Identity.cat([identities[index or 0] for index in identity_index])
+            scales = scales * self.identity_scale  # already 0 for faces matched to nobody
+            return self.pipeline(faces, per_face, identity_scale=scales, **self.sampling).cpu()
         return run
 
-    def restore(self, lq: np.ndarray, references: list[np.ndarray], aligned: bool = False,
-                aligned_references: bool = False, upscale: float = 1.0) -> np.ndarray:
-        """Restored photo (or aligned face) as uint8 RGB."""
+    def restore(self, lq: np.ndarray, people: list[list[np.ndarray]], aligned: bool = False,
+                aligned_references: bool = False, upscale: float = 1.0,
+                unmatched: str = "restore_without_identity") -> np.ndarray:
+        """Restored photo (or aligned face) as uint8 RGB.
+
+        ``people``: reference photos per person. In a photo every detected face is matched to the
+        person it looks like (ArcFace similarity), so one person's references never turn the others
+        into them; ``unmatched`` says what happens to faces that match nobody. An aligned face is that
+        of the first person.
+        """
         from .faces import restore_aligned, restore_faces_in_photo
         from .faces.images import tensor_to_rgb
 
-        identity, report = self.identity(references, aligned_references)
-        logging.getLogger(__name__).info(report.summary())
+        identities = []
+        for number, references in enumerate(people, 1):
+            identity, report = self.identity(references, aligned_references)
+            logging.getLogger(__name__).info("person %d: %s", number, report.summary())
+            identities.append(identity)
         if aligned:
-            return tensor_to_rgb(restore_aligned([lq], self.restore_fn(identity)))[0]
-        return restore_faces_in_photo(self.analyzer, lq, self.restore_fn(identity), upscale=upscale).image
+            return tensor_to_rgb(restore_aligned([lq], self.restore_fn(identities)))[0]
+        embeddings = torch.cat([identity.id_embeds for identity in identities]).float().cpu().numpy()
+        return restore_faces_in_photo(self.analyzer, lq, self.restore_fn(identities), identity_embeddings=embeddings,
+                                      unmatched=unmatched, upscale=upscale).image
 
 
 _EVAL_RESTORER: Restorer | None = None
@@ -145,15 +161,21 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
         _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
                                   config_dir=os.environ.get("RIDFR_CONFIG_DIR"),
                                   steps=int(os.environ.get("RIDFR_STEPS", DEFAULT_STEPS)))
-    return _EVAL_RESTORER.restore(lq, [reference], aligned=True, aligned_references=True)
+    return _EVAL_RESTORER.restore(lq, [[reference]], aligned=True, aligned_references=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ridfr_core.restore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lq", required=True, help="low-quality photo (or aligned face crop with --aligned)")
-    parser.add_argument("--id", action="append", required=True, dest="references",
+    parser.add_argument("--id", action="append", default=[], dest="references",
                         help="reference photo of the person; repeat for several photos of the same person")
+    parser.add_argument("--person", action="append", default=[], metavar="REF[,REF...]",
+                        help="reference photos of one more person (comma-separated); repeat per person. Each face "
+                             "of the photo is restored as the person it resembles")
+    parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
+                        default="restore_without_identity",
+                        help="faces that resemble none of the people: restored without identity, or left as they are")
     parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg)")
     parser.add_argument("--models", default="models", help="models folder laid out like ComfyUI's (default ./models)")
     for slot in MODEL_SLOTS:
@@ -180,10 +202,13 @@ def main(argv=None) -> int:
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
         lq = read_rgb(args.lq, "--lq")
-        references = [read_rgb(path, "--id") for path in args.references]
+        people = ([[read_rgb(path, "--id") for path in args.references]] if args.references else []) + [
+            [read_rgb(path, "--person") for path in group.split(",") if path] for group in args.person]
+        if not people:
+            raise ValueError("--id: give at least one reference photo (--id, or --person for each person).")
         restorer = Restorer(paths, args.device, args.config_dir, args.identity_scale, steps=args.steps,
                             seed=args.seed, content_scale=args.content_scale, guidance=args.guidance)
-        restored = restorer.restore(lq, references, args.aligned, args.aligned_references, args.upscale)
+        restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -68,3 +68,22 @@ def test_restores_a_photo_and_an_aligned_face(tiny_models, ridfr_models_dir, fac
     out_face = tmp_path / "restored_face.png"
     assert main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--out", str(out_face), *common]) == 0
     assert np.asarray(Image.open(out_face)).shape == (512, 512, 3)
+
+
+def test_each_face_is_restored_as_the_person_it_resembles(tiny_models, ridfr_models_dir, face_data, tmp_path):
+    """A reference of somebody else never changes a face: with keep_original it is left as it was."""
+    photo = tmp_path / "photo.png"
+    lq_face = next((face_data / "celebref-mini" / "00005").glob("lq_*.png"))
+    Image.open(lq_face).convert("RGB").resize((640, 640)).save(photo)
+    stranger = tmp_path / "stranger.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)).save(stranger)
+    common = ["--lq", str(photo), "--models", str(ridfr_models_dir), "--config-dir", str(tiny_models.configs),
+              "--steps", "2", "--device", "cpu", "--unmatched", "keep_original"]
+
+    kept = tmp_path / "kept.png"
+    assert main([*common, "--id", str(stranger), "--out", str(kept)]) == 0
+    assert np.array_equal(np.asarray(Image.open(kept)), np.asarray(Image.open(photo)))
+
+    matched = tmp_path / "matched.png"
+    assert main([*common, "--id", str(stranger), "--person", str(photo), "--out", str(matched)]) == 0
+    assert np.any(np.asarray(Image.open(matched)) != np.asarray(Image.open(photo)))

@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from .content import ContentControlNet
 from .identity import IdentityAdapter, identity_processor_slots
+from .prompts import prompt_ids
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 CONTENT_FORMAT = "ridfr-content"
 CONTENT_FORMAT_VERSION = 1
-CLIP_BOS, CLIP_EOS = 49406, 49407  # SD1.5's tokenizer pads with EOS: the empty prompt is BOS + 76 x EOS
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
 FACEID_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
@@ -68,7 +68,8 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         if path.suffix in PICKLE_SUFFIXES:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # memory-mapped where the format allows: a multi-GB checkpoint of which a part is kept
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):
@@ -76,6 +77,17 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
             return state
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise CheckpointError(
+                f"{what}: {path} holds Python objects besides tensors; loading it would run code from the file, "
+                "which RIDFR never does. If you trust the file, convert it once, in a separate environment, to "
+                f"safetensors: python -c \"import torch, safetensors.torch as st; s = torch.load('{path}', "
+                "weights_only=False); s = s.get('state_dict', s); st.save_file({k: v.contiguous() for k, v in "
+                f"s.items() if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\" and use that file."
+            ) from None
+        raise CheckpointError(f"{what}: cannot read {path} ({err}). The file is truncated, corrupt or not a weight "
+                              "file: download it again (compare its size with the source).") from err
     except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
         raise CheckpointError(
             f"{what}: cannot read {path} ({type(err).__name__}: {err}). The file is truncated, corrupt or not "
@@ -136,12 +148,17 @@ def on_meta(factory):
 
 @dataclass
 class BaseModel:
-    """What RIDFR needs of Stable Diffusion 1.5: the UNet, the VAE and the empty-prompt embedding."""
+    """What RIDFR needs of Stable Diffusion 1.5: the UNet, the VAE and the text states of the prompts the
+    backend conditions on (always the empty prompt, which RIDFR uses and the trainer trains with)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    empty_prompt: torch.Tensor  # (1, 77, cross_attention_dim)
+    prompts: dict[str, torch.Tensor]  # text -> (1, 77, cross_attention_dim)
     scheduler_config: dict
+
+    @property
+    def empty_prompt(self) -> torch.Tensor:
+        return self.prompts[""]
 
 
 def check_base_family(state: dict[str, torch.Tensor], path: Path, unet_config: dict) -> None:
@@ -167,18 +184,25 @@ def check_base_family(state: dict[str, torch.Tensor], path: Path, unet_config: d
 
 
 def load_base(path: Path | str, config_dir: Path | str | None = None, cache_dir: Path | str | None = None,
-              dtype: torch.dtype = torch.float32) -> BaseModel:
-    """SD1.5 from a single file or a diffusers folder, with the empty-prompt embedding (cached)."""
+              dtype: torch.dtype = torch.float32, prompts: tuple[str, ...] = ()) -> BaseModel:
+    """SD1.5 from a single file or a diffusers folder (or a RestorerID checkpoint, which holds one), with the
+    text states of the empty prompt and of ``prompts`` (cached per file)."""
     path = Path(path)
-    base = load_base_folder(path, config_dir) if path.is_dir() else load_base_single_file(path, config_dir, cache_dir)
+    texts = tuple(dict.fromkeys(("", *prompts)))
+    base = (load_base_folder(path, config_dir, texts) if path.is_dir()
+            else load_base_single_file(path, config_dir, cache_dir, texts))
     if dtype != torch.float32:
         base.unet.to(dtype=dtype)
         base.vae.to(dtype=dtype)
     return base
 
 
-def load_base_single_file(path: Path, config_dir=None, cache_dir=None) -> BaseModel:
+def load_base_single_file(path: Path, config_dir=None, cache_dir=None, texts: tuple[str, ...] = ("",)) -> BaseModel:
+    from .restorerid_files import is_restorerid_state, without_restorerid_extras
+
     state = read_state_dict(path, "SD1.5 checkpoint")
+    if is_restorerid_state(state):
+        state = without_restorerid_extras(state)
     unet_config = load_config("unet", config_dir)
     check_base_family(state, path, unet_config)
     unet = on_meta(lambda: UNet2DConditionModel(**unet_config))
@@ -186,11 +210,11 @@ def load_base_single_file(path: Path, config_dir=None, cache_dir=None) -> BaseMo
     vae_config = load_config("vae", config_dir)
     vae = on_meta(lambda: AutoencoderKL(**vae_config))
     load_strict(vae, convert_ldm_vae_checkpoint(state, vae_config), path, "SD1.5 checkpoint (VAE)")
-    empty = cached_empty_prompt(path, cache_dir, lambda: empty_prompt_from_state(state, path, config_dir))
-    return BaseModel(unet.eval(), vae.eval(), empty, load_config("scheduler", config_dir))
+    prompts = cached_prompts(path, cache_dir, texts, lambda missing: prompts_from_state(state, path, missing, config_dir))
+    return BaseModel(unet.eval(), vae.eval(), prompts, load_config("scheduler", config_dir))
 
 
-def load_base_folder(path: Path, config_dir=None) -> BaseModel:
+def load_base_folder(path: Path, config_dir=None, texts: tuple[str, ...] = ("",)) -> BaseModel:
     from transformers import CLIPTextModel
 
     for part in ("unet", "vae", "text_encoder"):
@@ -211,10 +235,10 @@ def load_base_folder(path: Path, config_dir=None) -> BaseModel:
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = (json.loads(scheduler_file.read_text()) if scheduler_file.is_file()
                  else load_config("scheduler", config_dir))
-    return BaseModel(unet.eval(), vae.eval(), encode_empty_prompt(text_encoder), scheduler)
+    return BaseModel(unet.eval(), vae.eval(), {text: encode_prompt(text_encoder, text) for text in texts}, scheduler)
 
 
-def empty_prompt_from_state(state: dict[str, torch.Tensor], path: Path, config_dir=None) -> torch.Tensor:
+def prompts_from_state(state: dict[str, torch.Tensor], path: Path, texts, config_dir=None) -> dict[str, torch.Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_state = {k[len(LDM_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_TEXT_PREFIX)}
@@ -224,33 +248,45 @@ def empty_prompt_from_state(state: dict[str, torch.Tensor], path: Path, config_d
     text_encoder = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**load_config("text_encoder", config_dir))))
     load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
                 ignore=("text_model.embeddings.position_ids",))
-    return encode_empty_prompt(text_encoder)
+    return {text: encode_prompt(text_encoder, text) for text in texts}
 
 
 @torch.no_grad()
-def encode_empty_prompt(text_encoder) -> torch.Tensor:
-    length = text_encoder.config.max_position_embeddings
-    ids = torch.tensor([[CLIP_BOS] + [CLIP_EOS] * (length - 1)])
-    return text_encoder(input_ids=ids).last_hidden_state.float()
+def encode_prompt(text_encoder, text: str) -> torch.Tensor:
+    """CLIP's last hidden state (1, 77, C) of one of the backends' prompts (see :mod:`ridfr_core.prompts`)."""
+    ids = prompt_ids(text, text_encoder.config.max_position_embeddings)
+    return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state.float().cpu()
 
 
-def cached_empty_prompt(path: Path, cache_dir, compute) -> torch.Tensor:
-    """The empty-prompt embedding depends only on the checkpoint: keep it next to nothing but a cache key."""
-    cache_dir = Path(cache_dir or os.environ.get("RIDFR_CACHE") or Path.home() / ".cache" / "ridfr")
+def cache_key(path: Path) -> str:
+    """A key that changes when the file does (path, size, modification time)."""
     stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir / f"empty_prompt_{key}.safetensors"
-    if cached.is_file():
+    return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def cache_folder(cache_dir) -> Path:
+    return Path(cache_dir or os.environ.get("RIDFR_CACHE") or Path.home() / ".cache" / "ridfr")
+
+
+def cached_prompts(path: Path, cache_dir, texts, compute) -> dict[str, torch.Tensor]:
+    """Prompt states depend only on the checkpoint and the text: computed once, then read from the cache."""
+    key, found = cache_key(path), {}
+    files = {text: cache_folder(cache_dir) / f"prompt_{key}_{hashlib.sha1(text.encode()).hexdigest()[:8]}.safetensors"
+             for text in texts}
+    for text, cached in files.items():
         try:
-            return load_file(str(cached))["empty_prompt"]
+            found[text] = load_file(str(cached))["prompt"]
         except (SafetensorError, KeyError, OSError):
-            pass  # a damaged cache entry is recomputed below
-    embedding = compute()
-    try:
-        save_safetensors_atomic({"empty_prompt": embedding}, cached, {"source": str(path)})
-    except OSError:
-        pass  # a read-only cache only costs time
-    return embedding
+            pass  # absent or damaged: computed below
+    missing = [text for text in texts if text not in found]
+    if missing:
+        for text, states in compute(missing).items():
+            found[text] = states
+            try:
+                save_safetensors_atomic({"prompt": states}, files[text], {"source": str(path), "prompt": text})
+            except OSError:
+                pass  # a read-only cache only costs time
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,20 +442,38 @@ def save_content(controlnet: ContentControlNet, path: Path | str, extra: dict[st
     save_safetensors_atomic(controlnet.state_dict(), path, metadata)
 
 
-def load_content(path: Path | str) -> ContentControlNet:
+def load_content(path: Path | str, cache_dir=None):
+    """A content module of either backend, told apart by the file's contents: RIDFR content weights (our
+    format, :class:`ContentControlNet`) or RestorerID weights (the published checkpoint or its conversion,
+    :class:`~ridfr_core.restorerid.LQBranch`)."""
+    from . import restorerid_files
+
     path = Path(path)
-    what = "RIDFR content weights"
+    what = "content weights"
     if not path.is_file():
-        raise CheckpointError(f"{what}: file not found: {path}. Train one with `python -m ridfr_core.train` "
-                              "and put it in models/ridfr.")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{what}: {path} is not a .safetensors file; RIDFR weights are written as one "
-                              ".safetensors by `python -m ridfr_core.train`.")
-    metadata = read_safetensors_metadata(path, what)
-    if metadata.get("format") != CONTENT_FORMAT:
-        raise CheckpointError(f"{what}: {path} is not a RIDFR content file (metadata format="
-                              f"{metadata.get('format')!r}). Base checkpoints go in models/checkpoints, IP-Adapters "
-                              "in models/ipadapter; models/ridfr holds files written by ridfr_core.train.")
+        raise CheckpointError(f"{what}: file not found: {path}. Put RIDFR weights (`python -m ridfr_core.train`) or "
+                              "RestorerIDFull.ckpt in models/ridfr.")
+    if path.suffix == ".safetensors":
+        metadata = read_safetensors_metadata(path, what)
+        if metadata.get("format") == CONTENT_FORMAT:
+            return load_ridfr_content(path, metadata)
+        if metadata.get("format") == restorerid_files.RESTORERID_FORMAT:
+            return restorerid_files.load_lq_branch(path, cache_dir)
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+        state = None
+    else:
+        state = read_state_dict(path, what)
+        keys = list(state)
+    if restorerid_files.is_restorerid_state(keys):
+        return restorerid_files.load_lq_branch(path, cache_dir, state)
+    raise CheckpointError(f"{what}: {path} is neither RIDFR content weights (a .safetensors written by "
+                          "ridfr_core.train) nor a RestorerID checkpoint (RestorerIDFull.ckpt). Base checkpoints go "
+                          "in models/checkpoints, IP-Adapters in models/ipadapter.")
+
+
+def load_ridfr_content(path: Path, metadata: dict[str, str]) -> ContentControlNet:
+    what = "RIDFR content weights"
     version = metadata.get("format_version", "")
     if not version.isdigit() or int(version) > CONTENT_FORMAT_VERSION:
         raise CheckpointError(f"{what}: {path} has format version {version!r}, this RIDFR reads up to "

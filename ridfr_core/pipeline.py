@@ -1,8 +1,10 @@
-"""The diffusers sampling backend: SD1.5 + content ControlNet + identity adapter, stepped with UniPC.
+"""The diffusers sampling backend: SD1.5 + a content module + identity adapter.
 
 :class:`RIDFRDenoiser` is the one function RIDFR trains and samples with: noise prediction from the
 noisy latent, timestep, empty-prompt states, LQ image and identity tokens. The trainer calls it for
-the diffusion and alignment losses; :class:`RIDFRPipeline` runs it in a UniPC loop on aligned faces.
+the diffusion and alignment losses. :class:`RIDFRPipeline` restores aligned faces with either content
+backend (:mod:`ridfr_core.backends`): RIDFR (UniPC 20, empty prompt) or RestorerID (DDIM 50, its
+prompts, CFG 4, wavelet colour fix), each by default with its published settings.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UniPCMultistepScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .content import ContentControlNet, lq_to_latent_size
+from .backends import RESTORERID, Backend, backend_of, content_input, make_denoiser
+from .colorfix import wavelet_color_fix
+from .content import ContentControlNet
 from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
 
 DEFAULT_STEPS = 20
+MAX_STEPS = 200
 FACE_SIZE = 512
 
 
@@ -63,27 +68,39 @@ class RIDFRDenoiser(torch.nn.Module):
 
 @dataclass
 class RIDFRModels:
-    """Every module a restoration needs. ``clip_vision`` is only used to encode identities."""
+    """Every module a restoration needs. ``clip_vision`` is only used to encode identities; ``prompts``
+    holds the text states of the backend's prompts (the empty prompt's is ``empty_prompt``)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    content: ContentControlNet
+    content: torch.nn.Module  # ContentControlNet or restorerid.LQBranch
     empty_prompt: torch.Tensor
     scheduler_config: dict
     adapter: IdentityAdapter | None = None
     clip_vision: torch.nn.Module | None = None
     lora_deltas: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)
+
+    @property
+    def backend(self) -> Backend:
+        return backend_of(self.content)
+
+    def prompt(self, text: str) -> torch.Tensor:
+        return self.empty_prompt if text == "" else self.prompts[text]
 
 
 def load_models(base: Path | str, content: Path | str, adapter: Path | str | None = None,
                 clip_vision: Path | str | None = None, config_dir=None, cache_dir=None,
                 lora_strength: float = 1.0, shortcut: bool | None = None) -> RIDFRModels:
     """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
-    ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here."""
+    ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
+    is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
     from . import checkpoints
 
-    sd = checkpoints.load_base(base, config_dir, cache_dir)
-    models = RIDFRModels(sd.unet, sd.vae, checkpoints.load_content(content), sd.empty_prompt, sd.scheduler_config)
+    content_module = checkpoints.load_content(content, cache_dir)
+    backend = backend_of(content_module)
+    sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
+    models = RIDFRModels(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
         models.adapter, models.lora_deltas = checkpoints.load_identity_adapter(adapter, sd.unet, shortcut)
         checkpoints.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
@@ -110,8 +127,26 @@ def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -
     return torch.stack(noise).to(device, dtype)
 
 
+def make_scheduler(backend: Backend, sampler: str, scheduler_config: dict):
+    """UniPC or DDIM from the base model's noise schedule. RestorerID's DDIM starts at t=999 (its sampler
+    starts from pure noise at the last training step), hence trailing spacing."""
+    if sampler == "unipc":
+        return UniPCMultistepScheduler.from_config(scheduler_config)
+    if sampler == "ddim":
+        spacing = "trailing" if backend is RESTORERID else scheduler_config.get("timestep_spacing", "leading")
+        return DDIMScheduler.from_config({**scheduler_config, "timestep_spacing": spacing})
+    raise ValueError(f"sampler: '{sampler}' is not one of unipc, ddim.")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"the {what} holds NaN or infinite values: a weight file with NaN weights, or "
+                                 "float16 overflow (try --device cpu or float32). Nothing was written.")
+
+
 class RIDFRPipeline:
-    """Restore aligned faces: ``pipeline(lq_faces, identity, steps=20, seed=0) -> faces``."""
+    """Restore aligned faces: ``pipeline(lq_faces, identity, seed=0) -> faces``, with the backend's published
+    sampler, steps, prompts, guidance and colour fix unless given."""
 
     def __init__(self, models: RIDFRModels, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self.device = torch.device(device)
@@ -120,7 +155,8 @@ class RIDFRPipeline:
         for module in (models.unet, models.vae, models.content, models.adapter, models.clip_vision):
             if module is not None:
                 place(module, self.device, self.dtype).requires_grad_(False).eval()
-        self.denoiser = RIDFRDenoiser(models.unet, models.content, models.adapter)
+        self.backend = models.backend
+        self.denoiser = make_denoiser(models.unet, models.content, models.adapter)
         self._null_tokens: torch.Tensor | None = None
 
     @classmethod
@@ -133,58 +169,84 @@ class RIDFRPipeline:
     def null_tokens(self, batch: int) -> torch.Tensor:
         if self._null_tokens is None:
             if self.models.clip_vision is None:
-                raise ValueError("RIDFRPipeline: identity guidance (guidance != 1) needs the CLIP vision model for the "
+                raise ValueError("RIDFRPipeline: identity guidance and RestorerID need the CLIP vision model for the "
                                  "null identity: pass clip_vision=<CLIP-ViT-H-14 file> to load_models/from_files.")
             self._null_tokens = self.models.adapter.identity_tokens(null_identity(self.models.clip_vision))
         return self._null_tokens.expand(batch, -1, -1)
+
+    def conditions(self, identity: Identity | None, batch: int, identity_scale):
+        """(identity tokens or None, null tokens or None). RestorerID's IDBalance always reads tokens: faces
+        without an identity (none given, or scale 0) get the null identity's, as in its training."""
+        id_tokens = null = None
+        if identity is not None:
+            if self.models.adapter is None:
+                raise ValueError("RIDFRPipeline: an identity was given but no IP-Adapter FaceID Plus is loaded; "
+                                 "pass adapter=<ip-adapter-faceid-plus(v2)_sd15.bin> to load_models/from_files.")
+            id_tokens = self.identity_tokens(identity, batch).to(self.dtype)
+        if self.backend is RESTORERID and self.models.adapter is not None:
+            null = self.null_tokens(batch).to(self.dtype)
+            if id_tokens is None:
+                id_tokens = null
+            elif isinstance(identity_scale, torch.Tensor):
+                id_tokens = torch.where((identity_scale == 0).view(-1, 1, 1), null, id_tokens)
+        return id_tokens, null
 
     @torch.no_grad()
     def __call__(
         self,
         lq_faces: torch.Tensor,
         identity: Identity | None = None,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         seed: int | list[int] = 0,
         identity_scale: float | torch.Tensor = 1.0,
         content_scale: float | torch.Tensor = 1.0,
-        guidance: float = 1.0,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        color_fix: bool | None = None,
         progress=None,
     ) -> torch.Tensor:
         """``lq_faces`` (B,3,H,W) RGB in [0,1], H and W multiples of 8 (512 for the paper's setting);
         returns restored faces of the same shape in [0,1]. ``guidance`` > 1 is classifier-free guidance
-        against the null identity; ``identity_scale`` may be a (B,) tensor (0 = restore without identity)."""
+        whose negative side has the null identity (and, for RestorerID, its negative prompt);
+        ``identity_scale`` may be a (B,) tensor (0 = restore without identity). ``steps``, ``guidance``,
+        ``sampler`` and ``color_fix`` default to the backend's published settings."""
+        backend = self.backend
+        steps = backend.steps if steps is None else steps
+        guidance = backend.guidance if guidance is None else guidance
+        sampler = sampler or backend.sampler
+        color_fix = backend.color_fix if color_fix is None else color_fix
         if lq_faces.ndim != 4 or lq_faces.shape[1] != 3:
             raise ValueError(f"RIDFRPipeline: lq_faces must be (B,3,H,W) RGB, got {tuple(lq_faces.shape)}.")
         if lq_faces.shape[-1] % 8 or lq_faces.shape[-2] % 8:
             raise ValueError(f"RIDFRPipeline: face size {tuple(lq_faces.shape[-2:])} is not a multiple of 8; "
                              f"align faces to {FACE_SIZE}x{FACE_SIZE}.")
-        if steps < 1:
-            raise ValueError(f"RIDFRPipeline: steps must be >= 1, got {steps}.")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"RIDFRPipeline: steps must be between 1 and {MAX_STEPS}, got {steps}.")
         models, batch = self.models, lq_faces.shape[0]
         scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         latent_hw = (lq_faces.shape[-2] // scale_factor, lq_faces.shape[-1] // scale_factor)
 
-        lq = lq_to_latent_size(lq_faces.to(self.device, torch.float32) * 2 - 1, latent_hw).to(self.dtype)
-        text = models.empty_prompt.to(self.device, self.dtype).expand(batch, -1, -1)
-        id_tokens = None
-        if identity is not None:
-            if models.adapter is None:
-                raise ValueError("RIDFRPipeline: an identity was given but no IP-Adapter FaceID Plus is loaded; "
-                                 "pass adapter=<ip-adapter-faceid-plusv2_sd15.bin> to load_models/from_files.")
-            id_tokens = self.identity_tokens(identity, batch).to(self.dtype)
+        lq = content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw)
+        text = models.prompt(backend.positive_prompt).to(self.device, self.dtype).expand(batch, -1, -1)
         if isinstance(identity_scale, torch.Tensor):
             identity_scale = identity_scale.to(self.device, self.dtype)
-        use_guidance = guidance != 1.0 and id_tokens is not None
+        id_tokens, null = self.conditions(identity, batch, identity_scale)
+        use_guidance = guidance != 1.0 and (id_tokens is not None or backend.negative_prompt != backend.positive_prompt)
         if use_guidance:
-            text, lq = torch.cat([text, text]), torch.cat([lq, lq])
-            id_tokens = torch.cat([id_tokens, self.null_tokens(batch).to(self.dtype)])
+            negative = models.prompt(backend.negative_prompt).to(self.device, self.dtype).expand(batch, -1, -1)
+            text, lq = torch.cat([text, negative]), torch.cat([lq, lq])
+            if id_tokens is not None:
+                id_tokens = torch.cat([id_tokens, null if null is not None else self.null_tokens(batch).to(self.dtype)])
             if isinstance(identity_scale, torch.Tensor):
                 identity_scale = torch.cat([identity_scale, identity_scale])
             if isinstance(content_scale, torch.Tensor):
                 content_scale = torch.cat([content_scale, content_scale])
 
-        scheduler = UniPCMultistepScheduler.from_config(models.scheduler_config)
+        scheduler = make_scheduler(backend, sampler, models.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(batch)]
+        step_options = {"eta": backend.ddim_eta, "generator": [torch.Generator().manual_seed(s + 1) for s in seeds]
+                        } if sampler == "ddim" and backend.ddim_eta else {}  # per-face step noise, as the start noise
         latents = seeded_noise((batch, 4, *latent_hw), seed, self.device, self.dtype) * scheduler.init_noise_sigma
         for index, t in enumerate(scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if use_guidance else latents
@@ -192,15 +254,18 @@ class RIDFRPipeline:
             if use_guidance:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
+            latents = scheduler.step(eps, t, latents, **step_options).prev_sample
             if progress is not None:
                 progress(index + 1, steps)
-        return self.decode(latents)
+        check_finite(latents, "sampled latent")
+        restored = self.decode(latents)
+        check_finite(restored, "decoded image")
+        return wavelet_color_fix(restored, lq_faces) if color_fix else restored
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.models.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        return ((images.float() + 1) / 2).clamp(0, 1)  # NaN stays NaN: check_finite sees it
 
 
 def restore(models: RIDFRModels, lq_faces: torch.Tensor, identity: Identity | None = None, device="cpu",

@@ -442,6 +442,28 @@ def save_content(controlnet: ContentControlNet, path: Path | str, extra: dict[st
     save_safetensors_atomic(controlnet.state_dict(), path, metadata)
 
 
+def content_backend(path: Path | str, quick: bool = False) -> str | None:
+    """"ridfr" or "restorerid" for a content file, None for neither. ``quick`` reads only safetensors
+    metadata (our formats) and answers None for anything else."""
+    from . import restorerid_files
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata, keys = handle.metadata() or {}, (None if quick else list(handle.keys()))
+        except (SafetensorError, OSError):
+            return None
+        formats = {CONTENT_FORMAT: "ridfr", restorerid_files.RESTORERID_FORMAT: "restorerid"}
+        if metadata.get("format") in formats or quick:
+            return formats.get(metadata.get("format"))
+    elif quick:
+        return None
+    else:
+        keys = list(read_state_dict(path, "content weights"))
+    return "restorerid" if restorerid_files.is_restorerid_state(keys) else None
+
+
 def load_content(path: Path | str, cache_dir=None):
     """A content module of either backend, told apart by the file's contents: RIDFR content weights (our
     format, :class:`ContentControlNet`) or RestorerID weights (the published checkpoint or its conversion,

@@ -21,7 +21,6 @@ from .colorfix import wavelet_color_fix
 from .content import ContentControlNet
 from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
 
-DEFAULT_STEPS = 20
 MAX_STEPS = 200
 FACE_SIZE = 512
 
@@ -102,11 +101,23 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
     models = RIDFRModels(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
+        if backend is RESTORERID:
+            shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
         models.adapter, models.lora_deltas = checkpoints.load_identity_adapter(adapter, sd.unet, shortcut)
         checkpoints.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
     return models
+
+
+def restorerid_identity_shortcut(adapter: Path, shortcut: bool | None) -> bool:
+    """RestorerID was trained with FaceID Plus v1 (no shortcut); its v2 file has other weights."""
+    from .checkpoints import CheckpointError
+
+    if shortcut or (shortcut is None and "v2" in adapter.name.lower()):
+        raise CheckpointError(f"IP-Adapter FaceID Plus: {adapter} is the v2 model, but RestorerID was trained with "
+                              "v1: use ip-adapter-faceid-plus_sd15.bin (h94/IP-Adapter-FaceID) with RestorerID weights.")
+    return False
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:

@@ -3,8 +3,10 @@
     python -m ridfr_core.restore --lq photo.jpg --id ref1.jpg --id ref2.jpg --out restored.png --models models/
 
 ``--models`` is laid out like ComfyUI's ``models/`` folder (so one download serves both):
-checkpoints/ (SD1.5), ridfr/ (content weights), ipadapter/ (FaceID Plus v2), clip_vision/ (ViT-H/14),
-insightface/models/buffalo_l/ (detector + ArcFace). Missing files are listed with where to put them.
+checkpoints/ (SD1.5), ridfr/ (content weights: RIDFR's own, or RestorerID's public RestorerIDFull.ckpt),
+ipadapter/ (FaceID Plus: v2 for RIDFR, v1 for RestorerID), clip_vision/ (ViT-H/14),
+insightface/models/buffalo_l/ (detector + ArcFace). The backend follows the content file, and with it
+the sampling defaults. Missing files are listed with where to put them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import read_rgb, write_rgb
-from .pipeline import DEFAULT_STEPS
+from .backends import SAMPLERS
+from .quality import parse_identity_scale
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,14 @@ class ModelSlot:
 
 MODEL_SLOTS = (
     ModelSlot("base", "checkpoints", "v1-5-pruned-emaonly.safetensors",
-              "any Stable Diffusion 1.5 checkpoint or SD1.5 fine-tune (single file)"),
-    ModelSlot("content", "ridfr", "ridfr-content.safetensors",
-              "RIDFR content weights, trained with `python -m ridfr_core.train` (no public weights exist yet)"),
-    ModelSlot("adapter", "ipadapter", "ip-adapter-faceid-plusv2_sd15.bin",
-              "h94/IP-Adapter-FaceID on Hugging Face (ip-adapter-faceid-plusv2_sd15.bin)"),
+              "any Stable Diffusion 1.5 checkpoint or SD1.5 fine-tune (single file); optional with RestorerID "
+              "weights, which hold an SD1.5"),
+    ModelSlot("content", "ridfr", "RestorerIDFull.ckpt",
+              "RestorerID's public weights (YingJiacheng/RestorerID on Hugging Face, RestorerIDFull.ckpt), or RIDFR "
+              "content weights trained with `python -m ridfr_core.train`"),
+    ModelSlot("adapter", "ipadapter", "ip-adapter-faceid-plus_sd15.bin",
+              "h94/IP-Adapter-FaceID on Hugging Face: ip-adapter-faceid-plus_sd15.bin for RestorerID, "
+              "ip-adapter-faceid-plusv2_sd15.bin for RIDFR"),
     ModelSlot("clip_vision", "clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
               "h94/IP-Adapter models/image_encoder/model.safetensors, renamed"),
 )
@@ -53,29 +59,57 @@ class MissingModels(Exception):
     """Every missing file at once, so a user downloads once instead of failing file by file."""
 
 
-def pick_file(models: Path, slot: ModelSlot, explicit: str | None) -> Path | None:
-    """An explicit path or name in the slot's folder, else the only weight file there."""
+def option_name(slot: ModelSlot) -> str:
+    return "--" + slot.option.replace("_", "-")
+
+
+def candidates(models: Path, slot: ModelSlot, backend: str | None) -> list[Path]:
+    """The weight files in the slot's folder that fit, best first. Content: RIDFR's own weights are the first
+    choice wherever they exist. Adapter: FaceID Plus files, v1 for RestorerID and v2 for RIDFR first."""
+    from .checkpoints import content_backend
+
+    folder = models / slot.folder
+    found = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    if slot.option == "content":
+        ridfr = [p for p in found if content_backend(p, quick=True) == "ridfr"]
+        return ridfr or found
+    if slot.option == "adapter":
+        found = [p for p in found if "faceid-plus" in p.name.lower()] or found
+        wanted = [p for p in found if ("v2" in p.name.lower()) == (backend == "ridfr")]
+        return wanted or found
+    return found
+
+
+def pick_file(models: Path, slot: ModelSlot, explicit: str | None, backend: str | None = None) -> Path | None:
+    """An explicit path or name in the slot's folder, else the best fitting file there."""
     folder = models / slot.folder
     if explicit:
         path = Path(explicit)
         return path if path.is_file() else (folder / explicit if (folder / explicit).is_file() else None)
-    found = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
-    if slot.option == "adapter":
-        found = [p for p in found if "faceid-plus" in p.name.lower()] or found
+    found = candidates(models, slot, backend)
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise MissingModels(f"--{slot.option.replace('_', '-')}: {folder} holds several files ({names}); "
-                            "choose one with this option.")
+        raise MissingModels(f"{option_name(slot)}: {folder} holds several files that fit ({names}); choose one with "
+                            "this option.")
     return found[0] if found else None
 
 
 def resolve_models(models: Path, choices: dict[str, str | None], need_insightface: bool) -> dict[str, Path]:
+    """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
+    SD1.5 checkpoint, the RestorerID file also serves as the base model."""
+    from .checkpoints import content_backend
+
     paths, missing = {}, []
+    slots = {slot.option: slot for slot in MODEL_SLOTS}
+    content = pick_file(models, slots["content"], choices.get("content"))
+    backend = content_backend(content) if content is not None else None
     for slot in MODEL_SLOTS:
-        path = pick_file(models, slot, choices.get(slot.option))
+        path = content if slot.option == "content" else pick_file(models, slot, choices.get(slot.option), backend)
+        if path is None and slot.option == "base" and backend == "restorerid" and not choices.get("base"):
+            path = content
         if path is None:
             explicit = choices.get(slot.option)
-            where = (f"{explicit} (given with --{slot.option.replace('_', '-')}: neither a file nor a name in "
+            where = (f"{explicit} (given with {option_name(slot)}: neither a file nor a name in "
                      f"{models / slot.folder})") if explicit else str(models / slot.folder / slot.example)
             missing.append(f"  {where}\n      ({slot.source})")
         else:
@@ -88,22 +122,30 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     if missing:
         raise MissingModels("RIDFR needs these model files, which were not found:\n" + "\n".join(missing)
                             + f"\nPut them in {models} (or pass --models DIR, or a path for each --option).")
+    paths["backend"], paths["models"] = backend, models
     return paths
 
 
 class Restorer:
-    """The pipeline plus face handling: references -> identity; photos or aligned faces -> restored."""
+    """The pipeline plus face handling: references -> identity; photos or aligned faces -> restored.
 
-    def __init__(self, paths: dict[str, Path], device: str = "auto", config_dir=None, identity_scale: float = 1.0,
-                 **sampling):
+    ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.quality`) or None for the
+    backend's default; ``sampling``: the pipeline's options (None = the backend's published setting)."""
+
+    def __init__(self, paths: dict[str, Path], device: str = "auto", config_dir=None,
+                 identity_scale: float | str | None = None, **sampling):
         from .faces import load_face_analyzer
         from .pipeline import RIDFRPipeline
+        from .quality import IdentityScale
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.pipeline = RIDFRPipeline.from_files(paths["base"], paths["content"], paths["adapter"],
                                                  paths["clip_vision"], device=device, config_dir=config_dir)
+        backend = self.pipeline.backend
+        logging.getLogger(__name__).info("content backend: %s (%s)", backend.label, paths["content"].name)
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
-        self.identity_scale, self.sampling = identity_scale, sampling
+        self.identity_scale = IdentityScale.choose(identity_scale, backend, paths["models"])
+        self.sampling = sampling
 
     def identity(self, references: list[np.ndarray], aligned_references: bool = False):
         from .faces import build_identity, encode_references
@@ -117,10 +159,9 @@ class Restorer:
             from .identity import Identity
 
             per_face = Identity.cat([identities[index or 0] for index in identity_index])
-            scales = scales * self.identity_scale  # already 0 for faces matched to nobody
+            scales = scales * self.identity_scale.for_faces(faces)  # already 0 for faces matched to nobody
             return self.pipeline(faces, per_face, identity_scale=scales, **self.sampling).cpu()
         return run
-
     def restore(self, lq: np.ndarray, people: list[list[np.ndarray]], aligned: bool = False,
                 aligned_references: bool = False, upscale: float = 1.0,
                 unmatched: str = "restore_without_identity") -> np.ndarray:
@@ -152,15 +193,15 @@ _EVAL_RESTORER: Restorer | None = None
 def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``ridfr_core.eval``'s restorer: an aligned LQ face and an aligned reference (uint8 RGB) -> restored.
 
-    Models come from ``$RIDFR_MODELS`` (default ``./models``), laid out as for the CLI; ``$RIDFR_STEPS``
-    sets the UniPC steps (default 20).
+    Models come from ``$RIDFR_MODELS`` (default ``./models``), laid out as for the CLI (either backend);
+    ``$RIDFR_STEPS`` sets the sampling steps (default: the backend's).
     """
     global _EVAL_RESTORER
     if _EVAL_RESTORER is None:
         models = Path(os.environ.get("RIDFR_MODELS", "models"))
         _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
                                   config_dir=os.environ.get("RIDFR_CONFIG_DIR"),
-                                  steps=int(os.environ.get("RIDFR_STEPS", DEFAULT_STEPS)))
+                                  steps=int(os.environ["RIDFR_STEPS"]) if "RIDFR_STEPS" in os.environ else None)
     return _EVAL_RESTORER.restore(lq, [[reference]], aligned=True, aligned_references=True)
 
 
@@ -184,11 +225,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned", action="store_true", help="--lq is already an FFHQ-aligned face crop "
                         "(for faces too degraded to detect)")
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="UniPC steps (default 20, as the paper)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the backend's, RIDFR 20, RestorerID 50)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID ddim)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--identity-scale", type=float, default=1.0, help="strength of the identity (0 = none)")
+    parser.add_argument("--identity-scale", help="strength of the identity (0 = none), or 'auto' (RestorerID's "
+                        "MUSIQ-based scale; needs pyiqa and models/pyiqa/musiq*.pth). Default: RIDFR 1, RestorerID auto")
     parser.add_argument("--content-scale", type=float, default=1.0, help="strength of the LQ content condition")
-    parser.add_argument("--guidance", type=float, default=1.0, help="identity guidance; 1 = off")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance against the null identity (and "
+                        "RestorerID's negative prompt); 1 = off. Default: RIDFR 1, RestorerID 4")
+    parser.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=None,
+                        help="wavelet colour fix against the LQ face (default: on for RestorerID, off for RIDFR)")
     parser.add_argument("--upscale", type=float, default=1.0, help="upsample the whole photo before pasting")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--config-dir", help=argparse.SUPPRESS)  # tiny architectures in tests
@@ -206,8 +252,10 @@ def main(argv=None) -> int:
             [read_rgb(path, "--person") for path in group.split(",") if path] for group in args.person]
         if not people:
             raise ValueError("--id: give at least one reference photo (--id, or --person for each person).")
-        restorer = Restorer(paths, args.device, args.config_dir, args.identity_scale, steps=args.steps,
-                            seed=args.seed, content_scale=args.content_scale, guidance=args.guidance)
+        identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
+        restorer = Restorer(paths, args.device, args.config_dir, identity_scale, steps=args.steps, seed=args.seed,
+                            content_scale=args.content_scale, guidance=args.guidance, sampler=args.sampler,
+                            color_fix=args.color_fix)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

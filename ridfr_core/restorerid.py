@@ -26,7 +26,9 @@ from torch import nn
 
 ENCODER_PREFIX = "structcond_stage_model."
 UNET_PREFIX = "model.diffusion_model."
-MODULATION_KEY = re.compile(r"^model\.diffusion_model\.((?:input_blocks|output_blocks)\.\d+|middle_block\.[02])\.0\."
+# input/output ResBlocks are sub-module 0 of their block (input_blocks.1.0); the middle ones are the block's
+# children 0 and 2 themselves (middle_block.2)
+MODULATION_KEY = re.compile(r"^model\.diffusion_model\.(?:((?:input|output)_blocks\.\d+)\.0|(middle_block\.[02]))\."
                             r"(spade|IDBalance)\.(.+)$")
 ENCODER_HEADS = 4       # structcond_stage_model.num_heads (legacy QKV order); not visible in shapes
 IDBALANCE_HEADS = 8     # IDBalance cross-attention heads (dim_head = width // 8)
@@ -221,6 +223,12 @@ def _is_one(strength) -> bool:
     return not isinstance(strength, torch.Tensor) and strength == 1
 
 
+def resblock_path(name: str) -> str:
+    """A modulated block's name -> the LDM path of its ResBlock (``input_blocks.1`` -> ``input_blocks.1.0``,
+    ``middle_block.2`` -> ``middle_block.2``), as in the checkpoint and ComfyUI's ``diffusion_model``."""
+    return name if name.startswith("middle_block.") else f"{name}.0"
+
+
 def block_key(name: str) -> str:
     """``input_blocks.1`` -> ``input_blocks__1`` (ModuleDict keys cannot hold dots)."""
     return name.replace(".", "__")
@@ -311,5 +319,5 @@ def branch_state_from_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, to
             continue
         match = MODULATION_KEY.match(key)
         if match:
-            out[f"modulations.{block_key(match[1])}.{match[2]}.{match[3]}"] = value
+            out[f"modulations.{block_key(match[1] or match[2])}.{match[3]}.{match[4]}"] = value
     return out

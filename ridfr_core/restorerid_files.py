@@ -25,8 +25,8 @@ RESTORERID_FORMAT_VERSION = 1
 WHAT = "RestorerID weights"
 KEY_GROUPS = (  # (group, pattern) in match order; the first three are the LQ branch
     ("encoder", re.compile(r"^structcond_stage_model\.")),
-    ("spade", re.compile(r"^model\.diffusion_model\..*\.0\.spade\.")),
-    ("IDBalance", re.compile(r"^model\.diffusion_model\..*\.0\.IDBalance\.")),
+    ("spade", re.compile(r"^model\.diffusion_model\..*\.spade\.")),
+    ("IDBalance", re.compile(r"^model\.diffusion_model\..*\.IDBalance\.")),
     ("faceid_lora", re.compile(r"^model\.diffusion_model\..*_lora\.(down|up)\.weight$")),
     ("faceid_kv", re.compile(r"^model\.diffusion_model\..*\.to_[kv]_ip\.weight$")),
     ("unet", re.compile(r"^model\.diffusion_model\.")),

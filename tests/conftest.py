@@ -290,4 +290,5 @@ def face_data() -> Path:
         pytest.skip(f"real face photos not found at {FACE_DATA} (shared test resources absent)")
     return FACE_DATA
 
+from restorerid_layout import restorerid_checkpoint, restorerid_models_dir  # noqa: E402,F401  (session fixtures)
 from tiny_models import ridfr_models_dir, tiny_models  # noqa: E402,F401  (session fixtures: tiny real-layout models)

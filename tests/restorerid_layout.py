@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
 from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from tiny_models import LORA_RANK, TINY_CONFIGS
 
 TINY_ENCODER = {  # EncoderUNetModelWT with model_channels 32, channel_mult (1, 2), one ResBlock per level
     "model_channels": 32, "emb_channels": 128, "middle_channels": 64, "out_channels": 32, "fea_tran": [32, 64],
@@ -48,13 +50,15 @@ def tiny_branch(unet: UNet2DConditionModel, seed: int, idbalance: bool = True):
 
 def branch_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our LQ-branch keys -> RestorerID's checkpoint keys."""
+    from ridfr_core.restorerid import resblock_path
+
     out = {}
     for key, value in state.items():
         if key.startswith("encoder."):
             out["structcond_stage_model." + key[len("encoder."):]] = value
         else:
             _, block, rest = key.split(".", 2)
-            out[f"model.diffusion_model.{block.replace('__', '.')}.0.{rest}"] = value
+            out[f"model.diffusion_model.{resblock_path(block.replace('__', '.'))}.{rest}"] = value
     return out
 
 
@@ -86,3 +90,26 @@ def write_restorerid_checkpoint(path: Path, unet, vae, text_encoder, unet_config
                 "callbacks": {"ModelCheckpoint": {"best_model_score": torch.tensor(0.1)}}, "optimizer_states": [],
                 "lr_schedulers": []}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def restorerid_checkpoint(tiny_models, tmp_path_factory) -> Path:
+    """``RestorerIDFull.ckpt`` for the tiny SD1.5 of ``tiny_models`` (same UNet, VAE and text encoder)."""
+    branch = tiny_branch(tiny_models.unet, seed=11)
+    path = tmp_path_factory.mktemp("restorerid") / "RestorerIDFull.ckpt"
+    return write_restorerid_checkpoint(path, tiny_models.unet, tiny_models.vae, tiny_models.text_encoder,
+                                       TINY_CONFIGS["unet"], TINY_CONFIGS["vae"], branch,
+                                       TINY_CONFIGS["clip_vision"]["hidden_size"], LORA_RANK)
+
+
+@pytest.fixture(scope="session")
+def restorerid_models_dir(tiny_models, restorerid_checkpoint, scripted_models_root, tmp_path_factory) -> Path:
+    """A models folder as a RestorerID user has it: RestorerIDFull.ckpt (no separate SD1.5), FaceID Plus v1,
+    CLIP vision and insightface."""
+    root = tmp_path_factory.mktemp("restorerid_models")
+    for folder, path in (("ridfr", restorerid_checkpoint), ("ipadapter", tiny_models.adapter_v1)):
+        (root / folder).mkdir()
+        (root / folder / path.name).symlink_to(path)
+    (root / "clip_vision").symlink_to(tiny_models.root / "clip_vision")
+    (root / "insightface").symlink_to(scripted_models_root)
+    return root

@@ -31,17 +31,24 @@ def test_single_file_base_loads_exactly(tiny_models, tmp_path, kind):
     base = checkpoints.load_base(getattr(tiny_models, kind), tiny_models.configs, cache_dir=tmp_path)
     assert same_state(base.unet, tiny_models.unet)
     assert same_state(base.vae, tiny_models.vae)
-    assert torch.equal(base.empty_prompt, checkpoints.encode_empty_prompt(tiny_models.text_encoder))
+    assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, ""))
     assert base.empty_prompt.shape == (1, 77, 64)
 
 
-def test_empty_prompt_is_cached_per_file(tiny_models, tmp_path):
+def test_prompts_are_cached_per_file_and_text(tiny_models, tmp_path):
+    from ridfr_core.prompts import RESTORERID_NEGATIVE, RESTORERID_POSITIVE
+
     checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
-    cached = list(tmp_path.glob("empty_prompt_*.safetensors"))
+    cached = list(tmp_path.glob("prompt_*.safetensors"))
     assert len(cached) == 1
-    save_file({"empty_prompt": torch.full((1, 77, 64), 7.0)}, str(cached[0]))  # proves the cache is read
-    base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    save_file({"prompt": torch.full((1, 77, 64), 7.0)}, str(cached[0]))  # proves the cache is read
+    base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path,
+                                 prompts=(RESTORERID_POSITIVE, RESTORERID_NEGATIVE))
     assert torch.all(base.empty_prompt == 7.0)
+    assert len(list(tmp_path.glob("prompt_*.safetensors"))) == 3
+    for text in (RESTORERID_POSITIVE, RESTORERID_NEGATIVE):
+        assert torch.equal(base.prompts[text], checkpoints.encode_prompt(tiny_models.text_encoder, text))
+    assert not torch.equal(base.prompts[RESTORERID_POSITIVE], base.prompts[RESTORERID_NEGATIVE])
 
 
 def test_diffusers_folder_loads(tiny_models, tmp_path):
@@ -50,7 +57,7 @@ def test_diffusers_folder_loads(tiny_models, tmp_path):
     tiny_models.text_encoder.save_pretrained(tmp_path / "text_encoder")
     base = checkpoints.load_base(tmp_path, tiny_models.configs)
     assert same_state(base.unet, tiny_models.unet)
-    assert torch.equal(base.empty_prompt, checkpoints.encode_empty_prompt(tiny_models.text_encoder))
+    assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, ""))
 
 
 def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
@@ -197,17 +204,21 @@ def test_truncated_corrupt_missing_and_unexpected(tiny_models, ldm_state, tmp_pa
 
 
 def test_pickled_code_is_refused(tiny_models, tmp_path):
+    marker = tmp_path / "pwned"
+
     class Payload:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))  # unpickling would create the marker file
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": Payload()}}, evil)
-    assert "cannot read" in load_error(evil, tiny_models)
+    message = load_error(evil, tiny_models)
+    assert "would run code" in message and "safetensors" in message and str(evil) in message
+    assert not marker.exists()
 
 
 def test_content_file_errors(tiny_models, tmp_path):
-    with pytest.raises(CheckpointError, match="not a RIDFR content file"):
+    with pytest.raises(CheckpointError, match="is neither RIDFR content weights"):
         checkpoints.load_content(tiny_models.checkpoint)
     state = load_file(str(tiny_models.content))
     config = json.dumps(checkpoints.content_config(checkpoints.load_content(tiny_models.content)))

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO_ROOT
-from ridfr_core.restore import main
+from ridfr_core.restore import main, resolve_models
 
 
 def test_without_models_it_lists_every_file_and_folder(tmp_path):
@@ -29,12 +29,25 @@ def test_several_candidates_ask_for_a_choice(tiny_models, ridfr_models_dir, tmp_
     for folder in ("ridfr", "clip_vision", "insightface"):
         (models / folder).symlink_to(ridfr_models_dir / folder)
     (models / "checkpoints").symlink_to(tiny_models.checkpoint.parent)  # .safetensors and .ckpt
-    (models / "ipadapter").symlink_to(tiny_models.adapter_v2.parent)  # plus and plusv2
+    (models / "ipadapter").mkdir()
+    for name in ("ip-adapter-faceid-plusv2_sd15.bin", "my-faceid-plusv2.bin"):
+        (models / "ipadapter" / name).symlink_to(tiny_models.adapter_v2)
     args = ["--lq", "x.png", "--id", "y.png", "--out", str(tmp_path / "o.png"), "--models", str(models)]
     assert main(args) == 2
     assert "--base:" in capsys.readouterr().err
     assert main([*args, "--base", tiny_models.checkpoint.name]) == 2
     assert "--adapter:" in capsys.readouterr().err
+
+
+def test_the_backend_picks_its_faceid_version(tiny_models, ridfr_models_dir, tmp_path):
+    """With both FaceID Plus files present, RIDFR weights take v2 (the paper's) without asking."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for folder in ("ridfr", "clip_vision", "insightface", "checkpoints"):
+        (models / folder).symlink_to(ridfr_models_dir / folder)
+    (models / "ipadapter").symlink_to(tiny_models.adapter_v2.parent)  # plus (v1) and plusv2
+    paths = resolve_models(models, {}, need_insightface=True)
+    assert paths["backend"] == "ridfr" and paths["adapter"].name == tiny_models.adapter_v2.name
 
 
 def test_explicit_missing_file_and_unreadable_image_are_named(ridfr_models_dir, tmp_path, capsys):

@@ -1,0 +1,83 @@
+"""RestorerID's adaptive identity scale: the worse the LQ face, the more the reference's identity counts.
+
+RestorerID sets the identity attention's scale per face from a no-reference quality score of the LQ
+face, ``exp(0.1 * (9.5 - MUSIQ))``. MUSIQ comes from pyiqa when it is installed and its weights
+(``musiq_koniq_ckpt*.pth``) are in ``<models>/pyiqa``; otherwise the backend's fixed scale is used.
+Either way the value used is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+AUTO = "auto"
+MUSIQ_FOLDER = "pyiqa"
+MUSIQ_PATTERN = "musiq*.pth"
+logger = logging.getLogger(__name__)
+
+
+def scale_from_musiq(score: float) -> float:
+    """RestorerID's mapping from a MUSIQ score to the identity scale."""
+    return math.exp(0.1 * (9.5 - score))
+
+
+def parse_identity_scale(text: str) -> float | str:
+    """The CLI's ``--identity-scale``: "auto" or a finite number >= 0."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--identity-scale: '{text}' is neither a number nor 'auto'.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"--identity-scale: {text} must be a finite number >= 0 (or 'auto').")
+    return value
+
+
+def load_musiq(models: Path):
+    """(pyiqa MUSIQ metric, None) or (None, why it is not available)."""
+    try:
+        import pyiqa
+    except ImportError:
+        return None, "pyiqa is not installed (pip install pyiqa)"
+    weights = sorted((models / MUSIQ_FOLDER).glob(MUSIQ_PATTERN))
+    if not weights:
+        return None, f"no MUSIQ weights ({MUSIQ_PATTERN}) in {models / MUSIQ_FOLDER}"
+    return pyiqa.create_metric("musiq", pretrained_model_path=str(weights[0]), device="cpu", as_loss=False), None
+
+
+@dataclass
+class IdentityScale:
+    """The identity scale of a restoration: fixed, or per face from MUSIQ (``metric``)."""
+
+    fixed: float
+    metric: object = None
+
+    @classmethod
+    def choose(cls, requested: float | str | None, backend, models: Path) -> "IdentityScale":
+        """``requested`` None means the backend's default: "auto" for RestorerID (its published setting)."""
+        if requested is None:
+            requested = AUTO if backend.name == "restorerid" else backend.identity_scale
+        if requested != AUTO:
+            logger.info("identity scale: %.3g", requested)
+            return cls(float(requested))
+        metric, why = load_musiq(Path(models))
+        if metric is None:
+            logger.info("identity scale: auto -> %.3g, the fixed default (%s)", backend.identity_scale, why)
+        return cls(backend.identity_scale, metric)
+
+    def for_faces(self, faces: torch.Tensor) -> torch.Tensor:
+        """(B,) scales for LQ faces (B,3,H,W) in [0,1]."""
+        if self.metric is None:
+            return torch.full((faces.shape[0],), self.fixed)
+        with torch.no_grad():
+            scores = [float(self.metric(face[None].float().cpu())) for face in faces]
+        scales = [scale_from_musiq(score) for score in scores]
+        for index, (score, scale) in enumerate(zip(scores, scales)):
+            logger.info("identity scale: auto -> %.3g for face %d (MUSIQ %.1f)", scale, index, score)
+        return torch.tensor(scales)

@@ -1,0 +1,229 @@
+"""RestorerID's LQ branch as the second content backend: layout, loading, modulation math, pipeline, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import SHARED
+from restorerid_layout import tiny_branch
+from ridfr_core import checkpoints
+from ridfr_core.backends import RESTORERID
+from ridfr_core.checkpoints import CheckpointError
+from ridfr_core.identity import Identity
+from ridfr_core.pipeline import RIDFRPipeline
+from ridfr_core.restorerid import LQBranch, branch_state_from_checkpoint, modulate
+from ridfr_core.restorerid_files import LQ_BRANCH_GROUPS, partition
+from ridfr_core.restorerid_unet import RestorerIDDenoiser
+
+LAYOUT = SHARED / "notes" / "restorerid-layout.json"
+
+
+def test_full_size_key_partition_matches_the_published_layout():
+    """At full size, our LQ branch has exactly the names and shapes RestorerID's code gives its checkpoint."""
+    if not LAYOUT.is_file():
+        pytest.skip(f"RestorerID layout notes not found at {LAYOUT} (shared resources absent)")
+    keys = {k: tuple(v) for k, v in json.loads(LAYOUT.read_text())["keys"].items()}
+    groups = partition(keys)
+    assert {group: len(groups.get(group, [])) for group in
+            ("encoder", "spade", "IDBalance", "faceid_lora", "faceid_kv", "adapter")} == {
+        "encoder": 200, "spade": 176, "IDBalance": 330, "faceid_lora": 256, "faceid_kv": 32, "adapter": 576}
+    spade_blocks = {k.split(".spade.")[0] for k in groups["spade"]}
+    assert len(spade_blocks) == 22 == len({k.split(".IDBalance.")[0] for k in groups["IDBalance"]})
+
+    meta = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    branch_state = branch_state_from_checkpoint(meta)
+    assert len(branch_state) == sum(len(groups[g]) for g in LQ_BRANCH_GROUPS)
+    config = LQBranch.config_from_state(branch_state)
+    with torch.device("meta"):
+        branch = LQBranch(config)
+    assert {k: tuple(v.shape) for k, v in branch.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in branch_state.items()}
+    widths = {name: channels for name, channels in config["blocks"].items()}
+    assert widths["input_blocks.1"] == 320 and widths["middle_block.2"] == 1280 and widths["output_blocks.11"] == 320
+    assert config["feature_channels"] == 256 and config["hidden"] == 128 and config["context_dim"] == 768
+    assert config["encoder"]["model_channels"] == 256 and config["encoder"]["fea_tran"] == [256, 256, 512, 512]
+
+
+def test_checkpoint_gives_only_the_lq_branch_and_is_converted_once(restorerid_checkpoint, tiny_models, tmp_path):
+    expected = tiny_branch(tiny_models.unet, seed=11).state_dict()
+    branch = checkpoints.load_content(restorerid_checkpoint, cache_dir=tmp_path)
+    assert isinstance(branch, LQBranch) and checkpoints.content_backend(restorerid_checkpoint) == "restorerid"
+    assert branch.state_dict().keys() == expected.keys()
+    assert all(torch.equal(branch.state_dict()[k], v) for k, v in expected.items())
+    converted = list(tmp_path.glob("restorerid_lq_*.safetensors"))
+    assert len(converted) == 1
+    assert checkpoints.read_safetensors_metadata(converted[0], "x")["format"] == "restorerid-lq-branch"
+    # the converted file loads on its own (e.g. moved into models/ridfr) and is what later loads read
+    again = checkpoints.load_content(converted[0])
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
+    assert checkpoints.content_backend(converted[0], quick=True) == "restorerid"
+    save_file({k: torch.zeros_like(v) for k, v in again.state_dict().items()}, str(converted[0]),
+              metadata=checkpoints.read_safetensors_metadata(converted[0], "x"))
+    cached = checkpoints.load_content(restorerid_checkpoint, cache_dir=tmp_path)
+    assert all(not v.any() for v in cached.state_dict().values())  # proves the cache is read
+
+
+def test_bad_restorerid_files_are_clear_errors(restorerid_checkpoint, tmp_path):
+    state = torch.load(restorerid_checkpoint, weights_only=True)["state_dict"]
+    no_encoder = tmp_path / "no_encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("structcond_stage_model.")}, no_encoder)
+    with pytest.raises(CheckpointError, match="neither RIDFR content weights") as info:
+        checkpoints.load_content(no_encoder, cache_dir=tmp_path)
+    assert str(no_encoder) in str(info.value)
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if ".input_blocks.1.0.IDBalance." not in k}, half)
+    with pytest.raises(CheckpointError, match="input_blocks.1 have spade or IDBalance but not both"):
+        checkpoints.load_content(half, cache_dir=tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "RestorerIDFull.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="would run code"):
+        checkpoints.load_content(evil, cache_dir=tmp_path)
+    assert not marker.exists()
+
+
+def tiny_inputs(batch: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=generator), torch.randn(batch, 4, 8, 8, generator=generator),
+            torch.randn(batch, 77, 64, generator=generator))
+
+
+def test_strength_zero_is_the_plain_unet_and_the_unet_is_left_alone(tiny_models):
+    branch = tiny_branch(tiny_models.unet, seed=3)
+    before = {k: v.clone() for k, v in tiny_models.unet.state_dict().items()}
+    denoiser = RestorerIDDenoiser(tiny_models.unet, branch)
+    latents, lq_latent, text = tiny_inputs()
+    with torch.no_grad():
+        plain = tiny_models.unet(latents, 500, text).sample
+        assert torch.equal(denoiser(latents, 500, text, lq_latent, content_scale=0.0), plain)
+        modulated = denoiser(latents, 500, text, lq_latent)
+        half = denoiser(latents, 500, text, lq_latent, content_scale=torch.tensor([0.0, 1.0]))
+    assert (modulated - plain).abs().max() > 1e-3
+    assert torch.equal(half[0], plain[0]) and torch.allclose(half[1], modulated[1], atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_models.unet.state_dict().items())
+
+
+def test_zero_idbalance_equals_the_spade_only_path(tiny_models):
+    branch = tiny_branch(tiny_models.unet, seed=4, idbalance=False)
+    latents, lq_latent, _ = tiny_inputs()
+    tokens = torch.randn(2, 4, 64)
+    with torch.no_grad():
+        features = branch.features(lq_latent, torch.tensor([500, 500]))
+        for name in branch.block_names:
+            width = branch.config["blocks"][name]
+            side = {32: 8, 64: 4}[width]  # tiny UNet: 32 channels at latent width 8, 64 at width 4
+            h, skip = torch.randn(2, width, side, side), torch.randn(2, width, side, side)
+            assert torch.equal(modulate(branch.modulation(name), h, skip, features, tokens),
+                               modulate(branch.modulation(name), h, skip, features, None))
+        trained = tiny_branch(tiny_models.unet, seed=4)
+        name = trained.block_names[0]
+        h, skip = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
+        features = trained.features(lq_latent, torch.tensor([500, 500]))
+        assert not torch.equal(modulate(trained.modulation(name), h, skip, features, tokens),
+                               modulate(trained.modulation(name), h, skip, features, None))
+
+
+def test_the_restorerid_file_serves_as_the_base_model(restorerid_checkpoint, tiny_models, tmp_path):
+    base = checkpoints.load_base(restorerid_checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    for ours, theirs in ((base.unet, tiny_models.unet), (base.vae, tiny_models.vae)):
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def restorerid_pipeline(restorerid_checkpoint, tiny_models, tmp_path_factory):
+    return RIDFRPipeline.from_files(restorerid_checkpoint, restorerid_checkpoint, tiny_models.adapter_v1,
+                                    tiny_models.clip_vision, config_dir=tiny_models.configs,
+                                    cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def face_identity(seed: int) -> Identity:
+    generator = torch.Generator().manual_seed(seed)
+    return Identity(torch.nn.functional.normalize(torch.randn(1, 512, generator=generator), dim=-1),
+                    torch.randn(1, 257, 48, generator=generator))
+
+
+def test_pipeline_routes_prompts_and_identities_under_cfg(restorerid_pipeline):
+    """Cond rows: positive prompt + the face's identity; uncond rows: negative prompt + the null identity, with
+    the same LQ latent; a face with identity scale 0 gets the null identity on both sides."""
+    pipeline, calls = restorerid_pipeline, []
+    real = pipeline.denoiser
+
+    def spy(latents, t, text, lq, id_tokens, content_scale, identity_scale):
+        calls.append((text, lq, id_tokens, identity_scale))
+        return real(latents, t, text, lq, id_tokens, content_scale, identity_scale)
+
+    pipeline.denoiser = spy
+    try:
+        assert pipeline.backend is RESTORERID
+        faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        pipeline(faces, Identity.cat([face_identity(1), face_identity(2)]), steps=2,
+                 identity_scale=torch.tensor([1.0, 0.0]))
+    finally:
+        pipeline.denoiser = real
+    assert len(calls) == 2
+    text, lq, id_tokens, scales = calls[0]
+    models = pipeline.models
+    assert torch.equal(text[0], models.prompts[RESTORERID.positive_prompt][0])
+    assert torch.equal(text[2], models.prompts[RESTORERID.negative_prompt][0])
+    assert torch.equal(lq[:2], lq[2:])
+    null = pipeline.null_tokens(1)[0]
+    identity_tokens = pipeline.identity_tokens(face_identity(1), 1)[0]
+    assert torch.allclose(id_tokens[0], identity_tokens, atol=1e-4) and torch.equal(id_tokens[1], null)
+    assert torch.equal(id_tokens[2], null) and torch.equal(id_tokens[3], null)
+    assert scales.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_pipeline_defaults_seeds_and_colour_fix(restorerid_pipeline):
+    from ridfr_core.colorfix import wavelet_split
+
+    faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    identity = face_identity(3)
+    both = restorerid_pipeline(faces, identity, steps=3, seed=[5, 6])
+    alone = restorerid_pipeline(faces[1:], identity, steps=3, seed=6)
+    assert torch.allclose(both[1:], alone, atol=1e-5)  # a face's result does not depend on its batch
+    raw = restorerid_pipeline(faces, identity, steps=3, seed=[5, 6], color_fix=False)
+    assert not torch.equal(raw, both)
+    _, low_fixed = wavelet_split(both)
+    _, low_lq = wavelet_split(faces)
+    _, low_raw = wavelet_split(raw)
+    assert (low_fixed - low_lq).abs().mean() < 0.5 * (low_raw - low_lq).abs().mean()
+    with pytest.raises(ValueError, match="steps must be between 1 and 200"):
+        restorerid_pipeline(faces, identity, steps=1000)
+
+
+def test_v2_faceid_is_refused_with_restorerid(restorerid_checkpoint, tiny_models, tmp_path):
+    with pytest.raises(CheckpointError, match="RestorerID was trained with v1"):
+        RIDFRPipeline.from_files(restorerid_checkpoint, restorerid_checkpoint, tiny_models.adapter_v2,
+                                 tiny_models.clip_vision, config_dir=tiny_models.configs, cache_dir=tmp_path)
+
+
+def test_cli_restores_with_only_the_public_restorerid_files(restorerid_models_dir, tiny_models, face_data, tmp_path,
+                                                           caplog):
+    from ridfr_core.restore import main, resolve_models
+
+    paths = resolve_models(restorerid_models_dir, {}, need_insightface=True)
+    assert paths["backend"] == "restorerid" and paths["base"] == paths["content"]
+    identity = face_data / "celebref-mini" / "00005"
+    lq_face = next(identity.glob("lq_*.png"))
+    reference = sorted((identity / "refs").glob("*.jpg"))[0]
+    out = tmp_path / "restored.png"
+    with caplog.at_level(logging.INFO):
+        code = main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--id", str(reference), "--out",
+                     str(out), "--models", str(restorerid_models_dir), "--config-dir", str(tiny_models.configs),
+                     "--steps", "2", "--device", "cpu"])
+    assert code == 0
+    assert np.asarray(Image.open(out)).shape == (512, 512, 3)
+    assert "content backend: RestorerID" in caplog.text
+    assert "identity scale: auto -> 0.75, the fixed default" in caplog.text

@@ -149,9 +149,11 @@ def test_run_evaluation_with_a_callable_restorer(synthetic_celebref, tmp_path):
 
 
 @needs_faces
-def test_run_restores_with_ridfr_and_scores(ridfr_models_dir, tiny_models, tmp_path, monkeypatch):
-    """The one-command evaluation with the real restorer (tiny weights): split, degrade, restore, score."""
-    monkeypatch.setenv("RIDFR_MODELS", str(ridfr_models_dir))
+@pytest.mark.parametrize("models_dir", ["ridfr_models_dir", "restorerid_models_dir"])
+def test_run_restores_with_either_backend_and_scores(models_dir, tiny_models, tmp_path, monkeypatch, request):
+    """The one-command evaluation with the real restorer (tiny weights): split, degrade, restore, score;
+    the backend is the one whose weights are in the models folder."""
+    monkeypatch.setenv("RIDFR_MODELS", str(request.getfixturevalue(models_dir)))
     monkeypatch.setenv("RIDFR_CONFIG_DIR", str(tiny_models.configs))
     monkeypatch.setenv("RIDFR_STEPS", "3")
     monkeypatch.setattr(restore, "_EVAL_RESTORER", None)

@@ -20,7 +20,7 @@ from tiny_models import LORA_RANK, TINY_CONFIGS
 
 TINY_ENCODER = {  # EncoderUNetModelWT with model_channels 32, channel_mult (1, 2), one ResBlock per level
     "model_channels": 32, "emb_channels": 128, "middle_channels": 64, "out_channels": 32, "fea_tran": [32, 64],
-    "input_blocks": [("conv", 4, 32), ("res+attn", 32, 32), ("down", 32, 32), ("res", 32, 64)],
+    "input_blocks": [("conv", 4, 32), ("res", 32, 32), ("down", 32, 32), ("res+attn", 32, 64)],
 }
 TINY_HIDDEN = 16
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -62,7 +63,9 @@ def test_explicit_missing_file_and_unreadable_image_are_named(ridfr_models_dir, 
     assert "--lq" in err and str(tmp_path / "x.png") in err
 
 
-def test_restores_a_photo_and_an_aligned_face(tiny_models, ridfr_models_dir, face_data, tmp_path):
+@pytest.mark.parametrize("models_dir", ["ridfr_models_dir", "restorerid_models_dir"])
+def test_restores_a_photo_and_an_aligned_face(tiny_models, models_dir, face_data, tmp_path, request):
+    ridfr_models_dir = request.getfixturevalue(models_dir)  # either backend, chosen from the content file
     identity = face_data / "celebref-mini" / "00005"
     lq_face = next(identity.glob("lq_*.png"))
     reference = sorted((identity / "refs").glob("*.jpg"))[0]
@@ -83,8 +86,10 @@ def test_restores_a_photo_and_an_aligned_face(tiny_models, ridfr_models_dir, fac
     assert np.asarray(Image.open(out_face)).shape == (512, 512, 3)
 
 
-def test_each_face_is_restored_as_the_person_it_resembles(tiny_models, ridfr_models_dir, face_data, tmp_path):
+@pytest.mark.parametrize("models_dir", ["ridfr_models_dir", "restorerid_models_dir"])
+def test_each_face_is_restored_as_the_person_it_resembles(tiny_models, models_dir, face_data, tmp_path, request):
     """A reference of somebody else never changes a face: with keep_original it is left as it was."""
+    ridfr_models_dir = request.getfixturevalue(models_dir)
     photo = tmp_path / "photo.png"
     lq_face = next((face_data / "celebref-mini" / "00005").glob("lq_*.png"))
     Image.open(lq_face).convert("RGB").resize((640, 640)).save(photo)

@@ -181,11 +181,15 @@ def content_latent(env, ridfr, faces):
                          (FACE // 8, FACE // 8))
 
 
-def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr):
-    """ComfyUI's sampler (ddim = Euler on the ODE, simple = trailing timesteps 999, 749, ...) over the patched
-    MODEL against diffusers' DDIM (eta 0, trailing) over ridfr_core.RestorerIDDenoiser: CFG 4 with the negative
-    prompt and the null identity, the LQ branch re-run at every step, same start noise."""
+@pytest.mark.parametrize("sampler_name, eta", [("ddim", 0.0), ("ddpm", 1.0)])
+def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr, sampler_name, eta):
+    """ComfyUI's samplers with the simple schedule (trailing timesteps 999, 749, ...) over the patched MODEL
+    against diffusers' DDIM (trailing) over ridfr_core.RestorerIDDenoiser: "ddim" (Euler on the ODE) is DDIM
+    with eta 0, "ddpm" is DDIM with eta 1 (RestorerID's published sampler; the same step noise on both
+    sides). CFG 4 with the negative prompt and the null identity, the LQ branch re-run at every step."""
+    import comfy.k_diffusion.sampling
     import comfy.sample
+    import comfy.samplers
     from diffusers import DDIMScheduler
     from ridfr_core.identity import null_identity
     from ridfr_core.pipeline import seeded_noise
@@ -196,8 +200,16 @@ def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr):
     patched = identity_condition(env, ridfr, model, face_identity(env, people))
     positive, negative = prompt(env, "best quality"), prompt(env, "cartoon")
     noise = seeded_noise(tuple(latent["samples"].shape), 5, "cpu", torch.float32)
-    comfy = comfy.sample.sample(patched, noise, steps, guidance, "ddim", "simple", positive, negative,
-                                latent["samples"], seed=5, disable_pbar=True)
+    step_noise = [seeded_noise(tuple(noise.shape), 100 * i, "cpu", torch.float32) for i in range(1, steps + 1)]
+    if sampler_name == "ddpm":
+        drawn = iter(step_noise)
+        sampler = comfy.samplers.KSAMPLER(comfy.k_diffusion.sampling.sample_ddpm,
+                                          extra_options={"noise_sampler": lambda sigma, sigma_next: next(drawn)})
+    else:
+        sampler = comfy.samplers.sampler_object(sampler_name)
+    sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", steps)
+    comfy = comfy.sample.sample_custom(patched, noise, guidance, sampler, sigmas, positive, negative,
+                                       latent["samples"], seed=5, disable_pbar=True)
     comfy = patched.get_model_object("latent_format").process_in(comfy)
 
     denoiser = diffusers_denoiser(env, ridfr)
@@ -211,11 +223,12 @@ def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr):
         null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.types.module_of(ridfr.clip_vision)
                                                                      ).broadcast_to(2))
         latents = noise.clone()
-        for t in scheduler.timesteps:
+        for t, variance_noise in zip(scheduler.timesteps, step_noise):
             eps = denoiser(torch.cat([latents, latents]), t, text, torch.cat([lq, lq]),
                            torch.cat([tokens, null_tokens]), 1.0, 0.7)
             cond, uncond = eps.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, eta=eta,
+                                     variance_noise=variance_noise if eta else None).prev_sample
     assert latents.abs().mean() > 0.1
     torch.testing.assert_close(comfy, latents, atol=1e-3, rtol=1e-4)
 

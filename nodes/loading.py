@@ -110,8 +110,9 @@ class LoadRIDFR(io.ComfyNode):
             inputs=[
                 io.Combo.Input("content_weights", options=weight_files(CONTENT_FOLDER),
                                tooltip="The content module in models/ridfr: RIDFR content weights (.safetensors "
-                                       "written by ridfr_core.train) or RestorerID's RestorerIDFull.ckpt (converted "
-                                       "once to a .safetensors cache; the converted file works too)."),
+                                       "written by ridfr_core.train) or RestorerID's RestorerIDFull.ckpt (its LQ "
+                                       "branch is converted once to a .safetensors in RIDFR_CACHE or "
+                                       "~/.cache/ridfr; a converted file works here too)."),
                 io.Combo.Input("ipadapter", options=weight_files(ADAPTER_FOLDER),
                                tooltip="IP-Adapter FaceID for SD1.5 in models/ipadapter: PlusV2 "
                                        "(ip-adapter-faceid-plusv2_sd15.bin) or Plus with RIDFR weights; Plus v1 "

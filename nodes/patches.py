@@ -1,4 +1,5 @@
-"""RIDFR's two conditions as patches on a clone of ComfyUI's MODEL.
+"""RIDFR's two conditions as patches on a clone of ComfyUI's MODEL (RestorerID's content module, the
+second backend, is in :mod:`.restorerid_patches`).
 
 - Content: a DIFFUSION_MODEL wrapper runs the content ControlNet on the UNet's own input (the scaled
   noisy latent ``x`` and timestep ``t``, exactly what the UNet sees) plus the resized LQ faces, and adds

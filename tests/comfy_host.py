@@ -13,6 +13,7 @@ scripts/setup_comfyui.sh). Tests that need it are marked ``requires_comfyui`` an
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.util
 import json
 import os
@@ -133,8 +134,9 @@ def build_comfy_models(models: Path, insightface_pack: Path):
     save_file(clip_vision.state_dict(), str(clip_path))
     content = models / "ridfr" / "ridfr-tiny.safetensors"
     save_content(randomise(ContentControlNet.from_unet(unet), 6), content)
-    write_restorerid_checkpoint(models / "ridfr" / RESTORERID_FILE, unet, vae, text_encoder, configs["unet"], vae_config,
-                                tiny_branch(unet, seed=7), configs["clip_vision"]["hidden_size"], LORA_RANK)
+    write_restorerid_checkpoint(models / "ridfr" / RESTORERID_FILE, unet, copy.deepcopy(vae).half(), text_encoder,
+                                configs["unet"], vae_config, tiny_branch(unet, seed=7),
+                                configs["clip_vision"]["hidden_size"], LORA_RANK)  # fp16 VAE: a smaller file
     shutil.copytree(insightface_pack, models / "insightface" / "models" / insightface_pack.name)
     return TinyModels(models, config_dir, checkpoint, checkpoint, adapter, adapter, clip_path, content, unet, vae,
                       text_encoder)

@@ -58,7 +58,9 @@ def rounded_vae(env):
     return vae.eval()
 
 
-def diffusers_denoiser(env, ridfr):
+@pytest.fixture(scope="module")
+def denoiser(env):
+    """ridfr_core's diffusers backend over the same files: RestorerIDDenoiser with FaceID Plus v1 and its LoRA."""
     from ridfr_core import checkpoints
     from ridfr_core.restorerid_unet import RestorerIDDenoiser
 
@@ -139,12 +141,12 @@ def test_idbalance_at_zero_equals_the_spade_only_path(env, ridfr):
     for label, models in (("zero", with_branch(env, ridfr, zero_idbalance)), ("trained", ridfr)):
         spade_only, _, _, _ = content(env, models, lq_faces(1))
         balanced = identity_condition(env, models, spade_only, identity, weight=0.0, lora_strength=0.0)
-        results[label] = comfy_eps(spade_only, x_d, sigma, env.text, [0]), comfy_eps(balanced, x_d, sigma, env.text, [0])
+        results[label] = [comfy_eps(patched, x_d, sigma, env.text, [0]) for patched in (spade_only, balanced)]
     torch.testing.assert_close(results["zero"][1], results["zero"][0], atol=1e-6, rtol=0)
     assert (results["trained"][1] - results["trained"][0]).abs().max() > 1e-4
 
 
-def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalance(env, ridfr):
+def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalance(env, ridfr, denoiser):
     """Under CFG the uncond rows see the null identity (identity attention and IDBalance), the cond rows the
     person's, except faces that matched nobody; checked against ridfr_core's diffusers backend."""
     from ridfr_core.identity import null_identity
@@ -163,10 +165,10 @@ def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalan
     torch.testing.assert_close(both[2:], comfy_eps(as_null, x_d, sigma, negative, [0]))
     assert (both[0] - both[2]).abs().max() > 1e-3
 
-    denoiser = diffusers_denoiser(env, ridfr)
     lq = content_latent(env, ridfr, faces)
     with torch.no_grad():
-        tokens, null_tokens = denoiser.adapter.identity_tokens(people), denoiser.adapter.identity_tokens(null.broadcast_to(2))
+        tokens = denoiser.adapter.identity_tokens(people)
+        null_tokens = denoiser.adapter.identity_tokens(null.broadcast_to(2))
         cond_tokens = torch.where((scales == 0).view(-1, 1, 1), null_tokens, tokens)
         t = patched.get_model_object("model_sampling").timestep(sigma).float()
         expected = denoiser(torch.cat([x_d, x_d]), t.expand(4), torch.cat([text, negative]), torch.cat([lq, lq]),
@@ -182,7 +184,7 @@ def content_latent(env, ridfr, faces):
 
 
 @pytest.mark.parametrize("sampler_name, eta", [("ddim", 0.0), ("ddpm", 1.0)])
-def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr, sampler_name, eta):
+def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr, denoiser, sampler_name, eta):
     """ComfyUI's samplers with the simple schedule (trailing timesteps 999, 749, ...) over the patched MODEL
     against diffusers' DDIM (trailing) over ridfr_core.RestorerIDDenoiser: "ddim" (Euler on the ODE) is DDIM
     with eta 0, "ddpm" is DDIM with eta 1 (RestorerID's published sampler; the same step noise on both
@@ -212,7 +214,6 @@ def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr, sampler_na
                                        latent["samples"], seed=5, disable_pbar=True)
     comfy = patched.get_model_object("latent_format").process_in(comfy)
 
-    denoiser = diffusers_denoiser(env, ridfr)
     lq = content_latent(env, ridfr, faces)
     scheduler = DDIMScheduler.from_config({**SCHEDULER, "timestep_spacing": "trailing", "set_alpha_to_one": True})
     scheduler.set_timesteps(steps)

@@ -5,6 +5,7 @@
 - :mod:`.condition_nodes`: ``ContentCondition`` and ``IdentityCondition`` (patched MODEL clones).
 - :mod:`.sampling_nodes`: ``RIDFRSample`` (convenience sampler) and ``PasteFaces`` (for KSampler users).
 - :mod:`.patches`: the content-ControlNet wrapper and the identity attention replacement themselves.
+- :mod:`.restorerid_patches`: RestorerID's LQ branch as ResBlock object patches (the second content backend).
 """
 
 from comfy_api.latest import ComfyExtension, io

@@ -7,7 +7,8 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from .patches import IdentityTokens, apply_content, apply_identity
+from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
+from .restorerid_patches import add_balance_tokens, apply_structure
 from .types import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
                     module_of)
 
@@ -17,14 +18,14 @@ ON_NO_FACE = ("error", "skip")
 LATENT_DOWNSCALE = 8
 
 
-def aligned_faces(image: torch.Tensor, face_size: int) -> FaceBatch:
+def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
     from ridfr_core.faces import FaceError, restore_aligned
 
     try:
         lq = restore_aligned(image.cpu().numpy(), lambda crops, scales, index: crops, face_size=face_size)
     except FaceError as error:
         raise NodeError("ContentCondition", "image", str(error)) from None
-    return FaceBatch(lq=lq, photos=None)
+    return FaceBatch(lq=lq, photos=None, backend=backend)
 
 
 def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str) -> FaceBatch:
@@ -50,7 +51,14 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str)
         crops += photo_crops
     if not crops:
         raise NodeError("ContentCondition", "image", f"no face in any of the {len(image)} photo(s); nothing to restore.")
-    return FaceBatch(lq=rgb_to_tensor(crops), photos=photos)
+    return FaceBatch(lq=rgb_to_tensor(crops), photos=photos, backend=ridfr.backend)
+
+
+def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
+    """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
+    posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
+    latent = vae.encode(lq.permute(0, 2, 3, 1))
+    return model.get_model_object("latent_format").process_in(latent).float().cpu()
 
 
 class ContentCondition(io.ComfyNode):
@@ -60,9 +68,10 @@ class ContentCondition(io.ComfyNode):
             node_id="ContentCondition",
             display_name="Content Condition (RIDFR)",
             category="RIDFR",
-            description="Patches a clone of the MODEL so that RIDFR's content module sees the low-quality faces at "
-                        "every step (the noisy latent + the LQ image, resized to latent size). Works with RIDFR "
-                        "Sample and with a plain KSampler (use the latent output).",
+            description="Patches a clone of the MODEL so that the content module sees the low-quality faces at "
+                        "every step: RIDFR's content ControlNet (the noisy latent + the LQ image, resized to latent "
+                        "size) or RestorerID's LQ branch (the LQ faces' VAE latent modulates 22 UNet ResBlocks). "
+                        "Works with RIDFR Sample and with a plain KSampler (use the latent output).",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 MODEL (any fine-tune; LoRAs and other patches compose)."),
                 RIDFRModelsSocket.Input("ridfr", tooltip="The modules from Load RIDFR."),
@@ -73,7 +82,8 @@ class ContentCondition(io.ComfyNode):
                                        "setting; nothing is detected). 'whole photo': every face is detected, "
                                        "aligned and later pasted back."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="Scale of the content residuals (1.0 as trained)."),
+                               tooltip="Scale of the content condition, 1.0 as trained: RIDFR's content residuals, "
+                                       "or RestorerID's ResBlock modulation (0 = the plain UNet)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the sampling at which the content condition starts."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -83,6 +93,9 @@ class ContentCondition(io.ComfyNode):
                 io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error",
                                tooltip="Whole-photo mode, a photo without a face: stop with an error, or pass it "
                                        "through unchanged."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The checkpoint's VAE. Needed with RestorerID weights (they condition on the "
+                                     "LQ faces' VAE latent); unused with RIDFR weights."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the content patch."),
@@ -111,17 +124,27 @@ class ContentCondition(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
-                on_no_face) -> io.NodeOutput:
+                on_no_face, vae=None) -> io.NodeOutput:
+        from ridfr_core.backends import RESTORERID
+
         verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
         if verdict is not True:
             raise ValueError(verdict)
         if face_size % LATENT_DOWNSCALE:
             raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_DOWNSCALE}.")
+        restorerid = ridfr.backend is RESTORERID
+        if restorerid and vae is None:
+            raise NodeError("ContentCondition", "vae", "the RestorerID weights condition on the VAE latent of the "
+                            "low-quality faces: connect the checkpoint's VAE to the vae input.")
         if input_mode == "aligned faces":
-            faces = aligned_faces(image, face_size)
+            faces = aligned_faces(image, face_size, ridfr.backend)
         else:
             faces = faces_in_photos(ridfr, image, face_size, on_no_face)
-        patched = apply_content(model, ridfr, faces.lq, strength, start_percent, end_percent)
+        sigmas = SigmaRange(model, start_percent, end_percent)
+        if restorerid:
+            patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas)
+        else:
+            patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
         latent = torch.zeros(faces.count, 4, face_size // LATENT_DOWNSCALE, face_size // LATENT_DOWNSCALE)
         lq_faces = faces.lq.permute(0, 2, 3, 1).contiguous()
         return io.NodeOutput(patched, faces, {"samples": latent}, lq_faces)
@@ -135,7 +158,8 @@ class IdentityCondition(io.ComfyNode):
             display_name="Identity Condition (RIDFR)",
             category="RIDFR",
             description="Patches a clone of the MODEL with the IP-Adapter FaceID Plus identity attention and its "
-                        "LoRA. With cfg > 1 the negative side is the null identity (identity guidance).",
+                        "LoRA (with RestorerID weights, also the identity tokens of its IDBalance). With cfg > 1 "
+                        "the negative side is the null identity (identity guidance).",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 MODEL, usually the output of Content Condition."),
                 RIDFRModelsSocket.Input("ridfr", tooltip="The modules from Load RIDFR."),
@@ -143,7 +167,8 @@ class IdentityCondition(io.ComfyNode):
                                                          "Identities (one per face)."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
                                tooltip="Identity scale: how strongly the restored face follows the reference "
-                                       "(0 = no identity)."),
+                                       "(0 = no identity). RestorerID was published with 0.75: RIDFR Sample's "
+                                       "backend defaults apply it; with a KSampler set 0.75 here."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
             ],
@@ -153,6 +178,7 @@ class IdentityCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
         import comfy.model_management as mm
+        from ridfr_core.backends import RESTORERID
         from ridfr_core.identity import null_identity
 
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
@@ -161,6 +187,8 @@ class IdentityCondition(io.ComfyNode):
             tokens = adapter.identity_tokens(identity.identity).float().cpu()
             null_tokens = adapter.identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
-        patched = apply_identity(model, ridfr, IdentityTokens(tokens, null_tokens, scales.float(), weight),
-                                 lora_strength)
+        tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)
+        patched = apply_identity(model, ridfr, tokens, lora_strength)
+        if ridfr.backend is RESTORERID:
+            add_balance_tokens(patched, tokens)
         return io.NodeOutput(patched)

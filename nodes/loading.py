@@ -1,7 +1,8 @@
 """LoadRIDFR and the model folders it reads.
 
 Folders (added with ``folder_paths.add_model_folder_path``, so paths from extra_model_paths.yaml and
-other packs stay): ``models/ridfr`` (RIDFR content weights), ``models/ipadapter`` (IP-Adapter FaceID
+other packs stay): ``models/ridfr`` (the content module: RIDFR content weights, or RestorerID's
+``RestorerIDFull.ckpt`` / its converted ``.safetensors``), ``models/ipadapter`` (IP-Adapter FaceID
 Plus/PlusV2, shared with the IP-Adapter pack), ``models/clip_vision`` (ComfyUI's own) and
 ``models/insightface`` (``models/<buffalo_l|antelopev2>/*.onnx``, shared with the IP-Adapter and
 InstantID packs). The base SD1.5 model comes from ComfyUI's checkpoint loader as MODEL.
@@ -84,6 +85,16 @@ def compute_dtype(module):
     return mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
 
 
+def check_adapter_version(backend, adapter, file_name: str) -> None:
+    """RestorerID was trained with FaceID Plus v1 (no shortcut); its tokens differ from PlusV2's."""
+    from ridfr_core.backends import RESTORERID
+
+    if backend is RESTORERID and adapter.shortcut:
+        raise NodeError("LoadRIDFR", "ipadapter", f"'{file_name}' is IP-Adapter FaceID PlusV2, but the RestorerID "
+                        "weights were trained with FaceID Plus v1: choose ip-adapter-faceid-plus_sd15.bin "
+                        "(https://huggingface.co/h94/IP-Adapter-FaceID) in models/ipadapter.")
+
+
 class LoadRIDFR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -92,16 +103,20 @@ class LoadRIDFR(io.ComfyNode):
             node_id="LoadRIDFR",
             display_name="Load RIDFR",
             category="RIDFR",
-            description="Loads RIDFR's content module, the IP-Adapter FaceID Plus identity module, CLIP ViT-H "
-                        "and the insightface face models. Connect the SD1.5 MODEL from a checkpoint loader to "
+            description="Loads the content module (RIDFR's content ControlNet or RestorerID's public LQ branch, "
+                        "told apart by the file), the IP-Adapter FaceID Plus identity module, CLIP ViT-H and the "
+                        "insightface face models. Connect the SD1.5 MODEL from a checkpoint loader to "
                         "ContentCondition / IdentityCondition.",
             inputs=[
                 io.Combo.Input("content_weights", options=weight_files(CONTENT_FOLDER),
-                               tooltip="RIDFR content weights (.safetensors written by ridfr_core.train) in "
-                                       "models/ridfr."),
+                               tooltip="The content module in models/ridfr: RIDFR content weights (.safetensors "
+                                       "written by ridfr_core.train) or RestorerID's RestorerIDFull.ckpt (its LQ "
+                                       "branch is converted once to a .safetensors in RIDFR_CACHE or "
+                                       "~/.cache/ridfr; a converted file works here too)."),
                 io.Combo.Input("ipadapter", options=weight_files(ADAPTER_FOLDER),
-                               tooltip="IP-Adapter FaceID PlusV2 (ip-adapter-faceid-plusv2_sd15.bin) or Plus for "
-                                       "SD1.5, in models/ipadapter."),
+                               tooltip="IP-Adapter FaceID for SD1.5 in models/ipadapter: PlusV2 "
+                                       "(ip-adapter-faceid-plusv2_sd15.bin) or Plus with RIDFR weights; Plus v1 "
+                                       "(ip-adapter-faceid-plus_sd15.bin) with RestorerID weights."),
                 io.Combo.Input("clip_vision", options=weight_files(CLIP_FOLDER),
                                tooltip="CLIP ViT-H/14 image encoder "
                                        "(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision."),
@@ -138,6 +153,7 @@ class LoadRIDFR(io.ComfyNode):
     def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
         from diffusers import UNet2DConditionModel
         from ridfr_core import checkpoints
+        from ridfr_core.backends import backend_of
 
         configs = config_dir()
         try:
@@ -146,6 +162,8 @@ class LoadRIDFR(io.ComfyNode):
                 lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
             adapter, lora_deltas = checkpoints.load_identity_adapter(
                 folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, ipadapter), unet_layout)
+            backend = backend_of(content)
+            check_adapter_version(backend, adapter, ipadapter)
             clip = checkpoints.load_clip_vision(folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_vision), configs)
         except checkpoints.CheckpointError as error:
             raise NodeError("LoadRIDFR", None, str(error)) from None
@@ -155,6 +173,7 @@ class LoadRIDFR(io.ComfyNode):
                             "models/ any more; put buffalo_l there or pick another pack.")
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
-        return io.NodeOutput(RIDFRModels(content=model_patcher(content), adapter=model_patcher(adapter),
-                                         lora_deltas=lora_deltas, clip_vision=model_patcher(clip),
+        return io.NodeOutput(RIDFRModels(content=model_patcher(content), backend=backend,
+                                         adapter=model_patcher(adapter), lora_deltas=lora_deltas,
+                                         clip_vision=model_patcher(clip),
                                          face_models=face_models, face_device=face_device))

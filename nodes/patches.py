@@ -1,4 +1,5 @@
-"""RIDFR's two conditions as patches on a clone of ComfyUI's MODEL.
+"""RIDFR's two conditions as patches on a clone of ComfyUI's MODEL (RestorerID's content module, the
+second backend, is in :mod:`.restorerid_patches`).
 
 - Content: a DIFFUSION_MODEL wrapper runs the content ControlNet on the UNet's own input (the scaled
   noisy latent ``x`` and timestep ``t``, exactly what the UNet sees) plus the resized LQ faces, and adds
@@ -64,18 +65,13 @@ def merge_control(control: dict | None, down: tuple[torch.Tensor, ...], mid: tor
     return merged
 
 
-class ContentPatch:
-    """DIFFUSION_MODEL wrapper: ``(executor, x, timesteps, context, y, control, transformer_options)``."""
+class SigmaRange:
+    """The part of sampling a content condition is active in (ContentCondition's start/end percents)."""
 
-    def __init__(self, content, lq_faces: torch.Tensor, strength: float, sigma_start: float, sigma_end: float):
-        self.content = content            # ModelPatcher around ContentControlNet
-        self.lq = lq_faces * 2 - 1        # (F,3,S,S) in [-1,1]
-        self.strength = strength
-        self.sigma_start, self.sigma_end = sigma_start, sigma_end
-        self._resized = {}                # (latent hw, repeats, device, dtype) -> LQ input, constant over steps
-
-    def __deepcopy__(self, memo):
-        return self
+    def __init__(self, model, start_percent: float, end_percent: float):
+        sampling = model.get_model_object("model_sampling")
+        self.sigma_start = sampling.percent_to_sigma(start_percent)
+        self.sigma_end = sampling.percent_to_sigma(end_percent)
 
     def active(self, transformer_options: dict) -> bool:
         sigmas = transformer_options.get("sigmas")
@@ -83,6 +79,19 @@ class ContentPatch:
             return True
         sigma = float(sigmas.reshape(-1)[0])
         return self.sigma_end <= sigma <= self.sigma_start
+
+
+class ContentPatch:
+    """DIFFUSION_MODEL wrapper: ``(executor, x, timesteps, context, y, control, transformer_options)``."""
+
+    def __init__(self, content, lq_faces: torch.Tensor, strength: float, sigmas: SigmaRange):
+        self.content = content            # ModelPatcher around ContentControlNet
+        self.lq = lq_faces * 2 - 1        # (F,3,S,S) in [-1,1]
+        self.strength, self.sigmas = strength, sigmas
+        self._resized = {}                # (latent hw, repeats, device, dtype) -> LQ input, constant over steps
+
+    def __deepcopy__(self, memo):
+        return self
 
     def lq_input(self, latent_hw: tuple[int, int], repeats: int, device, dtype) -> torch.Tensor:
         """The LQ faces resized to the latent and repeated per cond/uncond chunk (computed once per shape)."""
@@ -105,7 +114,7 @@ class ContentPatch:
         return tuple(d.to(x.device, x.dtype) for d in down), mid.to(x.device, x.dtype)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        if self.strength != 0 and self.active(transformer_options):
+        if self.strength != 0 and self.sigmas.active(transformer_options):
             control = merge_control(control, *self.residuals(x, timesteps, context, transformer_options))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
@@ -116,9 +125,11 @@ class IdentityTokens:
 
     def __init__(self, tokens: torch.Tensor, null_tokens: torch.Tensor, face_scales: torch.Tensor, weight: float):
         self.tokens, self.null_tokens = tokens, null_tokens
+        self.matched = face_scales != 0               # faces that have a person (MatchIdentities: scale 0 = nobody)
         self.face_scales = face_scales * weight
         self.inactive = not bool(self.face_scales.any())  # weight 0, or no face matched anybody
         self._layouts = {}
+        self._balance = {}
 
     def layout(self, batch: int, cond_or_uncond: list[int] | None, device, dtype):
         """(rows, scales) for a model batch: ``rows`` (batch,) indexes ``cat([tokens, null_tokens])`` (the
@@ -129,6 +140,20 @@ class IdentityTokens:
         if key not in self._layouts:
             self._layouts[key] = self._layout(batch, kinds, device, dtype)
         return self._layouts[key]
+
+    def balance_tokens(self, batch: int, cond_or_uncond: list[int] | None, device) -> torch.Tensor:
+        """(batch, 4, C) tokens for RestorerID's IDBalance: the identity's on cond rows of faces that have a
+        person, the null identity's elsewhere (uncond rows, unmatched faces), as RestorerID feeds it.
+        Independent of the weight, which scales the identity attention only."""
+        kinds = tuple(cond_or_uncond or [0])
+        key = (batch, kinds, device)
+        if key not in self._balance:
+            rows, _ = self._layout(batch, kinds, "cpu", torch.float32)
+            faces, count = batch // len(kinds), self.tokens.shape[0]
+            matched = self.matched.expand(faces) if self.matched.shape[0] == 1 else self.matched
+            rows = torch.where(matched.repeat(len(kinds)), rows, torch.full_like(rows, count))
+            self._balance[key] = torch.cat([self.tokens, self.null_tokens])[rows].to(device)
+        return self._balance[key]
 
     def _layout(self, batch: int, kinds: tuple[int, ...], device, dtype):
         chunks, count = len(kinds), self.tokens.shape[0]
@@ -231,14 +256,12 @@ def apply_identity(model, ridfr, tokens: IdentityTokens, lora_strength: float):
     return patched
 
 
-def apply_content(model, ridfr, lq_faces: torch.Tensor, strength: float, start_percent: float, end_percent: float):
-    """A clone of ``model`` whose UNet gets RIDFR's content residuals between the two percents."""
+def apply_content(model, ridfr, lq_faces: torch.Tensor, strength: float, sigmas: SigmaRange):
+    """A clone of ``model`` whose UNet gets RIDFR's content residuals in the sigma range."""
     import comfy.patcher_extension
 
     patched = model.clone()
-    sampling = model.get_model_object("model_sampling")
-    patch = ContentPatch(ridfr.content, lq_faces, strength, sampling.percent_to_sigma(start_percent),
-                         sampling.percent_to_sigma(end_percent))
+    patch = ContentPatch(ridfr.content, lq_faces, strength, sigmas)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"ridfr_content_{id(patch)}", patch)
     patched.set_additional_models(f"ridfr_content_{id(patch)}", [ridfr.content])
     return patched

@@ -7,9 +7,14 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from .patches import RUNTIME_SCALES
-from .types import FacesSocket, NodeError, image_to_nchw, nchw_to_image
+from .types import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
 
 LATENT_DOWNSCALE = 8
+SETTINGS = ("backend defaults", "custom")
+# ComfyUI's sampler for each backend's published one. RestorerID samples with DDIM, eta 1, over 50 "trailing"
+# timesteps (999, 979, ...): ComfyUI's "ddpm" step is DDIM with eta 1, and its "simple" schedule gives
+# exactly those timesteps (its "ddim" sampler is eta 0).
+COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
 
 
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,12 +41,23 @@ def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, 
     return torch.stack(photos), torch.cat(masks)
 
 
-def empty_prompt(clip):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(""))
+def encode_prompt(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def sample_faces(model, clip, faces, seed: int, steps: int, guidance: float, sampler_name: str, scheduler: str,
-                 identity_scale: float, content_scale: float) -> torch.Tensor:
+class SamplerSettings:
+    """What RIDFRSample samples with: the backend's published settings, or the node's widgets."""
+
+    def __init__(self, backend, settings: str, steps: int, guidance: float, sampler_name: str, scheduler: str,
+                 identity_scale: float):
+        if settings == "backend defaults":
+            steps, guidance, identity_scale = backend.steps, backend.guidance, backend.identity_scale
+            sampler_name, scheduler = COMFY_SAMPLERS[backend.sampler]
+        self.steps, self.guidance, self.identity_scale = steps, guidance, identity_scale
+        self.sampler_name, self.scheduler = sampler_name, scheduler
+
+
+def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings, content_scale: float) -> torch.Tensor:
     """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with a local generator
     (face i uses seed + i, as ridfr_core's pipeline does)."""
     import comfy.sample
@@ -50,17 +66,18 @@ def sample_faces(model, clip, faces, seed: int, steps: int, guidance: float, sam
     from ridfr_core.pipeline import seeded_noise
 
     scaled = model.clone()
-    scaled.model_options["transformer_options"][RUNTIME_SCALES] = {"identity_scale": identity_scale,
+    scaled.model_options["transformer_options"][RUNTIME_SCALES] = {"identity_scale": settings.identity_scale,
                                                                    "content_scale": content_scale}
     side = faces.size // LATENT_DOWNSCALE
     latent = torch.zeros(faces.count, 4, side, side)
     seeds = [(seed + index) % 2 ** 64 for index in range(faces.count)]  # the seed widget goes up to 2**64 - 1
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
-    conditioning = empty_prompt(clip)
-    callback = latent_preview.prepare_callback(scaled, steps)
-    return comfy.sample.sample(scaled, noise, steps, guidance, sampler_name, scheduler, conditioning, conditioning,
-                               latent, denoise=1.0, callback=callback, seed=seed,
-                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+    positive = encode_prompt(clip, faces.backend.positive_prompt)
+    negative = encode_prompt(clip, faces.backend.negative_prompt)
+    callback = latent_preview.prepare_callback(scaled, settings.steps)
+    return comfy.sample.sample(scaled, noise, settings.steps, settings.guidance, settings.sampler_name,
+                               settings.scheduler, positive, negative, latent, denoise=1.0, callback=callback,
+                               seed=seed, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
 
 
 class RIDFRSample(io.ComfyNode):
@@ -72,27 +89,42 @@ class RIDFRSample(io.ComfyNode):
             node_id="RIDFRSample",
             display_name="RIDFR Sample",
             category="RIDFR",
-            description="Restores the faces of Content Condition with ComfyUI's sampler (empty prompt, UniPC 20 "
-                        "steps by default), decodes them and, for whole photos, pastes them back.",
+            description="Restores the faces of Content Condition with ComfyUI's sampler, decodes them and, for "
+                        "whole photos, pastes them back. With settings 'backend defaults' it samples as the content "
+                        "module was published: RIDFR with UniPC 20 steps, no CFG; RestorerID with DDIM eta 1 "
+                        "(ComfyUI's ddpm + simple) 50 steps, CFG 4, identity scale 0.75. Prompts (RIDFR: empty; "
+                        "RestorerID: its positive/negative prompts) and RestorerID's wavelet colour fix always "
+                        "follow the content module.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from Content Condition (and Identity Condition)."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; RIDFR conditions on the empty prompt."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP, to encode the content module's prompts (RIDFR: "
+                                              "the empty prompt; RestorerID: its positive and negative prompts)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to decode the restored faces."),
                 FacesSocket.Input("faces", tooltip="The faces output of the Content Condition that patched the model."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; face i uses seed + i."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps (20 in the paper)."),
+                io.Int.Input("steps", default=20, min=1, max=200,
+                             tooltip="Sampling steps (settings 'custom' only; backend defaults: RIDFR 20, "
+                                     "RestorerID 50)."),
                 io.Float.Input("guidance", default=1.0, min=1.0, max=10.0, step=0.1,
-                               tooltip="Identity guidance (CFG against the null identity); 1.0 turns it off and is "
-                                       "twice as fast."),
+                               tooltip="CFG against the null identity (and RestorerID's negative prompt); 1.0 turns "
+                                       "it off and is twice as fast (settings 'custom' only; backend defaults: RIDFR "
+                                       "1.0, RestorerID 4.0)."),
                 io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="uni_pc",
-                               tooltip="ComfyUI sampler (uni_pc as in the paper)."),
+                               tooltip="ComfyUI sampler (settings 'custom' only; backend defaults: RIDFR uni_pc, "
+                                       "RestorerID ddpm, which is DDIM with eta 1)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
-                               tooltip="ComfyUI noise schedule."),
+                               tooltip="ComfyUI noise schedule (settings 'custom' only; backend defaults: RIDFR "
+                                       "normal, RestorerID simple)."),
                 io.Float.Input("identity_scale", default=1.0, min=0.0, max=3.0, step=0.05,
-                               tooltip="Multiplies the identity weight of Identity Condition (0 = no identity)."),
+                               tooltip="Multiplies the identity weight of Identity Condition, 0 = no identity "
+                                       "(settings 'custom' only; backend defaults: RIDFR 1.0, RestorerID 0.75)."),
                 io.Float.Input("content_scale", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Multiplies the strength of Content Condition."),
+                io.Combo.Input("settings", options=list(SETTINGS), default="backend defaults",
+                               tooltip="'backend defaults': steps, guidance, sampler, scheduler and identity scale "
+                                       "as the content module was published (the widgets above are ignored); "
+                                       "'custom': the widgets above."),
             ],
             outputs=[
                 io.Image.Output(display_name="restored_faces", tooltip="The restored aligned faces."),
@@ -103,9 +135,12 @@ class RIDFRSample(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
+    def validate_inputs(cls, sampler_name, scheduler, settings) -> bool | str:
         import comfy.samplers
 
+        error = invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
+        if error:
+            return error
         # None: linked (e.g. from a sampler selector node); ComfyUI checks the link's type instead.
         if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
             return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
@@ -115,10 +150,17 @@ class RIDFRSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler, identity_scale,
-                content_scale) -> io.NodeOutput:
-        samples = sample_faces(model, clip, faces, seed, steps, guidance, sampler_name, scheduler, identity_scale,
-                               content_scale)
+                content_scale, settings) -> io.NodeOutput:
+        from ridfr_core.colorfix import wavelet_color_fix
+
+        verdict = cls.validate_inputs(sampler_name, scheduler, settings)  # linked inputs now known
+        if verdict is not True:
+            raise ValueError(verdict)
+        chosen = SamplerSettings(faces.backend, settings, steps, guidance, sampler_name, scheduler, identity_scale)
+        samples = sample_faces(model, clip, faces, seed, chosen, content_scale)
         restored = image_to_nchw(vae.decode(samples))
+        if faces.backend.color_fix:
+            restored = wavelet_color_fix(restored, faces.lq)
         photos, masks = paste_back(faces, restored, "RIDFRSample")
         return io.NodeOutput(nchw_to_image(restored), photos, masks)
 

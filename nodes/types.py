@@ -52,7 +52,8 @@ class RIDFRModels:
     """Output of LoadRIDFR. Each module is wrapped in a ComfyUI ModelPatcher so that ComfyUI's model
     management moves it to the GPU with the diffusion model and offloads it under memory pressure."""
 
-    content: object            # ModelPatcher around ridfr_core.content.ContentControlNet
+    content: object            # ModelPatcher around ContentControlNet (RIDFR) or restorerid.LQBranch (RestorerID)
+    backend: object            # ridfr_core.backends.Backend of the content module (published sampling defaults)
     adapter: object            # ModelPatcher around ridfr_core.identity.IdentityAdapter
     lora_deltas: dict          # {diffusers UNet param name: dense FaceID LoRA delta}
     clip_vision: object        # ModelPatcher around transformers CLIPVisionModelWithProjection
@@ -91,10 +92,12 @@ class PhotoFaces:
 @dataclass(eq=False)
 class FaceBatch:
     """Output of ContentCondition: the aligned LQ faces that were conditioned on, (F,3,S,S) in [0,1],
-    and, in whole-photo mode, where they came from (for pasting the restored faces back)."""
+    in whole-photo mode where they came from (for pasting the restored faces back), and the backend of
+    the content module that conditioned on them (RIDFRSample's defaults)."""
 
     lq: torch.Tensor
     photos: list[PhotoFaces] | None
+    backend: object            # ridfr_core.backends.Backend
 
     @property
     def count(self) -> int:

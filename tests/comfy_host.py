@@ -13,6 +13,7 @@ scripts/setup_comfyui.sh). Tests that need it are marked ``requires_comfyui`` an
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.util
 import json
 import os
@@ -37,6 +38,7 @@ PACK_MODULE = "ridfr_comfyui_pack"
 # Widgets the frontend adds after an input and stores in widgets_values (they are not node inputs).
 EXTRA_WIDGET_OPTIONS = ("control_after_generate", "image_upload")
 NOT_EXECUTED = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+RESTORERID_FILE, RESTORERID_ADAPTER = "RestorerIDFull.ckpt", "ip-adapter-faceid-plus_sd15.bin"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,10 +91,13 @@ def build_comfy_models(models: Path, insightface_pack: Path):
     Like tests/tiny_models.py, with two changes that ComfyUI's fixed SD1.5 building blocks need: the
     UNet uses 32 GroupNorm groups (ComfyUI's ``normalization`` is GroupNorm(32)), and the VAE has the
     SD1.5 architecture (ComfyUI builds its SD VAE with fixed sizes; random weights, stored as fp16).
+    Also the public RestorerID set under its real names: ``ridfr/RestorerIDFull.ckpt`` (the Lightning
+    checkpoint layout, tests/restorerid_layout.py) and FaceID Plus v1 ``ipadapter/ip-adapter-faceid-plus_sd15.bin``.
     Returns a ``tiny_models.TinyModels`` whose ``root`` is ``models``.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from restorerid_layout import tiny_branch, write_restorerid_checkpoint
     from safetensors.torch import save_file
     from tiny_models import LORA_RANK, SCHEDULER, TINY_CONFIGS, TinyModels, randomise
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -121,12 +126,17 @@ def build_comfy_models(models: Path, insightface_pack: Path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
     adapter = models / "ipadapter" / "ip-adapter-faceid-plusv2_sd15.bin"
     adapter.parent.mkdir()
-    torch.save(faceid_plus_state(configs["unet"], configs["clip_vision"]["hidden_size"], LORA_RANK, seed=5), adapter)
+    adapter_state = faceid_plus_state(configs["unet"], configs["clip_vision"]["hidden_size"], LORA_RANK, seed=5)
+    torch.save(adapter_state, adapter)
+    torch.save(adapter_state, models / "ipadapter" / RESTORERID_ADAPTER)
     clip_path = models / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
     clip_path.parent.mkdir()
     save_file(clip_vision.state_dict(), str(clip_path))
     content = models / "ridfr" / "ridfr-tiny.safetensors"
     save_content(randomise(ContentControlNet.from_unet(unet), 6), content)
+    write_restorerid_checkpoint(models / "ridfr" / RESTORERID_FILE, unet, copy.deepcopy(vae).half(), text_encoder,
+                                configs["unet"], vae_config, tiny_branch(unet, seed=7),
+                                configs["clip_vision"]["hidden_size"], LORA_RANK)  # fp16 VAE: a smaller file
     shutil.copytree(insightface_pack, models / "insightface" / "models" / insightface_pack.name)
     return TinyModels(models, config_dir, checkpoint, checkpoint, adapter, adapter, clip_path, content, unet, vae,
                       text_encoder)
@@ -134,8 +144,12 @@ def build_comfy_models(models: Path, insightface_pack: Path):
 
 @pytest.fixture(scope="session")
 def comfy_models(tmp_path_factory, scripted_models_root):
-    """Tiny models for ComfyUI (see :func:`build_comfy_models`) with the scripted insightface pack."""
-    return build_comfy_models(tmp_path_factory.mktemp("comfy") / "models", scripted_models_root / "models" / "buffalo_l")
+    """Tiny models for ComfyUI (see :func:`build_comfy_models`) with the scripted insightface pack; the
+    RestorerID conversion cache (``RIDFR_CACHE``) in a temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RIDFR_CACHE", str(tmp_path_factory.mktemp("ridfr_cache")))
+        yield build_comfy_models(tmp_path_factory.mktemp("comfy") / "models",
+                                 scripted_models_root / "models" / "buffalo_l")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +169,8 @@ class ComfyServer:
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
-        env = {**os.environ, "RIDFR_CONFIG_DIR": str(config_dir), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "RIDFR_CONFIG_DIR": str(config_dir), "RIDFR_CACHE": str(base / "ridfr_cache"),
+               "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-auto-launch", "--base-directory", str(base)],

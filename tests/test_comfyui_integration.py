@@ -22,8 +22,11 @@ PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition"
               "PasteFaces")
 FACE = 64
 # Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
+# The RestorerID files (RestorerIDFull.ckpt, ip-adapter-faceid-plus_sd15.bin) are there under their real names.
 MODEL_NAMES = {"v1-5-pruned-emaonly.safetensors": "tiny-sd15.safetensors",
+               "v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
                "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2"}
+MODEL_FOLDERS = {"checkpoints", "ridfr", "ipadapter", "clip_vision"}
 INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",
                "person_a.jpg": "obama_obama.jpg", "person_b.jpg": "biden_biden.jpg",
                "reference_1.jpg": "obama_obama.jpg", "reference_2.jpg": "obama_obama2.jpg",
@@ -60,6 +63,8 @@ def api_prompt(server, workflow: Path, steps: int = 3) -> dict:
             inputs["face_size"] = FACE
         if "steps" in inputs:
             inputs["steps"] = steps
+        if "settings" in inputs:  # the widgets (the published settings in the workflows) with fewer steps
+            inputs["settings"] = "custom"
     return prompt
 
 
@@ -93,6 +98,23 @@ def test_example_workflows_are_in_the_template_browser(server):
         assert path.with_suffix(".jpg").is_file()
         notes = [node for node in json.loads(path.read_text())["nodes"] if node["type"] == "Note"]
         assert notes and "models/ipadapter" in notes[0]["widgets_values"][0]
+
+
+def test_restorerid_workflow_lists_its_models_for_the_missing_models_dialog():
+    """Each model file of the RestorerID workflow is a widget value of the node that loads it, with a download
+    URL and its models/ folder (``properties.models``, the convention of ComfyUI's own templates)."""
+    workflow = json.loads((REPO_ROOT / "example_workflows" / "4_restorerid_public_weights.json").read_text())
+    listed = {}
+    for node in workflow["nodes"]:
+        for model in node["properties"].get("models", []):
+            assert model["name"] in node["widgets_values"], (node["type"], model["name"])
+            assert model["url"].startswith("https://huggingface.co/") and model["directory"] in MODEL_FOLDERS
+            listed[model["name"]] = model["directory"]
+    assert listed == {"v1-5-pruned-emaonly-fp16.safetensors": "checkpoints", "RestorerIDFull.ckpt": "ridfr",
+                      "ip-adapter-faceid-plus_sd15.bin": "ipadapter",
+                      "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision"}
+    note = next(node for node in workflow["nodes"] if node["type"] == "Note")["widgets_values"][0]
+    assert "non-commercial" in note and all(name in note for name in listed)
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])

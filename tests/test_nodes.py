@@ -107,11 +107,18 @@ def test_every_input_and_output_has_a_tooltip(env):
             assert item.tooltip, f"{node_id}.{item.id or item.display_name} has no tooltip"
 
 
-def test_empty_prompt_matches_ridfr_core(env):
-    """ComfyUI's CLIP("") is the embedding ridfr_core conditions on (up to ComfyUI keeping CLIP in fp16)."""
-    from ridfr_core.checkpoints import encode_empty_prompt
+@pytest.mark.parametrize("prompt", ["", "RESTORERID_POSITIVE", "RESTORERID_NEGATIVE"])
+def test_backend_prompts_match_ridfr_core(env, prompt):
+    """ComfyUI's CLIP encoding of each backend prompt is the embedding ridfr_core conditions on (its token id
+    tables against ComfyUI's SD1.5 tokenizer; up to ComfyUI keeping CLIP in fp16)."""
+    from ridfr_core import prompts
+    from ridfr_core.checkpoints import encode_prompt
 
-    torch.testing.assert_close(env.text.float(), encode_empty_prompt(env.tiny.text_encoder), atol=3e-3, rtol=0)
+    text = getattr(prompts, prompt) if prompt else ""
+    comfy = env.clip.encode_from_tokens_scheduled(env.clip.tokenize(text))[0][0]
+    assert env.clip.tokenize(text)["l"][0][1:len(prompts.PROMPT_TOKENS[text]) + 1] == [
+        (token, 1.0) for token in prompts.PROMPT_TOKENS[text]]
+    torch.testing.assert_close(comfy.float(), encode_prompt(env.tiny.text_encoder, text), atol=3e-3, rtol=0)
 
 
 @pytest.mark.parametrize("cfg_batch", [False, True], ids=["cond", "cond+uncond"])
@@ -213,7 +220,8 @@ def test_latent_batch_mismatch_names_the_node(env):
 
 def sample(env, faces_model, faces, seed=0, steps=3):
     return run(env, "RIDFRSample", model=faces_model, clip=env.clip, vae=env.vae, faces=faces, seed=seed, steps=steps,
-               guidance=1.0, sampler_name="uni_pc", scheduler="normal", identity_scale=1.0, content_scale=1.0)
+               guidance=1.0, sampler_name="uni_pc", scheduler="normal", identity_scale=1.0, content_scale=1.0,
+               settings="custom")
 
 
 def test_ridfr_sample_is_seeded_locally_and_leaks_nothing(env):
@@ -367,7 +375,7 @@ def test_validate_inputs_accepts_linked_inputs_and_checks_ranges(env):
     nodes = env.nodes
     assert nodes["ContentCondition"].validate_inputs(input_mode=None, on_no_face=None, start_percent=None,
                                                      end_percent=0.5) is True
-    assert nodes["RIDFRSample"].validate_inputs(sampler_name=None, scheduler=None) is True
+    assert nodes["RIDFRSample"].validate_inputs(sampler_name=None, scheduler=None, settings=None) is True
     assert nodes["FaceIDEncode"].validate_inputs(on_no_face=None) is True
     assert nodes["LoadRIDFR"].validate_inputs(content_weights=None, ipadapter=None, clip_vision=None,
                                               insightface=None, face_device=None) is True

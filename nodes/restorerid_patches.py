@@ -27,9 +27,10 @@ BALANCE_TOKENS = "ridfr_balance_tokens"    # transformer_options key: (batch, 4,
 
 
 def block_path(name: str) -> str:
-    """LDM ResBlock name -> the MODEL attribute path: ``input_blocks.1`` -> ``diffusion_model.input_blocks.1.0``
-    (the ResBlock is the first layer of its block), ``middle_block.2`` -> ``diffusion_model.middle_block.2``."""
-    return f"diffusion_model.{name}" if name.startswith("middle_block") else f"diffusion_model.{name}.0"
+    """LDM ResBlock name -> the MODEL attribute path (``input_blocks.1`` -> ``diffusion_model.input_blocks.1.0``)."""
+    from ridfr_core.restorerid import resblock_path
+
+    return f"diffusion_model.{resblock_path(name)}"
 
 
 class ModulatedResBlock(torch.nn.Module):

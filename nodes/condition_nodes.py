@@ -19,46 +19,32 @@ LATENT_DOWNSCALE = 8
 
 
 def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
-    from ridfr_core.faces import FaceError, restore_aligned
+    from ridfr_core.faces import FaceError, prepare_aligned
 
     try:
-        lq = restore_aligned(image.cpu().numpy(), lambda crops, scales, index: crops, face_size=face_size)
+        lq = prepare_aligned(image.cpu().numpy(), face_size=face_size)
     except FaceError as error:
         raise NodeError("ContentCondition", "image", str(error)) from None
     return FaceBatch(lq=lq, photos=None, backend=backend)
 
 
 def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str) -> FaceBatch:
-    from ridfr_core.faces import FaceError, align_faces, to_rgb_uint8
-    from ridfr_core.faces.images import rgb_to_tensor
+    from ridfr_core.faces import FaceError, detect_and_align
 
     analyzer = ridfr.face_analyzer()
-    photos, crops = [], []
+    photos, first = [], 0
     for number, frame in enumerate(image):
-        rgb = to_rgb_uint8(frame.cpu().numpy(), f"photo {number}")
         try:
-            detected = analyzer.detect(rgb, embed=False, name=f"photo {number}")
+            photo = detect_and_align(analyzer, frame.cpu().numpy(), on_no_face=on_no_face, face_size=face_size,
+                                     name=f"photo {number}")
         except FaceError as error:
-            raise NodeError("ContentCondition", "image", str(error)) from None
-        if not detected:
-            if on_no_face == "error":
-                raise NodeError("ContentCondition", "image", f"no face found in photo {number}. Use a photo where "
-                                "faces are visible, 'aligned faces' mode for face crops too degraded to detect, or "
-                                "on_no_face 'skip' for batches where some photos show nobody.")
-            logger.warning("ContentCondition: no face in photo %d; it is passed through unchanged.", number)
-        _, photo_crops = align_faces(rgb, detected, face_size)
-        photos.append(PhotoFaces(image=rgb, faces=detected, first=len(crops)))
-        crops += photo_crops
-    if not crops:
+            raise NodeError("ContentCondition", "image", f"{error} Or set on_no_face to 'skip' for batches where "
+                            "some photos show nobody.") from None
+        photos.append(PhotoFaces(photo=photo, first=first))
+        first += len(photo.faces)
+    if first == 0:
         raise NodeError("ContentCondition", "image", f"no face in any of the {len(image)} photo(s); nothing to restore.")
-    return FaceBatch(lq=rgb_to_tensor(crops), photos=photos, backend=ridfr.backend)
-
-
-def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
-    """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
-    posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
-    latent = vae.encode(lq.permute(0, 2, 3, 1))
-    return model.get_model_object("latent_format").process_in(latent).float().cpu()
+    return FaceBatch(lq=torch.cat([photo.photo.crops for photo in photos]), photos=photos, backend=ridfr.backend)
 
 
 class ContentCondition(io.ComfyNode):

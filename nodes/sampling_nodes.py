@@ -20,7 +20,7 @@ COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(photos IMAGE, masks MASK (F,H,W)) with the restored faces (F,3,S,S) pasted into their photos; in
     aligned mode the restored faces themselves with full masks."""
-    from ridfr_core.faces import FaceError, restore_photo
+    from ridfr_core.faces import FaceError, paste_restored
 
     if restored.shape[0] != faces.count:
         raise NodeError(node, "images", f"{restored.shape[0]} restored images for {faces.count} faces; decode the "
@@ -30,10 +30,10 @@ def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, 
     if faces.photos is None:
         return nchw_to_image(restored), torch.ones(faces.count, faces.size, faces.size)
     photos, masks = [], []
-    for photo in faces.photos:
-        part = restored[photo.first:photo.first + len(photo.faces)]
+    for entry in faces.photos:
+        part = restored[entry.first:entry.first + len(entry.photo.faces)]
         try:
-            result = restore_photo(photo.image, photo.faces, lambda aligned, scales, index: part, face_size=faces.size)
+            result = paste_restored(entry.photo, part)
         except FaceError as error:
             raise NodeError(node, "faces", str(error)) from None
         photos.append(torch.from_numpy(result.image).float() / 255.0)

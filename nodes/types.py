@@ -81,11 +81,10 @@ class FaceIdentity:
 
 @dataclass(eq=False)
 class PhotoFaces:
-    """One photo of a whole-photo batch: the photo (HWC uint8 RGB) and its detected faces, whose aligned
-    crops are ``FaceBatch.lq[first:first + len(faces)]``."""
+    """One photo of a whole-photo batch: the photo with its detected and aligned faces, whose crops are
+    ``FaceBatch.lq[first:first + len(photo.faces)]``."""
 
-    image: np.ndarray
-    faces: list
+    photo: object              # ridfr_core.faces.FacesInPhoto
     first: int
 
 

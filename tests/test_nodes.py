@@ -273,14 +273,14 @@ def test_whole_photo_mode_restores_and_pastes_back(env):
 
 def test_no_face_in_a_photo_errors_or_is_skipped(env):
     black = torch.zeros(1, 640, 640, 3)
-    with pytest.raises(ValueError, match=r"ContentCondition \(image\): no face found in photo 0"):
+    with pytest.raises(ValueError, match=r"ContentCondition \(image\): photo 0: no face found.*on_no_face to 'skip'"):
         run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=black, input_mode="whole photo",
             strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE, on_no_face="error")
     both = torch.cat([black, photo_with_scripted_face()])
     _, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=both,
                          input_mode="whole photo", strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE,
                          on_no_face="skip")
-    assert faces.count == 1 and [len(p.faces) for p in faces.photos] == [0, 1]
+    assert faces.count == 1 and [len(p.photo.faces) for p in faces.photos] == [0, 1]
     with pytest.raises(ValueError, match=r"FaceIDEncode \(references\): reference 0: .*no face"):
         run(env, "FaceIDEncode", ridfr=env.ridfr, references=black, references_are_aligned=False, on_no_face="error")
 

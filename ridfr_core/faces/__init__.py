@@ -6,8 +6,9 @@
   consistency report.
 - :mod:`.matching`: detected faces -> identities by ArcFace similarity.
 - :mod:`.align`: FFHQ-512 alignment, inverse warp, feathered paste-back.
-- :mod:`.photo`: whole photos (detect, align, batch-restore via a callback, paste back) and the
-  aligned mode for faces too degraded to detect.
+- :mod:`.photo`: the steps of whole-photo restoration (detect and align with the no-face policy, paste
+  restored crops back), the aligned mode for faces too degraded to detect, and ``restore_*`` helpers
+  built from them that restore through a callback.
 
 Images are HWC uint8 RGB numpy arrays (inputs may also be grayscale, RGBA, 16-bit or float
 [0,1], numpy or torch: see :func:`to_rgb_uint8`); face crops handed to restorers and CLIP are
@@ -20,7 +21,8 @@ from .analysis import (DETECTION_SIZES, MODEL_PACKS, DetectedFace, FaceAnalyzer,
 from .errors import FaceError, FaceInputError, FaceModelError, NoFaceError
 from .images import as_image_list, to_rgb_uint8
 from .matching import MATCH_SIMILARITY, FaceMatches, match_faces
-from .photo import PhotoRestoration, align_faces, restore_aligned, restore_faces_in_photo, restore_photo
+from .photo import (FacesInPhoto, PhotoRestoration, align_faces, align_photo, detect_and_align, paste_restored,
+                    prepare_aligned, restore_aligned, restore_faces_in_photo, restore_in_photo, restore_photo)
 from .references import (ConsistencyReport, ReferenceFace, build_identity, check_consistency, combine_identity,
                          encode_references)
 
@@ -29,7 +31,8 @@ __all__ = [
     "warp_to_crop", "DETECTION_SIZES", "MODEL_PACKS", "DetectedFace", "FaceAnalyzer", "clip_face_crop",
     "find_model_pack", "load_face_analyzer", "onnxruntime_install_problem", "FaceError", "FaceInputError",
     "FaceModelError", "NoFaceError", "as_image_list", "to_rgb_uint8", "MATCH_SIMILARITY", "FaceMatches",
-    "match_faces", "PhotoRestoration", "align_faces", "restore_aligned", "restore_faces_in_photo", "restore_photo",
+    "match_faces", "FacesInPhoto", "PhotoRestoration", "align_faces", "align_photo", "detect_and_align",
+    "paste_restored", "prepare_aligned", "restore_aligned", "restore_faces_in_photo", "restore_in_photo", "restore_photo",
     "ConsistencyReport", "ReferenceFace", "build_identity", "check_consistency", "combine_identity",
     "encode_references",
 ]

@@ -55,58 +55,58 @@ class PhotoRestoration:
     skipped: bool = False
 
 
+@dataclass
+class FacesInPhoto:
+    """One photo's faces, ready for a restorer: the photo (HWC uint8 RGB), the detected faces, their
+    alignment matrices (F,2,3) and aligned crops (F,3,S,S) float in [0,1], and the identity each face gets
+    (None: matched to nobody). ``skipped``: no face was found and the no-face policy was 'skip'."""
+
+    image: np.ndarray
+    faces: list[DetectedFace]
+    matrices: np.ndarray
+    crops: torch.Tensor
+    identity_index: list[int | None]
+    skipped: bool = False
+
+    def to_restore(self, unmatched: str = "restore_without_identity") -> list[int]:
+        """Indices of the faces a restorer gets: all, or only the matched ones with 'keep_original'."""
+        check_unmatched(unmatched)
+        return [face for face, index in enumerate(self.identity_index)
+                if index is not None or unmatched == "restore_without_identity"]
+
+
+def check_unmatched(unmatched: str) -> None:
+    if unmatched not in UNMATCHED_FACES:
+        raise FaceInputError(f"unmatched: {unmatched!r} is not one of {UNMATCHED_FACES}.")
+
+
 def align_faces(rgb: np.ndarray, faces: list[DetectedFace], size: int = FACE_SIZE):
     """(matrices (F,2,3), crops list of (S,S,3) uint8 RGB) of ``faces`` in the photo ``rgb``."""
     matrices = [estimate_alignment(face.kps, size) for face in faces]
     return np.array(matrices).reshape(-1, 2, 3), [warp_to_crop(rgb, matrix, size) for matrix in matrices]
 
 
-def restore_photo(image, faces: list[DetectedFace], restore_fn: RestoreFn,
-                  identity_index: list[int | None] | None = None, identity_scale: float = 1.0,
-                  unmatched: str = "restore_without_identity", upscale: float = 1.0,
-                  upscale_mode: str = "bicubic", face_size: int = FACE_SIZE) -> PhotoRestoration:
-    """Align ``faces`` (detected in ``image``), restore them in one ``restore_fn`` call, paste back.
-
-    ``identity_index``: per face, an identity index or None (default: identity 0 for every face).
-    ``unmatched``: faces with None are restored with identity scale 0 ('restore_without_identity')
-    or left as they are ('keep_original'). ``upscale``: resize the whole photo by this factor
-    (``upscale_mode``: bicubic, bilinear, lanczos, nearest) before pasting.
-    """
-    if unmatched not in UNMATCHED_FACES:
-        raise FaceInputError(f"unmatched: {unmatched!r} is not one of {UNMATCHED_FACES}.")
-    rgb = to_rgb_uint8(image, "photo")
+def align_photo(image, faces: list[DetectedFace], identity_index: list[int | None] | None = None,
+                face_size: int = FACE_SIZE, name: str = "photo") -> FacesInPhoto:
+    """The aligned crops of ``faces`` (detected in ``image``); identity 0 for every face by default."""
+    rgb = to_rgb_uint8(image, name)
     identity_index = [0] * len(faces) if identity_index is None else list(identity_index)
     if len(identity_index) != len(faces):
         raise FaceInputError(f"identity_index: {len(identity_index)} entries for {len(faces)} faces; give one per face.")
     matrices, crops = align_faces(rgb, faces, face_size)
-    restore = [index is not None or unmatched == "restore_without_identity" for index in identity_index]
     aligned = rgb_to_tensor(crops) if crops else torch.zeros(0, 3, face_size, face_size)
-    restored = aligned.clone()
-    chosen = [face for face, wanted in enumerate(restore) if wanted]
-    if chosen:
-        index = [identity_index[f] for f in chosen]
-        restored[chosen] = _call_restorer(restore_fn, aligned[chosen], index, identity_scale).cpu()
-    canvas = upscale_image(rgb, upscale, upscale_mode)
-    masks = np.zeros((len(faces),) + canvas.shape[:2], np.float32)
-    restored_rgb = tensor_to_rgb(restored[chosen]) if chosen else []
-    pasted = dict(zip(chosen, restored_rgb))
-    for face in sorted(chosen, key=lambda f: faces[f].size):  # larger faces end on top where faces overlap
-        paste_face(canvas, pasted[face], matrices[face], upscale, out=masks[face])
-    return PhotoRestoration(image=canvas, masks=masks, aligned=aligned, restored=restored, faces=list(faces),
-                            identity_index=identity_index, restored_faces=restore)
+    return FacesInPhoto(rgb, list(faces), matrices, aligned, identity_index)
 
 
-def restore_faces_in_photo(analyzer: FaceAnalyzer, image, restore_fn: RestoreFn, identity_embeddings=None,
-                           match_threshold: float = MATCH_SIMILARITY, one_face_per_identity: bool = True,
-                           unmatched: str = "restore_without_identity", on_no_face: str = "error",
-                           identity_scale: float = 1.0, upscale: float = 1.0, upscale_mode: str = "bicubic",
-                           detection_sizes: tuple[int, ...] = DETECTION_SIZES, name: str = "photo") -> PhotoRestoration:
-    """Detect, match, restore and paste back every face of one photo.
+def detect_and_align(analyzer: FaceAnalyzer, image, identity_embeddings=None, match_threshold: float = MATCH_SIMILARITY,
+                     one_face_per_identity: bool = True, on_no_face: str = "error",
+                     detection_sizes: tuple[int, ...] = DETECTION_SIZES, face_size: int = FACE_SIZE,
+                     name: str = "photo") -> FacesInPhoto:
+    """Detect every face of one photo, match it to an identity and align it.
 
     ``identity_embeddings`` (K,512): each identity's combined ArcFace embedding; faces are matched
-    to them (see :func:`match_faces`). None: one identity (index 0) for every face, unmatched.
-    ``on_no_face``: 'error' raises NoFaceError, 'skip' returns the photo (upsampled) with no faces,
-    for batches of video frames where some frames show nobody.
+    to them (see :func:`match_faces`). None: identity 0 for every face. ``on_no_face``: 'error' raises
+    NoFaceError, 'skip' returns the photo with no faces (``skipped``), e.g. for video frames showing nobody.
     """
     if on_no_face not in ON_NO_FACE:
         raise FaceInputError(f"on_no_face: {on_no_face!r} is not one of {ON_NO_FACE}.")
@@ -117,21 +117,79 @@ def restore_faces_in_photo(analyzer: FaceAnalyzer, image, restore_fn: RestoreFn,
         if on_no_face == "error":
             raise NoFaceError(message)
         logger.warning("%s Skipped.", message)
-        result = restore_photo(rgb, [], restore_fn, upscale=upscale, upscale_mode=upscale_mode)
-        result.skipped = True
-        return result
-    if identity_embeddings is None:
-        identity_index = [0] * len(faces)
-    else:
+        photo = align_photo(rgb, [], face_size=face_size, name=name)
+        photo.skipped = True
+        return photo
+    identity_index = None
+    if identity_embeddings is not None:
         matches = match_faces(np.stack([face.embedding for face in faces]), identity_embeddings,
                               match_threshold, one_face_per_identity)
         logger.info("%s: %s", name, matches.summary())
         identity_index = matches.identity
-    return restore_photo(rgb, faces, restore_fn, identity_index, identity_scale, unmatched, upscale, upscale_mode)
+    return align_photo(rgb, faces, identity_index, face_size, name)
 
 
-def restore_aligned(images, restore_fn: RestoreFn, identity_index: list[int | None] | None = None,
-                    identity_scale: float = 1.0, face_size: int = FACE_SIZE) -> torch.Tensor:
+def paste_restored(photo: FacesInPhoto, restored: torch.Tensor, restored_faces: list[int] | None = None,
+                   upscale: float = 1.0, upscale_mode: str = "bicubic") -> PhotoRestoration:
+    """The photo (upsampled by ``upscale``, ``upscale_mode``: bicubic, bilinear, lanczos, nearest) with the
+    restored crops of ``restored_faces`` (default: all; ``restored`` holds one crop each, in that order)
+    pasted back; the other faces are kept as they were."""
+    chosen = list(range(len(photo.faces))) if restored_faces is None else list(restored_faces)
+    if restored.shape[0] != len(chosen):
+        raise FaceInputError(f"{restored.shape[0]} restored crops for {len(chosen)} faces; give one per face.")
+    crops = photo.crops.clone()
+    if chosen:
+        crops[chosen] = restored.detach().float().cpu().clamp(0, 1)
+    canvas = upscale_image(photo.image, upscale, upscale_mode)
+    masks = np.zeros((len(photo.faces),) + canvas.shape[:2], np.float32)
+    pasted = dict(zip(chosen, tensor_to_rgb(crops[chosen]) if chosen else []))
+    for face in sorted(chosen, key=lambda f: photo.faces[f].size):  # larger faces end on top where faces overlap
+        paste_face(canvas, pasted[face], photo.matrices[face], upscale, out=masks[face])
+    return PhotoRestoration(image=canvas, masks=masks, aligned=photo.crops, restored=crops, faces=photo.faces,
+                            identity_index=photo.identity_index,
+                            restored_faces=[face in pasted for face in range(len(photo.faces))],
+                            skipped=photo.skipped)
+
+
+def restore_in_photo(photo: FacesInPhoto, restore_fn: RestoreFn, identity_scale: float = 1.0,
+                     unmatched: str = "restore_without_identity", upscale: float = 1.0,
+                     upscale_mode: str = "bicubic") -> PhotoRestoration:
+    """Restore the faces of one aligned photo in one ``restore_fn`` call and paste them back."""
+    chosen = photo.to_restore(unmatched)
+    restored = photo.crops[:0]
+    if chosen:
+        restored = _call_restorer(restore_fn, photo.crops[chosen], [photo.identity_index[f] for f in chosen],
+                                  identity_scale).cpu()
+    return paste_restored(photo, restored, chosen, upscale, upscale_mode)
+
+
+def restore_photo(image, faces: list[DetectedFace], restore_fn: RestoreFn,
+                  identity_index: list[int | None] | None = None, identity_scale: float = 1.0,
+                  unmatched: str = "restore_without_identity", upscale: float = 1.0,
+                  upscale_mode: str = "bicubic", face_size: int = FACE_SIZE) -> PhotoRestoration:
+    """Align ``faces`` (detected in ``image``), restore them in one ``restore_fn`` call, paste back.
+
+    ``identity_index``: per face, an identity index or None (default: identity 0 for every face).
+    ``unmatched``: faces with None are restored with identity scale 0 ('restore_without_identity')
+    or left as they are ('keep_original').
+    """
+    photo = align_photo(image, faces, identity_index, face_size)
+    return restore_in_photo(photo, restore_fn, identity_scale, unmatched, upscale, upscale_mode)
+
+
+def restore_faces_in_photo(analyzer: FaceAnalyzer, image, restore_fn: RestoreFn, identity_embeddings=None,
+                           match_threshold: float = MATCH_SIMILARITY, one_face_per_identity: bool = True,
+                           unmatched: str = "restore_without_identity", on_no_face: str = "error",
+                           identity_scale: float = 1.0, upscale: float = 1.0, upscale_mode: str = "bicubic",
+                           detection_sizes: tuple[int, ...] = DETECTION_SIZES, name: str = "photo") -> PhotoRestoration:
+    """Detect, match, restore and paste back every face of one photo (see :func:`detect_and_align`)."""
+    check_unmatched(unmatched)
+    photo = detect_and_align(analyzer, image, identity_embeddings, match_threshold, one_face_per_identity,
+                             on_no_face, detection_sizes, name=name)
+    return restore_in_photo(photo, restore_fn, identity_scale, unmatched, upscale, upscale_mode)
+
+
+def prepare_aligned(images, face_size: int = FACE_SIZE) -> torch.Tensor:
     """The paper's setting: each image already is an FFHQ-aligned face crop, so nothing is detected.
 
     Crops of another size are resized (bicubic) to ``face_size``. Returns (B,3,S,S) float in [0,1].
@@ -146,11 +204,18 @@ def restore_aligned(images, restore_fn: RestoreFn, identity_index: list[int | No
         if (height, width) != (face_size, face_size):
             rgb = cv2.resize(rgb, (face_size, face_size), interpolation=cv2.INTER_CUBIC)
         crops.append(rgb)
+    return rgb_to_tensor(crops)
+
+
+def restore_aligned(images, restore_fn: RestoreFn, identity_index: list[int | None] | None = None,
+                    identity_scale: float = 1.0, face_size: int = FACE_SIZE) -> torch.Tensor:
+    """Restore aligned face crops (see :func:`prepare_aligned`) in one ``restore_fn`` call."""
+    crops = prepare_aligned(images, face_size)
     identity_index = [0] * len(crops) if identity_index is None else list(identity_index)
     if len(identity_index) != len(crops):
         raise FaceInputError(f"identity_index: {len(identity_index)} entries for {len(crops)} aligned faces; "
                              "give one per face.")
-    return _call_restorer(restore_fn, rgb_to_tensor(crops), identity_index, identity_scale)
+    return _call_restorer(restore_fn, crops, identity_index, identity_scale)
 
 
 def _call_restorer(restore_fn: RestoreFn, aligned: torch.Tensor, identity_index: list[int | None],

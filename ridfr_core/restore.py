@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .archive.inputs import is_archive_input
+from .archive.run import reference_people, run_archive
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import read_rgb, write_rgb
@@ -153,15 +155,19 @@ class Restorer:
         refs = encode_references(self.analyzer, references, aligned=aligned_references)
         return build_identity(refs, self.pipeline.models.clip_vision)
 
-    def restore_fn(self, identities: list):
-        """The faces callback: each face gets the identity it was matched to (scale 0 for nobody)."""
+    def restore_fn(self, identities: list, seeds: list[int] | None = None):
+        """The faces callback: each face gets the identity it was matched to (scale 0 for nobody).
+        ``seeds``: one per face of the call (default: --seed, face i seed + i)."""
+        sampling = self.sampling if seeds is None else {**self.sampling, "seed": list(seeds)}
+
         def run(faces: torch.Tensor, scales: torch.Tensor, identity_index: list) -> torch.Tensor:
             from .identity import Identity
 
             per_face = Identity.cat([identities[index or 0] for index in identity_index])
             scales = scales * self.identity_scale.for_faces(faces)  # already 0 for faces matched to nobody
-            return self.pipeline(faces, per_face, identity_scale=scales, **self.sampling).cpu()
+            return self.pipeline(faces, per_face, identity_scale=scales, **sampling).cpu()
         return run
+
     def restore(self, lq: np.ndarray, people: list[list[np.ndarray]], aligned: bool = False,
                 aligned_references: bool = False, upscale: float = 1.0,
                 unmatched: str = "restore_without_identity") -> np.ndarray:
@@ -208,16 +214,22 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ridfr_core.restore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lq", required=True, help="low-quality photo (or aligned face crop with --aligned)")
+    parser.add_argument("--lq", required=True, help="low-quality photo (or aligned face crop with --aligned); for "
+                        "an archive a folder (recursive), a glob, a text file listing paths, or a video")
     parser.add_argument("--id", action="append", default=[], dest="references",
                         help="reference photo of the person; repeat for several photos of the same person")
     parser.add_argument("--person", action="append", default=[], metavar="REF[,REF...]",
                         help="reference photos of one more person (comma-separated); repeat per person. Each face "
                              "of the photo is restored as the person it resembles")
+    parser.add_argument("--people", metavar="DIR", help="one sub-folder of reference photos per person "
+                        "(DIR/<name>/*.jpg); each face is restored as the person it resembles")
+    parser.add_argument("--batch-size", type=int, default=8, help="archives: faces per sampler call, gathered "
+                        "from several photos or frames (default 8)")
     parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
                         default="restore_without_identity",
                         help="faces that resemble none of the people: restored without identity, or left as they are")
-    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg)")
+    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg); for an "
+                        "archive the output folder (it mirrors the input tree and holds manifest.jsonl)")
     parser.add_argument("--models", default="models", help="models folder laid out like ComfyUI's (default ./models)")
     for slot in MODEL_SLOTS:
         parser.add_argument(f"--{slot.option.replace('_', '-')}", help=f"file in {slot.folder}/ or a path "
@@ -241,21 +253,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path]) -> Restorer:
+    identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
+    return Restorer(paths, args.device, args.config_dir, identity_scale, steps=args.steps, seed=args.seed,
+                    content_scale=args.content_scale, guidance=args.guidance, sampler=args.sampler,
+                    color_fix=args.color_fix)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
+        if is_archive_input(args.lq):
+            return run_archive(args, paths, lambda found: restorer_from_args(args, found))
         lq = read_rgb(args.lq, "--lq")
-        people = ([[read_rgb(path, "--id") for path in args.references]] if args.references else []) + [
-            [read_rgb(path, "--person") for path in group.split(",") if path] for group in args.person]
-        if not people:
-            raise ValueError("--id: give at least one reference photo (--id, or --person for each person).")
-        identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
-        restorer = Restorer(paths, args.device, args.config_dir, identity_scale, steps=args.steps, seed=args.seed,
-                            content_scale=args.content_scale, guidance=args.guidance, sampler=args.sampler,
-                            color_fix=args.color_fix)
+        people = [[read_rgb(path, f"--people {name}" if args.people else "--id") for path in photos]
+                  for name, photos in reference_people(args)]
+        restorer = restorer_from_args(args, paths)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,92 @@
+"""What ``--lq`` names in an archive run -> the input files, each with the path its output gets.
+
+``--lq`` is a folder (searched recursively), a glob (``"scans/**/*.jpg"``), a text file listing one
+path per line (relative to the list's folder; ``#`` starts a comment) or one video. Outputs mirror the
+inputs' tree below their common folder, so ``albums/1990/a.jpg`` -> ``OUT/1990/a.jpg``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..imageio import IMAGE_SUFFIXES
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"}
+LIST_SUFFIXES = {".txt", ".lst"}
+
+
+@dataclass(frozen=True)
+class ArchiveInput:
+    """One input file and its path below the output folder (posix, also its key in the manifest)."""
+
+    source: Path
+    relative: str
+
+    @property
+    def kind(self) -> str:
+        """'image', 'video', or 'other' (a file neither restored nor failed, e.g. notes.txt in an album)."""
+        suffix = self.source.suffix.lower()
+        return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else "other"
+
+
+def is_archive_input(lq: str) -> bool:
+    """True unless ``--lq`` is one image file (the single-photo job)."""
+    path = Path(lq)
+    return path.is_dir() or glob.has_magic(lq) or path.suffix.lower() in LIST_SUFFIXES | VIDEO_SUFFIXES
+
+
+def collect_inputs(lq: str, exclude: Path | None = None) -> list[ArchiveInput]:
+    """The inputs ``--lq`` names, sorted by output path; files inside ``exclude`` (the output folder)
+    and hidden files are left out. Raises ValueError naming --lq when it names nothing."""
+    path = Path(lq)
+    if path.is_dir():
+        files, root = [p for p in path.rglob("*") if p.is_file()], path
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        files = listed_files(path)
+        root = common_folder(files)
+    elif path.is_file():
+        files, root = [path], path.parent
+    elif glob.has_magic(lq):
+        files = [Path(p) for p in glob.glob(lq, recursive=True) if Path(p).is_file()]
+        root = glob_root(lq)
+    else:
+        raise ValueError(f"--lq: {lq} is neither a file, a folder nor a glob that matches files; give a photo, "
+                         "a folder of photos, a glob like 'scans/**/*.jpg', a text file listing paths, or a video.")
+    exclude = exclude.resolve() if exclude is not None else None
+    chosen = [file for file in files if not is_hidden(file.relative_to(root))
+              and (exclude is None or not file.resolve().is_relative_to(exclude))]
+    if not chosen:
+        raise ValueError(f"--lq: {lq} holds no files to restore.")
+    items = {file.relative_to(root).as_posix(): file for file in chosen}
+    return [ArchiveInput(items[relative], relative) for relative in sorted(items)]
+
+
+def listed_files(list_file: Path) -> list[Path]:
+    """The paths in a list file; a missing one stays in (it is reported as that input's error)."""
+    files = []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            entry = Path(line).expanduser()
+            files.append(entry if entry.is_absolute() else list_file.parent / entry)
+    return [Path(os.path.normpath(file.absolute())) for file in files]
+
+
+def common_folder(files: list[Path]) -> Path:
+    if not files:
+        return Path(".")
+    return Path(os.path.commonpath([file.absolute().parent for file in files]))
+
+
+def glob_root(pattern: str) -> Path:
+    """The folder before the first wildcard: the tree below it is mirrored."""
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
+def is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)

@@ -1,0 +1,267 @@
+"""Restoring an archive's photos and videos: faces of several photos share one sampler call, video faces
+are tracked so that each keeps one identity and seed; every input ends in one manifest record.
+
+Seeds: face f of a photo gets ``seed + f`` (as the single-photo CLI does, whatever the batching), the
+faces of video track t get ``seed + t`` in every frame.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..faces import align_photo, detect_and_align, match_faces, paste_restored
+from ..faces.matching import MATCH_SIMILARITY
+from ..imageio import read_rgb, write_rgb
+from .inputs import ArchiveInput
+from .manifest import append_record
+from .tracking import track_faces, vote_identities
+from .video import decode_frames, probe, write_video
+
+
+@dataclass
+class Timings:
+    """Seconds spent on reading/writing files, face detection (with matching and alignment) and sampling."""
+
+    io: float = 0.0
+    detection: float = 0.0
+    sampling: float = 0.0
+    faces: int = 0
+
+    @contextmanager
+    def measure(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, part, getattr(self, part) + time.perf_counter() - start)
+
+
+@dataclass
+class ArchiveJob:
+    """Everything one process needs to restore its share of the inputs and report them."""
+
+    restorer: object               # ridfr_core.restore.Restorer
+    identities: list               # ridfr_core.identity.Identity per person
+    names: list[str]               # the people's names, as the report gives them
+    out: Path
+    manifest: Path                 # this process's manifest (or manifest part)
+    settings: dict                 # what the manifest records as the settings
+    progress: Callable[[int, int], None]  # called with (files, faces) finished
+    seed: int = 0
+    batch_size: int = 8
+    unmatched: str = "restore_without_identity"
+    upscale: float = 1.0
+    timings: Timings = field(default_factory=Timings)
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        return torch.cat([identity.id_embeds for identity in self.identities]).float().cpu().numpy()
+
+    def sample(self, crops: torch.Tensor, identity_index: list, seeds: list[int]) -> torch.Tensor:
+        """Restored crops, ``batch_size`` faces per sampler call; identity scale 0 for faces of nobody."""
+        restored = []
+        with self.timings.measure("sampling"):
+            for start in range(0, len(crops), self.batch_size):
+                part = slice(start, start + self.batch_size)
+                scales = torch.tensor([0.0 if index is None else 1.0 for index in identity_index[part]])
+                run = self.restorer.restore_fn(self.identities, seeds[part])
+                restored.append(run(crops[part], scales, identity_index[part]).float().clamp(0, 1))
+        self.timings.faces += len(crops)
+        return torch.cat(restored) if restored else crops[:0]
+
+    def record(self, item: ArchiveInput, status: str, started: float, **fields) -> None:
+        output = fields.pop("output", None)
+        record = {"input": item.relative, "source": str(item.source), "status": status, "output": output,
+                  **fields, "settings": self.settings, "seconds": round(time.perf_counter() - started, 3)}
+        append_record(self.manifest, record)
+
+    def fail(self, item: ArchiveInput, started: float, error: BaseException) -> None:
+        self.record(item, "error", started, error=f"{type(error).__name__}: {error}")
+        self.progress(1, 0)
+
+
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a hidden file beside ``target`` (same suffix, so the format follows it), then rename:
+    a crash never leaves a half-written output under the output's name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def face_similarities(faces, embeddings: np.ndarray) -> np.ndarray:
+    """(F,K) ArcFace cosine of each detected face to each person."""
+    if not faces:
+        return np.zeros((0, len(embeddings)))
+    faces = np.stack([face.embedding for face in faces]).astype(np.float64)
+    people = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return faces / np.linalg.norm(faces, axis=1, keepdims=True) @ people.T
+
+
+@dataclass
+class PendingPhoto:
+    item: ArchiveInput
+    photo: object                  # ridfr_core.faces.FacesInPhoto
+    chosen: list[int]              # faces that get restored
+    started: float
+
+
+class PhotoBatches:
+    """Photos wait here after detection until their faces fill a sampler batch."""
+
+    def __init__(self, job: ArchiveJob):
+        self.job, self.pending, self.faces = job, [], 0
+
+    def add(self, item: ArchiveInput) -> None:
+        job, started = self.job, time.perf_counter()
+        try:
+            with job.timings.measure("io"):
+                image = read_rgb(item.source, "--lq")
+            with job.timings.measure("detection"):
+                photo = detect_and_align(job.restorer.analyzer, image, job.embeddings, MATCH_SIMILARITY,
+                                         on_no_face="skip", name=item.relative)
+            chosen = photo.to_restore(job.unmatched)
+        except Exception as error:  # one bad file never stops the run: it gets its manifest line
+            job.fail(item, started, error)
+            return
+        self.pending.append(PendingPhoto(item, photo, chosen, started))
+        self.faces += len(chosen)
+        if self.faces >= job.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending, self.faces = self.pending, [], 0
+        if not pending:
+            return
+        job = self.job
+        crops = torch.cat([entry.photo.crops[entry.chosen] for entry in pending])
+        identity_index = [entry.photo.identity_index[face] for entry in pending for face in entry.chosen]
+        seeds = [job.seed + face for entry in pending for face in entry.chosen]
+        try:
+            restored = job.sample(crops, identity_index, seeds)
+        except Exception as error:
+            for entry in pending:
+                job.fail(entry.item, entry.started, error)
+            return
+        first = 0
+        for entry in pending:
+            part, first = restored[first:first + len(entry.chosen)], first + len(entry.chosen)
+            self.finish(entry, part)
+
+    def finish(self, entry: PendingPhoto, restored: torch.Tensor) -> None:
+        job, photo = self.job, entry.photo
+        try:
+            result = paste_restored(photo, restored, entry.chosen, job.upscale)
+            target = job.out / entry.item.relative
+            with job.timings.measure("io"):
+                write_atomically(target, lambda path: write_rgb(path, result.image))
+        except Exception as error:
+            job.fail(entry.item, entry.started, error)
+            return
+        similarity = face_similarities(photo.faces, job.embeddings)
+        faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], similarity[face], job,
+                             restored=face in entry.chosen, seed=job.seed + face) for face in range(len(photo.faces))]
+        job.record(entry.item, "no_face" if photo.skipped else "done", entry.started, output=entry.item.relative,
+                   faces=faces)
+        job.progress(1, len(entry.chosen))
+
+
+def face_record(number: int, box, identity: int | None, similarity: np.ndarray, job: ArchiveJob, **more) -> dict:
+    """A face in the manifest: where, who (None: nobody) and how sure (ArcFace cosine to that person, or
+    to the most similar one when nobody matched)."""
+    best = similarity[identity] if identity is not None else (similarity.max() if similarity.size else np.nan)
+    return {"face": number, "box": [round(float(v), 1) for v in box],
+            "person": job.names[identity] if identity is not None else None,
+            "similarity": round(float(best), 3), **more}
+
+
+def restore_video(job: ArchiveJob, item: ArchiveInput) -> None:
+    """Detect faces in every frame, track them, match each track once, restore frame batches, encode."""
+    started = time.perf_counter()
+    try:
+        detections, pts = detect_video(job, item.source)
+        tracks = track_faces([np.array([face.bbox for face in faces]).reshape(-1, 4) for faces in detections])
+        people = identify_tracks(job, detections, tracks)
+        info = probe(item.source, pts)
+        frames = restored_frames(job, item.source, detections, tracks, people)
+        with job.timings.measure("io"):
+            write_atomically(job.out / item.relative, lambda path: write_video(item.source, path, info, frames))
+    except Exception as error:
+        job.fail(item, started, error)
+        return
+    report = [{"track": track, "person": job.names[who.identity] if who.identity is not None else None,
+               "votes": round(who.votes, 3), "similarity": round(who.similarity, 3), "frames": who.frames,
+               "seed": job.seed + track} for track, who in people.items()]
+    job.record(item, "done" if people else "no_face", started, output=item.relative, frames=len(pts),
+               fps=float(info.rate), audio_streams=info.audio_streams, tracks=report)
+    job.progress(1, 0)
+
+
+def detect_video(job: ArchiveJob, source: Path):
+    """(faces of each frame, each frame's pts)."""
+    detections, pts = [], []
+    frames = decode_frames(source)
+    while True:
+        with job.timings.measure("io"):
+            decoded = next(frames, None)
+        if decoded is None:
+            return detections, pts
+        with job.timings.measure("detection"):
+            detections.append(job.restorer.analyzer.detect(decoded[0], embed=True, name=f"{source} frame {len(pts)}"))
+        pts.append(decoded[1])
+
+
+def identify_tracks(job: ArchiveJob, detections, tracks):
+    """{track: TrackIdentity}: each frame's faces matched to the people, then one vote per track."""
+    track_of_face, identity_of_face, similarity_of_face = [], [], []
+    embeddings = job.embeddings
+    for faces, frame_tracks in zip(detections, tracks):
+        if faces:
+            matches = match_faces(np.stack([face.embedding for face in faces]), embeddings, MATCH_SIMILARITY)
+            track_of_face += frame_tracks
+            identity_of_face += matches.identity
+            similarity_of_face.append(matches.similarity)
+    if not track_of_face:
+        return {}
+    return vote_identities(track_of_face, identity_of_face, np.concatenate(similarity_of_face))
+
+
+def restored_frames(job: ArchiveJob, source: Path, detections, tracks, people) -> Iterator[np.ndarray]:
+    """The frames in order with their faces restored; frames wait until their faces fill a batch."""
+    pending, faces = [], 0
+    frames = decode_frames(source)
+    for number, (frame, _) in enumerate(frames):
+        identity_index = [people[track].identity for track in tracks[number]]
+        photo = align_photo(frame, detections[number], identity_index, name=f"{source} frame {number}")
+        chosen = photo.to_restore(job.unmatched)
+        pending.append((photo, chosen, [job.seed + tracks[number][face] for face in chosen]))
+        faces += len(chosen)
+        if faces >= job.batch_size:
+            yield from restore_frames(job, pending)
+            pending, faces = [], 0
+    yield from restore_frames(job, pending)
+
+
+def restore_frames(job: ArchiveJob, pending) -> Iterator[np.ndarray]:
+    if not pending:
+        return
+    crops = torch.cat([photo.crops[chosen] for photo, chosen, _ in pending])
+    identity_index = [photo.identity_index[face] for photo, chosen, _ in pending for face in chosen]
+    restored = job.sample(crops, identity_index, [seed for *_, seeds in pending for seed in seeds])
+    first = 0
+    for photo, chosen, _ in pending:
+        part, first = restored[first:first + len(chosen)], first + len(chosen)
+        job.progress(0, len(chosen))
+        yield paste_restored(photo, part, chosen, job.upscale).image

@@ -1,0 +1,165 @@
+"""The archive job of ``python -m ridfr_core.restore`` (``--lq`` a folder, glob, list or video), on one
+process or, under ``accelerate launch``, split across processes with accelerate's own splitting.
+
+Every process skips the inputs the manifest marks finished, takes its share of the rest
+(``PartialState.split_between_processes``), appends its records to its own manifest part, and the main
+process merges the parts once all are done. The exit code is 1 when any input failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from ..imageio import read_rgb
+from .inputs import ArchiveInput, collect_inputs
+from .manifest import finished_inputs, latest_records, manifest_path, merge_parts, part_path
+from .people import people_folders
+from .restoring import ArchiveJob, PhotoBatches, Timings, restore_video
+
+logger = logging.getLogger(__name__)
+INTERRUPTED = 130
+
+
+def reference_people(args) -> list[tuple[str, list]]:
+    """(name, reference photo paths) per person: --id (one person), each --person, each --people sub-folder."""
+    people = [("id", list(args.references))] if args.references else []
+    people += [(f"person {number}", [path for path in group.split(",") if path])
+               for number, group in enumerate(args.person, 1)]
+    if args.people:
+        people += [(name, [str(path) for path in photos]) for name, photos in people_folders(args.people)]
+    if not people:
+        raise ValueError("--id: give at least one reference photo (--id, --person for each person, or --people DIR).")
+    return people
+
+
+def check_outputs(items: list[ArchiveInput], out: Path) -> None:
+    """Never overwrite an input: the output folder must not be the input folder."""
+    for item in items:
+        if (out / item.relative).resolve() == item.source.resolve():
+            raise ValueError(f"--out: {out} would overwrite the input {item.source}; choose another output folder.")
+
+
+def settings_record(args, restorer) -> dict:
+    backend = restorer.pipeline.backend
+    sampling = restorer.sampling
+    scale = restorer.identity_scale
+    return {"backend": backend.name, "steps": sampling.get("steps") or backend.steps,
+            "sampler": sampling.get("sampler") or backend.sampler,
+            "guidance": sampling["guidance"] if sampling.get("guidance") is not None else backend.guidance,
+            "identity_scale": "auto" if scale.metric is not None else scale.fixed,
+            "content_scale": sampling.get("content_scale"),
+            "color_fix": sampling["color_fix"] if sampling.get("color_fix") is not None else backend.color_fix,
+            "seed": args.seed, "unmatched": args.unmatched, "upscale": args.upscale}
+
+
+class Progress:
+    """tqdm bars over this process's files (with the ETA) and faces restored (with the rate)."""
+
+    def __init__(self, files: int, process: int):
+        from tqdm.auto import tqdm
+
+        prefix = f"[{process}] " if process else ""
+        self.files = tqdm(total=files, unit="file", desc=f"{prefix}files", position=2 * process, dynamic_ncols=True)
+        self.faces = tqdm(unit="face", desc=f"{prefix}faces", position=2 * process + 1, dynamic_ncols=True)
+
+    def __call__(self, files: int, faces: int) -> None:
+        self.files.update(files)
+        self.faces.update(faces)
+
+    def close(self) -> None:
+        self.files.close()
+        self.faces.close()
+
+
+def restore_share(job: ArchiveJob, items: list[ArchiveInput]) -> None:
+    """Restore this process's inputs in order; photos are batched, a video is restored on its own."""
+    photos = PhotoBatches(job)
+    for item in items:
+        if item.kind == "image":
+            photos.add(item)
+        elif item.kind == "video":
+            photos.flush()
+            restore_video(job, item)
+        else:
+            job.record(item, "skipped", time.perf_counter(), error=f"not a photo or video ({item.source.suffix or 'no suffix'})")
+            job.progress(1, 0)
+    photos.flush()
+
+
+def summary(items: list[ArchiveInput], records: dict[str, dict], already: set[str]) -> tuple[str, list[dict]]:
+    """(one line per kind of outcome, the failed records) for the inputs of this run."""
+    counts, failed = Counter(), []
+    for item in items:
+        record = records.get(item.relative)
+        status = "already done" if item.relative in already else record["status"] if record else "not reached"
+        counts[status] += 1
+        if status in ("error", "not reached"):
+            failed.append(record or {"input": item.relative, "error": "not reached"})
+    text = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    return f"{len(items)} inputs: {text}", failed
+
+
+def run_archive(args, paths: dict, make_restorer) -> int:
+    """The archive job; ``make_restorer(paths)`` loads the models (only where inputs are left to do)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    out = Path(args.out)
+    items = collect_inputs(args.lq, exclude=out)
+    check_outputs(items, out)
+    people = reference_people(args)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        merge_parts(out)  # the parts of a run that crashed
+    state.wait_for_everyone()
+    already = finished_inputs(out)
+    pending = [item for item in items if item.relative not in already]
+    record_to = manifest_path(out) if state.num_processes == 1 else part_path(out, state.process_index)
+    try:
+        with state.split_between_processes(pending) as share:
+            if share:
+                restore_with_models(args, paths, make_restorer, people, share, out, record_to, state.process_index)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to resume (finished inputs are in {manifest_path(out)}).",
+              file=sys.stderr)
+        return INTERRUPTED
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_parts(out)
+    state.wait_for_everyone()
+    text, failed = summary(items, latest_records(manifest_path(out)), already)
+    if state.is_main_process:
+        print(text)
+        for record in failed:
+            print(f"  failed: {record['input']}: {record.get('error')}", file=sys.stderr)
+        print(f"manifest: {manifest_path(out)}")
+    return 1 if failed else 0
+
+
+def restore_with_models(args, paths, make_restorer, people, share, out, record_to, process) -> None:
+    restorer = make_restorer(paths)
+    identities = []
+    for name, photos in people:
+        identity, report = restorer.identity([read_rgb(path, f"--people {name}") for path in photos],
+                                             args.aligned_references)
+        logger.info("%s: %s", name, report.summary())
+        identities.append(identity)
+    progress = Progress(len(share), process)
+    job = ArchiveJob(restorer, identities, [name for name, _ in people], out, record_to,
+                     settings_record(args, restorer), progress, seed=args.seed, batch_size=args.batch_size,
+                     unmatched=args.unmatched, upscale=args.upscale)
+    try:
+        restore_share(job, share)
+    finally:
+        progress.close()
+        log_timings(job.timings)
+
+
+def log_timings(timings: Timings) -> None:
+    logger.info("time: I/O %.1f s, detection %.1f s, sampling %.1f s (%d faces)", timings.io, timings.detection,
+                timings.sampling, timings.faces)

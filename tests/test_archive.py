@@ -1,0 +1,133 @@
+"""Archive building blocks without models: inputs and their output tree, the manifest, face tracking, video I/O."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from ridfr_core.archive.inputs import collect_inputs, is_archive_input
+from ridfr_core.archive.manifest import (append_record, finished_inputs, latest_records, manifest_path, merge_parts,
+                                         part_path)
+from ridfr_core.archive.tracking import box_iou, track_faces, vote_identities
+from ridfr_core.archive.video import decode_frames, probe, write_video
+
+av = pytest.importorskip("av")
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_folder_glob_and_list_inputs_mirror_their_tree(tmp_path):
+    albums = tmp_path / "albums"
+    for name in ("1990/a.jpg", "1990/b.png", "2001/trip/c.jpg", "notes.txt", ".hidden/d.jpg"):
+        touch(albums / name)
+    out = albums / "restored"  # an output folder inside the input folder is never an input
+    touch(out / "1990" / "a.jpg")
+    assert [i.relative for i in collect_inputs(str(albums), exclude=out)] == [
+        "1990/a.jpg", "1990/b.png", "2001/trip/c.jpg", "notes.txt"]
+    assert [i.kind for i in collect_inputs(str(albums), exclude=out)] == ["image", "image", "image", "other"]
+    assert [i.relative for i in collect_inputs(str(albums / "*" / "*.jpg"))] == ["1990/a.jpg"]
+    globbed = collect_inputs(str(albums / "**" / "*.jpg"))
+    assert [i.relative for i in globbed] == ["1990/a.jpg", "2001/trip/c.jpg", "restored/1990/a.jpg"]
+    listing = touch(tmp_path / "list.txt", b"albums/1990/b.png\n# a comment\n\nalbums/2001/trip/c.jpg  # last\n")
+    listed = collect_inputs(str(listing))
+    assert [i.relative for i in listed] == ["1990/b.png", "2001/trip/c.jpg"]
+    assert listed[0].source == albums / "1990" / "b.png"
+    assert is_archive_input(str(albums)) and is_archive_input(str(listing)) and is_archive_input("x/*.jpg")
+    assert is_archive_input("talk.mp4") and not is_archive_input(str(albums / "1990" / "a.jpg"))
+    with pytest.raises(ValueError, match="--lq"):
+        collect_inputs(str(tmp_path / "missing"))
+
+
+def test_manifest_resume_merge_and_torn_lines(tmp_path):
+    out = tmp_path / "out"
+    touch(out / "a.png")
+    append_record(manifest_path(out), {"input": "a.png", "status": "done", "output": "a.png"})
+    append_record(manifest_path(out), {"input": "b.png", "status": "done", "output": "b.png"})  # output gone
+    append_record(manifest_path(out), {"input": "c.png", "status": "error", "output": None})
+    append_record(part_path(out, 1), {"input": "c.png", "status": "skipped", "output": None})
+    with open(part_path(out, 1), "a") as stream:
+        stream.write('{"input": "d.png", "sta')  # a crash in the middle of a line
+    assert finished_inputs(out) == {"a.png"}
+    assert merge_parts(out) == 1
+    assert not part_path(out, 1).exists()
+    assert finished_inputs(out) == {"a.png", "c.png"}
+    assert latest_records(manifest_path(out))["c.png"]["status"] == "skipped"
+    assert all(json.loads(line) for line in manifest_path(out).read_text().splitlines())
+
+
+def test_tracks_follow_overlapping_boxes_through_gaps_and_crossings():
+    left, right = np.array([0, 0, 100, 100.0]), np.array([300, 0, 400, 100.0])
+    assert box_iou(left[None], left[None])[0, 0] == pytest.approx(1.0)
+    assert box_iou(left[None], right[None])[0, 0] == 0.0
+    frames = [np.stack([left, right]), np.stack([right + [10, 0, 10, 0], left + [10, 5, 10, 5]]),  # order swapped
+              np.zeros((0, 4)), np.stack([left + [20, 5, 20, 5]]),  # a gap of one frame, then only the left face
+              np.stack([np.array([150, 300, 250, 400.0])])]  # somebody new
+    assert track_faces(frames) == [[0, 1], [1, 0], [], [0], [2]]
+    assert track_faces(frames, max_gap=0) == [[0, 1], [1, 0], [], [2], [3]]
+
+
+def test_a_track_gets_one_identity_by_vote():
+    tracks = [0, 1, 0, 1, 0, 1]
+    identities = [0, 1, 1, 1, 0, None]  # track 0 flickers once to person 1; track 1 misses once
+    similarity = np.array([[0.6, 0.1], [0.1, 0.5], [0.3, 0.35], [0.0, 0.4], [0.5, 0.2], [0.1, 0.15]])
+    votes = vote_identities(tracks, identities, similarity)
+    assert (votes[0].identity, votes[1].identity) == (0, 1)
+    assert votes[0].votes == pytest.approx(2 / 3) and votes[0].frames == 3
+    assert votes[0].similarity == pytest.approx((0.6 + 0.3 + 0.5) / 3)
+    tied = vote_identities([0, 0], [0, 1], np.array([[0.3, 0.5], [0.3, 0.5]]))
+    assert tied[0].identity == 1  # a tie goes to the higher mean similarity
+
+
+def make_video(path, frames, rate=10, audio_seconds=None):
+    """A small H.264 video (and AAC audio) written with PyAV."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        audio = None
+        if audio_seconds:
+            audio = container.add_stream("aac", rate=16000)
+            audio.layout = "mono"
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+        if audio is not None:
+            samples = np.sin(np.arange(int(16000 * audio_seconds)) / 16000 * 2 * np.pi * 440).astype(np.float32)
+            for start in range(0, len(samples), 1024):
+                chunk = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 16000, start
+                container.mux(audio.encode(chunk))
+            container.mux(audio.encode(None))
+    return path
+
+
+def audio_packets(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        return stream.codec_context.name, [p.size for p in container.demux(stream) if p.dts is not None]
+
+
+def test_video_keeps_rate_timestamps_and_audio(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(7)]
+    source = make_video(tmp_path / "talk.mp4", frames, rate=Fraction(30000, 1001), audio_seconds=0.7)
+    decoded = list(decode_frames(source))
+    info = probe(source, [pts for _, pts in decoded])
+    target = tmp_path / "out.mp4"
+    assert write_video(source, target, info, (255 - rgb for rgb, _ in decoded)) == 7
+    with av.open(str(target)) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == Fraction(30000, 1001)
+        out = [(frame.to_ndarray(format="rgb24"), frame.time) for frame in container.decode(stream)]
+    with av.open(str(source)) as container:
+        times = [frame.time for frame in container.decode(video=0)]
+    assert [time for _, time in out] == pytest.approx(times, abs=1e-3)
+    assert np.abs(out[3][0].astype(int) - (255 - decoded[3][0]).astype(int)).mean() < 20  # lossy, but these frames
+    assert audio_packets(target) == audio_packets(source)  # copied packet for packet, not re-encoded

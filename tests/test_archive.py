@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from fractions import Fraction
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from ridfr_core.archive.inputs import collect_inputs, is_archive_input
 from ridfr_core.archive.manifest import (append_record, finished_inputs, latest_records, manifest_path, merge_parts,
-                                         part_path)
+                                         part_path, read_records)
 from ridfr_core.archive.tracking import box_iou, track_faces, vote_identities
 from ridfr_core.archive.video import decode_frames, probe, write_video
 
@@ -52,14 +51,16 @@ def test_manifest_resume_merge_and_torn_lines(tmp_path):
     append_record(manifest_path(out), {"input": "b.png", "status": "done", "output": "b.png"})  # output gone
     append_record(manifest_path(out), {"input": "c.png", "status": "error", "output": None})
     append_record(part_path(out, 1), {"input": "c.png", "status": "skipped", "output": None})
-    with open(part_path(out, 1), "a") as stream:
+    with open(manifest_path(out), "a") as stream:
         stream.write('{"input": "d.png", "sta')  # a crash in the middle of a line
     assert finished_inputs(out) == {"a.png"}
     assert merge_parts(out) == 1
     assert not part_path(out, 1).exists()
     assert finished_inputs(out) == {"a.png", "c.png"}
     assert latest_records(manifest_path(out))["c.png"]["status"] == "skipped"
-    assert all(json.loads(line) for line in manifest_path(out).read_text().splitlines())
+    append_record(part_path(out, 1), {"input": "e.png", "status": "done", "output": None})
+    assert set(latest_records(part_path(out, 1))) == {"e.png"}  # the torn line did not swallow it
+    assert [record["input"] for record in read_records(manifest_path(out))] == ["a.png", "b.png", "c.png", "c.png"]
 
 
 def test_tracks_follow_overlapping_boxes_through_gaps_and_crossings():
@@ -87,10 +88,12 @@ def test_a_track_gets_one_identity_by_vote():
 
 def make_video(path, frames, rate=10, audio_seconds=None):
     """A small H.264 video (and AAC audio) written with PyAV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
+        stream.options = {"qp": "0"}  # lossless: a black frame decodes black
         audio = None
         if audio_seconds:
             audio = container.add_stream("aac", rate=16000)

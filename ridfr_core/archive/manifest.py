@@ -28,9 +28,15 @@ def part_path(out: Path, process: int) -> Path:
 
 def append_record(path: Path, record: dict) -> None:
     """Append one line and sync it to disk before the next input starts."""
+    append_lines(path, [json.dumps(record, ensure_ascii=False)])
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append and sync; a line cut short by a crash is ended first, so it cannot swallow the next one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as stream:
-        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(path, "a+b") as stream:
+        torn = stream.tell() > 0 and stream.seek(-1, os.SEEK_END) is not None and stream.read(1) != b"\n"
+        stream.write(("\n" if torn else "").encode() + "".join(line + "\n" for line in lines).encode("utf-8"))
         stream.flush()
         os.fsync(stream.fileno())
 
@@ -67,10 +73,7 @@ def merge_parts(out: Path) -> int:
     merged = 0
     for part in sorted(out.glob(PART_GLOB)):
         records = read_records(part)
-        with open(manifest_path(out), "a", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-            stream.flush()
-            os.fsync(stream.fileno())
+        append_lines(manifest_path(out), [json.dumps(record, ensure_ascii=False) for record in records])
         part.unlink()
         merged += len(records)
     return merged

@@ -7,6 +7,7 @@ faces of video track t get ``seed + t`` in every frame.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..faces import align_photo, detect_and_align, match_faces, paste_restored
+from ..faces import FaceError, align_photo, detect_and_align, match_faces, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
 from ..imageio import read_rgb, write_rgb
 from .inputs import ArchiveInput
 from .manifest import append_record
 from .tracking import track_faces, vote_identities
 from .video import decode_frames, probe, write_video
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ArchiveJob:
     manifest: Path                 # this process's manifest (or manifest part)
     settings: dict                 # what the manifest records as the settings
     progress: Callable[[int, int], None]  # called with (files, faces) finished
+    process: int = 0               # accelerate's process index
     seed: int = 0
     batch_size: int = 8
     unmatched: str = "restore_without_identity"
@@ -81,7 +85,8 @@ class ArchiveJob:
     def record(self, item: ArchiveInput, status: str, started: float, **fields) -> None:
         output = fields.pop("output", None)
         record = {"input": item.relative, "source": str(item.source), "status": status, "output": output,
-                  **fields, "settings": self.settings, "seconds": round(time.perf_counter() - started, 3)}
+                  **fields, "settings": self.settings, "seconds": round(time.perf_counter() - started, 3),
+                  "process": self.process}
         append_record(self.manifest, record)
 
     def fail(self, item: ArchiveInput, started: float, error: BaseException) -> None:
@@ -218,8 +223,14 @@ def detect_video(job: ArchiveJob, source: Path):
             decoded = next(frames, None)
         if decoded is None:
             return detections, pts
+        name = f"{source} frame {len(pts)}"
         with job.timings.measure("detection"):
-            detections.append(job.restorer.analyzer.detect(decoded[0], embed=True, name=f"{source} frame {len(pts)}"))
+            try:
+                faces = job.restorer.analyzer.detect(decoded[0], embed=True, name=name)
+            except FaceError as error:  # e.g. a face too blank to recognise: this frame stays as it is
+                logger.warning("%s: %s; the frame is kept as it is.", name, error)
+                faces = []
+        detections.append(faces)
         pts.append(decoded[1])
 
 

@@ -151,7 +151,7 @@ def restore_with_models(args, paths, make_restorer, people, share, out, record_t
         identities.append(identity)
     progress = Progress(len(share), process)
     job = ArchiveJob(restorer, identities, [name for name, _ in people], out, record_to,
-                     settings_record(args, restorer), progress, seed=args.seed, batch_size=args.batch_size,
+                     settings_record(args, restorer), progress, process=process, seed=args.seed, batch_size=args.batch_size,
                      unmatched=args.unmatched, upscale=args.upscale)
     try:
         restore_share(job, share)

@@ -1,0 +1,161 @@
+"""Archive runs of ``python -m ridfr_core.restore`` on tiny models: folders with people and bad files,
+resume, video, and two processes under accelerate.
+
+The scripted face detector finds one face at a fixed place in any image that is not all black, and the
+projection ArcFace recognises an image by its pixels, so a person's reference photo that equals an album
+photo is that person's face.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+from ridfr_core.archive.manifest import read_records
+from ridfr_core.restore import main
+from test_archive import audio_packets, make_video
+
+av = pytest.importorskip("av")
+
+
+def smooth_image(seed: int, size: int = 640) -> np.ndarray:
+    """A smooth random picture (not all black, so the scripted detector finds its face)."""
+    small = np.random.default_rng(seed).integers(40, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
+
+
+def save(path, rgb):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def huge_png_header(width: int = 40000, height: int = 40000) -> bytes:
+    """A PNG that claims 1.6 gigapixels (a decompression bomb to PIL), with a few bytes of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def records(out):
+    return read_records(out / "manifest.jsonl")
+
+
+def common_args(models, tiny_models, *more):
+    return ["--models", str(models), "--config-dir", str(tiny_models.configs), "--steps", "1", "--device", "cpu",
+            *more]
+
+
+@pytest.fixture
+def people(tmp_path):
+    folder = tmp_path / "people"
+    save(folder / "alice" / "ref.png", smooth_image(1))
+    save(folder / "bob" / "ref.png", smooth_image(2))
+    return folder
+
+
+def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_dir, people, tmp_path, capsys):
+    albums = tmp_path / "albums"
+    save(albums / "1990" / "alice.png", smooth_image(1))
+    save(albums / "2001" / "trip" / "bob.jpg", smooth_image(2))
+    save(albums / "stranger.png", smooth_image(3))
+    save(albums / "night.png", np.zeros((320, 320, 3), np.uint8))  # no face
+    good = (albums / "2001" / "trip" / "bob.jpg").read_bytes()
+    (albums / "corrupt.jpg").write_bytes(good[: len(good) // 3])
+    (albums / "empty.png").write_bytes(b"")
+    (albums / "not_an_image.jpg").write_text("a caption, not a photo")
+    (albums / "huge.png").write_bytes(huge_png_header())
+    (albums / "notes.txt").write_text("album notes")
+    out = tmp_path / "restored"
+    args = ["--lq", str(albums), "--out", str(out), "--people", str(people), "--unmatched", "keep_original",
+            "--batch-size", "4", "--seed", "7", *common_args(ridfr_models_dir, tiny_models)]
+
+    assert main(args) == 1  # some inputs failed, and the run still finished every other one
+    first = {record["input"]: record for record in records(out)}
+    assert len(records(out)) == len(first) == 9  # one line per input
+    status = {name: record["status"] for name, record in first.items()}
+    assert status == {"1990/alice.png": "done", "2001/trip/bob.jpg": "done", "stranger.png": "done",
+                      "night.png": "no_face", "notes.txt": "skipped", "corrupt.jpg": "error", "empty.png": "error",
+                      "not_an_image.jpg": "error", "huge.png": "error"}
+    assert "decompression bomb" in first["huge.png"]["error"] and "--lq" in first["empty.png"]["error"]
+    alice, = first["1990/alice.png"]["faces"]
+    assert alice["person"] == "alice" and alice["similarity"] > 0.99 and alice["seed"] == 7 and alice["restored"]
+    assert first["2001/trip/bob.jpg"]["faces"][0]["person"] == "bob"
+    stranger, = first["stranger.png"]["faces"]
+    assert stranger["person"] is None and stranger["similarity"] < 0.9 and not stranger["restored"]
+    assert first["1990/alice.png"]["settings"]["steps"] == 1 and first["1990/alice.png"]["settings"]["seed"] == 7
+    # The output mirrors the input tree; restored faces changed, a face of nobody and a photo of nobody did not.
+    for name in ("1990/alice.png", "2001/trip/bob.jpg", "stranger.png", "night.png"):
+        assert first[name]["output"] == name and (out / name).is_file()
+    before, after = np.asarray(Image.open(albums / "1990" / "alice.png")), np.asarray(Image.open(out / "1990" / "alice.png"))
+    assert 0.01 < np.any(before != after, axis=-1).mean() < 0.9
+    assert np.array_equal(np.asarray(Image.open(out / "stranger.png")), smooth_image(3))
+    summary = capsys.readouterr()
+    assert "9 inputs" in summary.out and "4 error" in summary.out and "corrupt.jpg" in summary.err
+
+    # Resume: the finished inputs are skipped, the failed ones are tried again, a lost output is redone,
+    # and a line cut short by a crash is ignored.
+    (out / "stranger.png").unlink()
+    stamp = (out / "1990" / "alice.png").stat().st_mtime_ns
+    with open(out / "manifest.jsonl", "a") as stream:
+        stream.write('{"input": "1990/alice.png", "status": "err')
+    assert main(args) == 1
+    again = Counter(record["input"] for record in records(out)[9:])
+    assert again == Counter({"stranger.png": 1, "corrupt.jpg": 1, "empty.png": 1, "not_an_image.jpg": 1,
+                             "huge.png": 1})
+    assert (out / "1990" / "alice.png").stat().st_mtime_ns == stamp
+    assert not [path for path in out.rglob(".*")]  # no partial files left behind
+
+
+def test_a_video_keeps_rate_audio_and_one_identity_per_face(tiny_models, ridfr_models_dir, people, tmp_path):
+    face = smooth_image(1, 256)
+    frames = [np.roll(face, shift, axis=1) for shift in (0, 2)] + [np.zeros_like(face)] + [np.roll(face, 4, axis=1)]
+    video = make_video(tmp_path / "in" / "talk.mp4", frames, rate=12, audio_seconds=0.4)
+    out = tmp_path / "out"
+    assert main(["--lq", str(video), "--out", str(out), "--people", str(people), "--seed", "3",
+                 *common_args(ridfr_models_dir, tiny_models)]) == 0
+    record, = records(out)
+    assert record["status"] == "done" and record["frames"] == 4 and record["fps"] == 12
+    track, = record["tracks"]  # the face is one track across the frame without it
+    assert track == {**track, "person": "alice", "votes": 1.0, "frames": 3, "seed": 3}
+    with av.open(str(out / "talk.mp4")) as container:
+        assert container.streams.video[0].average_rate == 12
+        restored = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(restored) == 4
+    assert np.abs(restored[0].astype(int) - face.astype(int)).mean() > 1  # the face was restored
+    assert np.abs(restored[2].astype(int)).mean() < 3  # the frame without a face stays black
+    assert audio_packets(out / "talk.mp4") == audio_packets(video)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, ridfr_models_dir, people, tmp_path):
+    """accelerate's torchrun launcher starts two real processes; on CPU (--device cpu) they talk over gloo."""
+    albums = tmp_path / "albums"
+    for number in range(5):
+        save(albums / f"photo{number}.png", smooth_image(1) if number == 0 else np.zeros((64, 64, 3), np.uint8))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "ridfr_core.restore", "--lq", str(albums),
+               "--out", str(out), "--people", str(people), *common_args(ridfr_models_dir, tiny_models)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = records(out)
+    assert sorted(record["input"] for record in done) == [f"photo{number}.png" for number in range(5)]
+    assert {record["process"] for record in done} == {0, 1}
+    assert not list(out.glob("manifest.part*"))
+    assert all((out / record["output"]).is_file() for record in done)

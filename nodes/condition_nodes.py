@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from comfy_api.latest import io
 
@@ -28,7 +29,10 @@ def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
     return FaceBatch(lq=lq, photos=None, backend=backend)
 
 
-def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str) -> FaceBatch:
+def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str, track: bool = False) -> FaceBatch:
+    """Every face of every photo, detected and aligned; with ``track`` the photos are frames of a video and
+    each face gets its track (faces followed from frame to frame by box overlap)."""
+    from ridfr_core.archive.tracking import track_faces
     from ridfr_core.faces import FaceError, detect_and_align
 
     analyzer = ridfr.face_analyzer()
@@ -44,7 +48,12 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str)
         first += len(photo.faces)
     if first == 0:
         raise NodeError("ContentCondition", "image", f"no face in any of the {len(image)} photo(s); nothing to restore.")
-    return FaceBatch(lq=torch.cat([photo.photo.crops for photo in photos]), photos=photos, backend=ridfr.backend)
+    tracks = None
+    if track:
+        boxes = [np.array([face.bbox for face in entry.photo.faces]).reshape(-1, 4) for entry in photos]
+        tracks = [number for frame in track_faces(boxes) for number in frame]
+    return FaceBatch(lq=torch.cat([photo.photo.crops for photo in photos]), photos=photos, backend=ridfr.backend,
+                     tracks=tracks)
 
 
 class ContentCondition(io.ComfyNode):
@@ -79,6 +88,10 @@ class ContentCondition(io.ComfyNode):
                 io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error",
                                tooltip="Whole-photo mode, a photo without a face: stop with an error, or pass it "
                                        "through unchanged."),
+                io.Boolean.Input("track_faces", default=False, optional=True,
+                                 tooltip="Whole-photo mode, an IMAGE batch of video frames: follow each face from "
+                                         "frame to frame, so Match Identities gives it one person (a vote over its "
+                                         "frames) and RIDFR Sample one seed; no flicker. Off: independent photos."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The checkpoint's VAE. Needed with RestorerID weights (they condition on the "
                                      "LQ faces' VAE latent); unused with RIDFR weights."),
@@ -110,7 +123,7 @@ class ContentCondition(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
-                on_no_face, vae=None) -> io.NodeOutput:
+                on_no_face, vae=None, track_faces=False) -> io.NodeOutput:
         from ridfr_core.backends import RESTORERID
 
         verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
@@ -125,7 +138,7 @@ class ContentCondition(io.ComfyNode):
         if input_mode == "aligned faces":
             faces = aligned_faces(image, face_size, ridfr.backend)
         else:
-            faces = faces_in_photos(ridfr, image, face_size, on_no_face)
+            faces = faces_in_photos(ridfr, image, face_size, on_no_face, track_faces)
         sigmas = SigmaRange(model, start_percent, end_percent)
         if restorerid:
             patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas)

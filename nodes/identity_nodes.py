@@ -90,6 +90,18 @@ class FaceIDEncode(io.ComfyNode):
         return io.NodeOutput(identity, crops, report)
 
 
+def identities_by_track(faces, embeddings: np.ndarray, people: np.ndarray, threshold: float,
+                        one_face_per_identity: bool, names: list[str]) -> tuple[list, str]:
+    """(identity index or None per face, report) for faces tracked through video frames: each frame's faces
+    are matched to the people, and every face of a track takes its track's vote."""
+    from ridfr_core.archive.tracking import describe_tracks, match_tracks
+
+    spans = [slice(entry.first, entry.first + len(entry.photo.faces)) for entry in faces.photos]
+    votes = match_tracks([embeddings[span] for span in spans], people, [faces.tracks[span] for span in spans],
+                         threshold, one_face_per_identity)
+    return [votes[track].identity for track in faces.tracks], describe_tracks(votes, names)
+
+
 class MatchIdentities(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -101,7 +113,8 @@ class MatchIdentities(io.ComfyNode):
             display_name="Match Identities to Faces (RIDFR)",
             category="RIDFR",
             description="Gives each face of ContentCondition the identity of the person it looks like (ArcFace "
-                        "similarity); faces matched to nobody are restored without identity.",
+                        "similarity); faces matched to nobody are restored without identity. Faces tracked through "
+                        "video frames (track_faces) get one person per track, by a vote over its frames.",
             inputs=[
                 RIDFRModelsSocket.Input("ridfr", tooltip="The modules from Load RIDFR."),
                 FacesSocket.Input("faces", tooltip="The faces output of ContentCondition."),
@@ -134,15 +147,20 @@ class MatchIdentities(io.ComfyNode):
                                 "FaceID Encode outputs (one person each).")
         analyzer = ridfr.face_analyzer()
         template = ffhq_template(faces.size)
+        people = np.stack([identity.embedding for identity in identities])
+        names = [f"identity_{n}" for n in range(1, len(identities) + 1)]
         try:
             face_embeddings = np.stack([analyzer.embed(crop, template) for crop in tensor_to_rgb(faces.lq)])
-            matches = match_faces(face_embeddings, np.stack([i.embedding for i in identities]), threshold,
-                                  one_face_per_identity)
+            if faces.tracks is not None:
+                matched, report = identities_by_track(faces, face_embeddings, people, threshold, one_face_per_identity,
+                                                      names)
+            else:
+                matches = match_faces(face_embeddings, people, threshold, one_face_per_identity)
+                matched, report = matches.identity, matches.summary(names)
         except FaceError as error:
             raise NodeError("MatchIdentities", "faces", str(error)) from None
-        chosen = [0 if index is None else index for index in matches.identity]
+        chosen = [0 if index is None else index for index in matched]
         per_face = Identity.cat([identities[index].identity for index in chosen])
-        scales = torch.tensor([0.0 if index is None else 1.0 for index in matches.identity])
-        report = matches.summary([f"identity_{n}" for n in range(1, len(identities) + 1)])
+        scales = torch.tensor([0.0 if index is None else 1.0 for index in matched])
         logger.info("MatchIdentities:\n%s", report)
         return io.NodeOutput(FaceIdentity(per_face, None, scales, "per face"), report)

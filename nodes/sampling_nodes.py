@@ -59,7 +59,7 @@ class SamplerSettings:
 
 def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings, content_scale: float) -> torch.Tensor:
     """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with a local generator
-    (face i uses seed + i, as ridfr_core's pipeline does)."""
+    (face i uses seed + i, as ridfr_core's pipeline does; tracked video faces seed + their track)."""
     import comfy.sample
     import comfy.utils
     import latent_preview
@@ -70,7 +70,7 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings, conte
                                                                    "content_scale": content_scale}
     side = faces.size // LATENT_DOWNSCALE
     latent = torch.zeros(faces.count, 4, side, side)
-    seeds = [(seed + index) % 2 ** 64 for index in range(faces.count)]  # the seed widget goes up to 2**64 - 1
+    seeds = [(seed + offset) % 2 ** 64 for offset in faces.seed_offsets()]  # the seed widget goes up to 2**64 - 1
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)
@@ -102,7 +102,8 @@ class RIDFRSample(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to decode the restored faces."),
                 FacesSocket.Input("faces", tooltip="The faces output of the Content Condition that patched the model."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed; face i uses seed + i."),
+                             tooltip="Noise seed; face i uses seed + i (with track_faces: seed + its track, so a "
+                                     "face keeps its noise through the frames)."),
                 io.Int.Input("steps", default=20, min=1, max=200,
                              tooltip="Sampling steps (settings 'custom' only; backend defaults: RIDFR 20, "
                                      "RestorerID 50)."),

@@ -92,11 +92,16 @@ class PhotoFaces:
 class FaceBatch:
     """Output of ContentCondition: the aligned LQ faces that were conditioned on, (F,3,S,S) in [0,1],
     in whole-photo mode where they came from (for pasting the restored faces back), and the backend of
-    the content module that conditioned on them (RIDFRSample's defaults)."""
+    the content module that conditioned on them (RIDFRSample's defaults); for video frames each face's track."""
 
     lq: torch.Tensor
     photos: list[PhotoFaces] | None
     backend: object            # ridfr_core.backends.Backend
+    tracks: list[int] | None = None  # with track_faces: the track of each face across the frames
+
+    def seed_offsets(self) -> list[int]:
+        """Face i samples with seed + offset: its track (one noise per face through a video), else i."""
+        return list(self.tracks) if self.tracks is not None else list(range(self.count))
 
     @property
     def count(self) -> int:

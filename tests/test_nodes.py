@@ -309,6 +309,29 @@ def test_match_identities_gives_each_face_its_person(env):
     assert matched.face_scales.tolist() == [1.0]
 
 
+def test_video_frames_are_tracked_one_person_and_one_seed_per_face(env):
+    """Frames 0 and 1 show one look of the face, frame 3 another, frame 2 nobody: per frame, frame 3 would be
+    person 2; tracked, the face is person 1 throughout (2 of 3 votes) and keeps its seed."""
+    look, other = photo_with_scripted_face(), photo_with_scripted_face().flip(1) * 0.8 + 0.1
+    frames = torch.cat([look, look, torch.zeros_like(look), other])
+    common = dict(model=env.model, ridfr=env.ridfr, image=frames, input_mode="whole photo", strength=1.0,
+                  start_percent=0.0, end_percent=1.0, face_size=FACE, on_no_face="skip")
+    model, faces, _, _ = run(env, "ContentCondition", **common, track_faces=True)
+    assert faces.tracks == [0, 0, 0] and faces.seed_offsets() == [0, 0, 0]
+    first, second = (run(env, "FaceIDEncode", ridfr=env.ridfr, references=faces.lq[index:index + 1].permute(0, 2, 3, 1),
+                         references_are_aligned=True, on_no_face="error")[0] for index in (0, 2))
+    matched, report = run(env, "MatchIdentities", ridfr=env.ridfr, faces=faces, identity_1=first, identity_2=second,
+                          threshold=0.5, one_face_per_identity=True)
+    assert report.startswith("track 0: identity_1 (67% of 3 frame(s)")
+    torch.testing.assert_close(matched.identity.id_embeds, first.identity.id_embeds.expand(3, -1))
+    restored = sample(env, model, faces, steps=1)[0]
+    torch.testing.assert_close(restored[0], restored[1])  # same face, same seed: no flicker
+
+    untracked_model, untracked, _, _ = run(env, "ContentCondition", **common)
+    assert untracked.tracks is None and untracked.seed_offsets() == [0, 1, 2]
+    assert not torch.equal(*sample(env, untracked_model, untracked, steps=1)[0][:2])
+
+
 def test_load_ridfr_rejects_unknown_files_with_the_folder(env):
     error = env.nodes["LoadRIDFR"].validate_inputs(content_weights="nope.safetensors",
                                                    ipadapter=env.tiny.adapter_v2.name,

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..faces import FaceError, align_photo, detect_and_align, match_faces, paste_restored
+from ..faces import FaceError, align_photo, detect_and_align, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
 from ..imageio import read_rgb, write_rgb
 from .inputs import ArchiveInput
 from .manifest import append_record
-from .tracking import track_faces, vote_identities
+from .tracking import match_tracks, track_faces
 from .video import decode_frames, probe, write_video
 
 logger = logging.getLogger(__name__)
@@ -236,17 +236,8 @@ def detect_video(job: ArchiveJob, source: Path):
 
 def identify_tracks(job: ArchiveJob, detections, tracks):
     """{track: TrackIdentity}: each frame's faces matched to the people, then one vote per track."""
-    track_of_face, identity_of_face, similarity_of_face = [], [], []
-    embeddings = job.embeddings
-    for faces, frame_tracks in zip(detections, tracks):
-        if faces:
-            matches = match_faces(np.stack([face.embedding for face in faces]), embeddings, MATCH_SIMILARITY)
-            track_of_face += frame_tracks
-            identity_of_face += matches.identity
-            similarity_of_face.append(matches.similarity)
-    if not track_of_face:
-        return {}
-    return vote_identities(track_of_face, identity_of_face, np.concatenate(similarity_of_face))
+    embeddings = [np.array([face.embedding for face in faces]).reshape(len(faces), -1) for faces in detections]
+    return match_tracks(embeddings, job.embeddings, tracks, MATCH_SIMILARITY)
 
 
 def restored_frames(job: ArchiveJob, source: Path, detections, tracks, people) -> Iterator[np.ndarray]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ..faces.matching import MATCH_SIMILARITY, match_faces
+
 # Boxes of one face in consecutive frames overlap far more than this, even in fast motion at 25 fps.
 MIN_TRACK_IOU = 0.3
 # A face hidden for a few frames (a hand, a detector miss) keeps its track.
@@ -87,3 +89,26 @@ def vote_identities(track_of_face: list[int], identity_of_face: list[int | None]
         similarity = float(mean[winner] if winner is not None else (mean.max() if mean.size else float("nan")))
         result[track] = TrackIdentity(winner, votes[winner] / len(faces), similarity, len(faces))
     return result
+
+
+def match_tracks(embeddings_per_frame: list[np.ndarray], people: np.ndarray, tracks: list[list[int]],
+                 threshold: float = MATCH_SIMILARITY, one_face_per_identity: bool = True) -> dict[int, TrackIdentity]:
+    """{track: TrackIdentity}: each frame's faces (F_i,512) matched to the people (K,512) as in a photo, then
+    one vote per track over its frames (see :func:`vote_identities`)."""
+    track_of_face, identity_of_face, similarity_of_face = [], [], []
+    for embeddings, frame_tracks in zip(embeddings_per_frame, tracks):
+        if len(frame_tracks):
+            matches = match_faces(embeddings, people, threshold, one_face_per_identity)
+            track_of_face += list(frame_tracks)
+            identity_of_face += matches.identity
+            similarity_of_face.append(matches.similarity)
+    if not track_of_face:
+        return {}
+    return vote_identities(track_of_face, identity_of_face, np.concatenate(similarity_of_face))
+
+
+def describe_tracks(tracks: dict[int, TrackIdentity], names: list[str]) -> str:
+    """One report line per track."""
+    return "\n".join(f"track {track}: {names[who.identity] if who.identity is not None else 'no match'} "
+                     f"({who.votes:.0%} of {who.frames} frame(s), mean similarity {who.similarity:.2f})"
+                     for track, who in tracks.items())

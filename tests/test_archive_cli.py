@@ -101,6 +101,11 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_di
     assert np.array_equal(np.asarray(Image.open(out / "stranger.png")), smooth_image(3))
     summary = capsys.readouterr()
     assert "9 inputs" in summary.out and "4 error" in summary.out and "corrupt.jpg" in summary.err
+    # Alice's face was sampled in one batch with Bob's; per-face seeds give what the one-photo job gives.
+    single = tmp_path / "single.png"
+    assert main(["--lq", str(albums / "1990" / "alice.png"), "--out", str(single), *args[4:]]) == 0
+    difference = np.abs(np.asarray(Image.open(single), int) - np.asarray(Image.open(out / "1990" / "alice.png"), int))
+    assert difference.max() <= 1
 
     # Resume: the finished inputs are skipped, the failed ones are tried again, a lost output is redone,
     # and a line cut short by a crash is ignored.

@@ -141,7 +141,8 @@ def run_archive(args, paths: dict, make_restorer) -> int:
     return 1 if failed else 0
 
 
-def restore_with_models(args, paths, make_restorer, people, share, out, record_to, process) -> None:
+def restore_with_models(args, paths, make_restorer, people, share, out, record_to, process) -> Timings:
+    """Load the models, encode the people, restore ``share``; returns where the time went."""
     restorer = make_restorer(paths)
     identities = []
     for name, photos in people:
@@ -158,6 +159,7 @@ def restore_with_models(args, paths, make_restorer, people, share, out, record_t
     finally:
         progress.close()
         log_timings(job.timings)
+    return job.timings
 
 
 def log_timings(timings: Timings) -> None:

@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         if is_archive_input(args.lq):
             return run_archive(args, paths, lambda found: restorer_from_args(args, found))
         lq = read_rgb(args.lq, "--lq")
-        people = [[read_rgb(path, f"--people {name}" if args.people else "--id") for path in photos]
+        people = [[read_rgb(path, f"reference of {name}") for path in photos]
                   for name, photos in reference_people(args)]
         restorer = restorer_from_args(args, paths)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)

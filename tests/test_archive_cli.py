@@ -43,7 +43,8 @@ def huge_png_header(width: int = 40000, height: int = 40000) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+            + chunk(b"IEND", b""))
 
 
 def records(out):
@@ -96,7 +97,8 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_di
     # The output mirrors the input tree; restored faces changed, a face of nobody and a photo of nobody did not.
     for name in ("1990/alice.png", "2001/trip/bob.jpg", "stranger.png", "night.png"):
         assert first[name]["output"] == name and (out / name).is_file()
-    before, after = np.asarray(Image.open(albums / "1990" / "alice.png")), np.asarray(Image.open(out / "1990" / "alice.png"))
+    before = np.asarray(Image.open(albums / "1990" / "alice.png"))
+    after = np.asarray(Image.open(out / "1990" / "alice.png"))
     assert 0.01 < np.any(before != after, axis=-1).mean() < 0.9
     assert np.array_equal(np.asarray(Image.open(out / "stranger.png")), smooth_image(3))
     summary = capsys.readouterr()

@@ -28,6 +28,8 @@ from .tracking import match_tracks, track_faces
 from .video import decode_frames, probe, write_video
 
 logger = logging.getLogger(__name__)
+# Frames held while their faces fill a sampler batch (frames showing nobody must not pile up in memory).
+MAX_PENDING_FRAMES = 32
 
 
 @dataclass
@@ -141,7 +143,11 @@ class PhotoBatches:
         except Exception as error:  # one bad file never stops the run: it gets its manifest line
             job.fail(item, started, error)
             return
-        self.pending.append(PendingPhoto(item, photo, chosen, started))
+        entry = PendingPhoto(item, photo, chosen, started)
+        if not chosen:  # nothing to sample: written at once, not held in memory
+            self.finish(entry, photo.crops[:0])
+            return
+        self.pending.append(entry)
         self.faces += len(chosen)
         if self.faces >= job.batch_size:
             self.flush()
@@ -236,7 +242,8 @@ def detect_video(job: ArchiveJob, source: Path):
 
 def identify_tracks(job: ArchiveJob, detections, tracks):
     """{track: TrackIdentity}: each frame's faces matched to the people, then one vote per track."""
-    embeddings = [np.array([face.embedding for face in faces]).reshape(len(faces), -1) for faces in detections]
+    width = job.embeddings.shape[1]
+    embeddings = [np.array([face.embedding for face in faces]).reshape(len(faces), width) for faces in detections]
     return match_tracks(embeddings, job.embeddings, tracks, MATCH_SIMILARITY)
 
 
@@ -250,7 +257,7 @@ def restored_frames(job: ArchiveJob, source: Path, detections, tracks, people) -
         chosen = photo.to_restore(job.unmatched)
         pending.append((photo, chosen, [job.seed + tracks[number][face] for face in chosen]))
         faces += len(chosen)
-        if faces >= job.batch_size:
+        if faces >= job.batch_size or len(pending) >= MAX_PENDING_FRAMES:
             yield from restore_frames(job, pending)
             pending, faces = [], 0
     yield from restore_frames(job, pending)

@@ -85,7 +85,8 @@ def restore_share(job: ArchiveJob, items: list[ArchiveInput]) -> None:
             photos.flush()
             restore_video(job, item)
         else:
-            job.record(item, "skipped", time.perf_counter(), error=f"not a photo or video ({item.source.suffix or 'no suffix'})")
+            suffix = item.source.suffix or "no suffix"
+            job.record(item, "skipped", time.perf_counter(), error=f"not a photo or video ({suffix})")
             job.progress(1, 0)
     photos.flush()
 
@@ -108,6 +109,11 @@ def run_archive(args, paths: dict, make_restorer) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    if args.aligned:
+        raise ValueError("--aligned: archives are restored as whole photos (faces are detected); give one aligned "
+                         "face crop per run with --aligned, or leave the option out.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is not a number of faces; give 1 or more (default 8).")
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(args.out)
     items = collect_inputs(args.lq, exclude=out)
@@ -146,13 +152,14 @@ def restore_with_models(args, paths, make_restorer, people, share, out, record_t
     restorer = make_restorer(paths)
     identities = []
     for name, photos in people:
-        identity, report = restorer.identity([read_rgb(path, f"--people {name}") for path in photos],
+        identity, report = restorer.identity([read_rgb(path, f"reference of {name}") for path in photos],
                                              args.aligned_references)
         logger.info("%s: %s", name, report.summary())
         identities.append(identity)
     progress = Progress(len(share), process)
     job = ArchiveJob(restorer, identities, [name for name, _ in people], out, record_to,
-                     settings_record(args, restorer), progress, process=process, seed=args.seed, batch_size=args.batch_size,
+                     settings_record(args, restorer), progress, process=process, seed=args.seed,
+                     batch_size=args.batch_size,
                      unmatched=args.unmatched, upscale=args.upscale)
     try:
         restore_share(job, share)

@@ -9,8 +9,10 @@ photo is that person's face.
 from __future__ import annotations
 
 import socket
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from collections import Counter
 
@@ -121,6 +123,30 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_di
                              "huge.png": 1})
     assert (out / "1990" / "alice.png").stat().st_mtime_ns == stamp
     assert not [path for path in out.rglob(".*")]  # no partial files left behind
+
+
+def test_ctrl_c_then_rerun_finishes_every_photo_exactly_once(tiny_models, ridfr_models_dir, people, tmp_path):
+    albums = tmp_path / "albums"
+    for number in range(4):
+        save(albums / f"photo{number}.png", smooth_image(10 + number, 320))
+    out = tmp_path / "out"
+    args = ["--lq", str(albums), "--out", str(out), "--people", str(people), "--batch-size", "1",
+            *common_args(ridfr_models_dir, tiny_models)]
+    run = subprocess.Popen([sys.executable, "-m", "ridfr_core.restore", *args], cwd=REPO_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "manifest.jsonl").is_file() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "rerun the same command to resume" in err
+    interrupted = read_records(out / "manifest.jsonl")
+    assert 1 <= len(interrupted) < 4
+    assert main(args) == 0
+    final = read_records(out / "manifest.jsonl")
+    assert sorted(record["input"] for record in final) == [f"photo{number}.png" for number in range(4)]
+    assert all(record["status"] == "done" and (out / record["output"]).is_file() for record in final)
+    assert not [path for path in out.rglob(".*")]
 
 
 def test_a_video_keeps_rate_audio_and_one_identity_per_face(tiny_models, ridfr_models_dir, people, tmp_path):

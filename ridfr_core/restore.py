@@ -22,6 +22,7 @@ import torch
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import read_rgb, write_rgb
+from .models import download_command
 from .pipeline import DEFAULT_STEPS
 
 
@@ -70,7 +71,7 @@ def pick_file(models: Path, slot: ModelSlot, explicit: str | None) -> Path | Non
 
 
 def resolve_models(models: Path, choices: dict[str, str | None], need_insightface: bool) -> dict[str, Path]:
-    paths, missing = {}, []
+    paths, missing, absent = {}, [], []
     for slot in MODEL_SLOTS:
         path = pick_file(models, slot, choices.get(slot.option))
         if path is None:
@@ -78,17 +79,26 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
             where = (f"{explicit} (given with --{slot.option.replace('_', '-')}: neither a file nor a name in "
                      f"{models / slot.folder})") if explicit else str(models / slot.folder / slot.example)
             missing.append(f"  {where}\n      ({slot.source})")
+            absent.append(f"{slot.folder}/{slot.example}")
         else:
             paths[slot.option] = path
     if need_insightface:
         root = models / "insightface"
         if not any((root / "models").glob("*/*.onnx")) and not any((root / "models").glob("*/*/*.onnx")):
             missing.append(f"  {root / 'models' / 'buffalo_l'}/\n      ({INSIGHTFACE_HINT})")
+            absent.append("insightface/models/buffalo_l")
         paths["insightface"] = root
     if missing:
         raise MissingModels("RIDFR needs these model files, which were not found:\n" + "\n".join(missing)
-                            + f"\nPut them in {models} (or pass --models DIR, or a path for each --option).")
+                            + f"\nPut them in {models} (or pass --models DIR, or a path for each --option)."
+                            + fetch_hint("ridfr", models, absent))
     return paths
+
+
+def fetch_hint(backend: str, models: Path, absent: list[str]) -> str:
+    """The command that downloads what can be downloaded of ``absent`` (never run from here)."""
+    command = download_command(backend, models, absent)
+    return f"\nTo download the public ones (licences are shown first):\n  {command}" if command else ""
 
 
 class Restorer:

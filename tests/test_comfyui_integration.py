@@ -22,7 +22,7 @@ PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition"
               "PasteFaces")
 FACE = 64
 # Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
-MODEL_NAMES = {"v1-5-pruned-emaonly.safetensors": "tiny-sd15.safetensors",
+MODEL_NAMES = {"v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
                "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2"}
 INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",
                "person_a.jpg": "obama_obama.jpg", "person_b.jpg": "biden_biden.jpg",

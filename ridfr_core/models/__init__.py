@@ -3,6 +3,8 @@
 Torch-free, so the CLI answers at once and the restore CLI can name the download command cheaply.
 """
 
-from .registry import BACKENDS, LICENCE_FLAG, Licence, ModelFile, all_files, download_command, registered_file
+from .registry import (BACKENDS, LICENCE_FLAG, Licence, ModelFile, all_files, download_command, frontend_models,
+                       registered_file)
 
-__all__ = ["BACKENDS", "LICENCE_FLAG", "Licence", "ModelFile", "all_files", "download_command", "registered_file"]
+__all__ = ["BACKENDS", "LICENCE_FLAG", "Licence", "ModelFile", "all_files", "download_command", "frontend_models",
+           "registered_file"]

@@ -120,6 +120,12 @@ def all_files() -> list[ModelFile]:
     return list({file.relative: file for files in BACKENDS.values() for file in files}.values())
 
 
+def frontend_models(widget_values: list) -> list[dict]:
+    """A node's ``properties.models``: the frontend entry of each registered hub file a widget names."""
+    entries = {file.name: file.frontend_entry() for file in all_files() if file.frontend_entry()}
+    return [entries[value] for value in widget_values if isinstance(value, str) and value in entries]
+
+
 def registered_file(files: tuple[ModelFile, ...], relative: str) -> ModelFile | None:
     """The file of ``files`` at ``relative`` (``folder/name``), else the one kept in that path's folder."""
     path = PurePosixPath(relative)

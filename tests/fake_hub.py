@@ -6,7 +6,8 @@ which serves the bytes with ``Range`` support. Unknown files get 404 with ``X-Er
 EntryNotFound``. ``/direct/<name>`` serves plain downloads (like a GitHub release asset).
 Knobs: ``advertise`` (another sha256 or size than the served bytes), ``drop_after`` (close the
 connection after n bytes of the next GET of a blob), ``down`` (the CDN answers 503),
-``down_after_drop`` (the CDN goes down right after such a drop).
+``down_after_drop`` (the CDN goes down right after such a drop), ``stall_after`` (pause for some
+seconds after n bytes of the next GET of a blob).
 Every request is logged as ``(server, method, path, range, authorization)``.
 """
 
@@ -16,6 +17,7 @@ import hashlib
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -26,6 +28,7 @@ class FakeHub:
         self.files: dict[str, bytes] = {}  # "<repo>/<path>" and "direct/<name>" -> bytes
         self.advertise: dict[str, dict] = {}  # key -> {"sha256": ..., "size": ...} told instead of the truth
         self.drop_after: dict[str, int] = {}  # blob sha256 -> bytes to send before dropping, once
+        self.stall_after: dict[str, tuple[int, float]] = {}  # blob sha256 -> (bytes, seconds), once
         self.down = self.down_after_drop = False
         self.log: list[tuple[str, str, str, str | None, str | None]] = []
         self.hub = self._serve("hub", self._hub_answer)
@@ -127,4 +130,10 @@ class FakeHub:
             handler.close_connection = True
             self.down = self.down_after_drop
             return
+        stall = self.stall_after.pop(sha, None)
+        if stall is not None:
+            handler.wfile.write(content[start:stall[0]])
+            handler.wfile.flush()
+            time.sleep(stall[1])
+            start = stall[0]
         handler.wfile.write(content[start:])

@@ -202,6 +202,30 @@ def test_unwritable_target_folder_is_a_clear_error(hub, tmp_path):
     assert not (models / "ipadapter" / "adapter.bin").exists()
 
 
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -m` (a private mount namespace) for a small tmpfs")
+def test_disk_filling_up_mid_download_leaves_nothing_under_the_real_name(hub, tmp_path):
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+    data = content(2 * DOWNLOAD_CHUNK_SIZE + 777, seed=11)
+    file = hub_file()
+    sha = hub.add(f"{file.repo}/{file.path}", data)
+    hub.stall_after[sha] = (DOWNLOAD_CHUNK_SIZE + 1000, 3.0)  # time for the disk to fill up meanwhile
+    models = tmp_path / "models"
+    models.mkdir()
+    # A tmpfs with room for the file; once the first chunk has landed, another writer fills it up.
+    fill_when_started = (f'timeout 60 sh -c \'until [ "$(stat -c %s "{models}"/{STAGING}/*.part 2>/dev/null)" -gt 0 ]; '
+                         f'do sleep 0.05; done; cat /dev/zero > "{models}/filler" 2>/dev/null\' &')
+    listing = tmp_path / "left_on_the_small_disk.txt"  # the tmpfs goes with its namespace: list it from inside
+    small_disk = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={len(data) + 10**6} tmpfs "{models}" && '
+                  f'{fill_when_started} "$@"; status=$?; cd "{models}" && find . -type f ! -name filler > "{listing}"; '
+                  'exit $status', "sh")
+    result = run_fetch(file, models, hub_env(hub, tmp_path), prefix=small_disk)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "No space left on device" in result.stderr and "run the same command again" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert listing.read_text().split() == [f"./{STAGING}/{sha}.part"]  # kept to resume; nothing named adapter.bin
+
+
 def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path):
     members = {"det_10g.onnx": content(30_000, seed=9), "w600k_r50.onnx": content(40_000, seed=10)}
     bundle = io.BytesIO()

@@ -79,7 +79,8 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
             where = (f"{explicit} (given with --{slot.option.replace('_', '-')}: neither a file nor a name in "
                      f"{models / slot.folder})") if explicit else str(models / slot.folder / slot.example)
             missing.append(f"  {where}\n      ({slot.source})")
-            absent.append(f"{slot.folder}/{slot.example}")
+            if not explicit:
+                absent.append(f"{slot.folder}/{slot.example}")
         else:
             paths[slot.option] = path
     if need_insightface:

@@ -43,11 +43,11 @@ class Source:
 
 
 def human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
-    raise AssertionError
+    return f"{size:.1f} GB"
 
 
 def sha256_of(path: Path) -> str:
@@ -115,8 +115,7 @@ def state(file: ModelFile, models: Path) -> str:
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    return constants.is_offline_mode() if callable(getattr(constants, "is_offline_mode", None)) \
-        else constants.HF_HUB_OFFLINE
+    return constants.HF_HUB_OFFLINE
 
 
 def _reason(error: BaseException) -> str:
@@ -216,9 +215,11 @@ def verify(part: Path, source: Source, label: str) -> None:
     if digest != source.sha256:
         part.unlink()
         found = f"sha256 {digest}" if digest else f"{size} bytes"
+        again = (f"The copy in the Hugging Face cache ({source.cached}) is damaged: delete it and run again"
+                 if source.cached else "Run again to download it anew; if this repeats, the source changed or "
+                 "something on the way alters it")
         raise DownloadError(f"{label}: the download has {found}, expected sha256 {source.sha256} "
-                            f"({source.size} bytes); it was deleted and not put in place. Run again to download it "
-                            "anew; if this repeats, the source changed or something on the way alters it.")
+                            f"({source.size} bytes); it was deleted and not put in place. {again}.")
 
 
 def unpack(archive: Path, file: ModelFile, models: Path) -> None:

@@ -228,6 +228,7 @@ def test_disk_filling_up_mid_download_leaves_nothing_under_the_real_name(hub, tm
 
 def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path):
     members = {"det_10g.onnx": content(30_000, seed=9), "w600k_r50.onnx": content(40_000, seed=10)}
+    members["genderage.onnx"] = content(1000, seed=12)  # in the pack, not needed
     bundle = io.BytesIO()
     with zipfile.ZipFile(bundle, "w") as archive:
         for name, data in members.items():
@@ -235,7 +236,7 @@ def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path)
         archive.writestr("buffalo_l/readme.txt", b"not part of the pack")
     sha = hub.add("direct/buffalo_l.zip", bundle.getvalue())
     pack = ModelFile("insightface/models", "buffalo_l", "test pack", url=f"{hub.url}/direct/buffalo_l.zip",
-                     sha256=sha, size=len(bundle.getvalue()),
+                     sha256=sha, size=len(bundle.getvalue()), needed=("det_10g.onnx", "w600k_r50.onnx"),
                      members={name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in members.items()})
     models = tmp_path / "models"
     env = hub_env(hub, tmp_path)
@@ -245,6 +246,8 @@ def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == sorted(members)
     assert all((folder / name).read_bytes() == data for name, data in members.items())
     assert not list((models / STAGING).glob("*.part")) and not list(folder.parent.glob(".buffalo_l.*"))
+    (folder / "genderage.onnx").unlink()  # a pack of only the files RIDFR uses (as the README once said) is fine
+    assert run_fetch(pack, models, env).stdout.strip() == "already there, intact"
     (folder / "w600k_r50.onnx").unlink()
     incomplete = run_fetch(pack, models, env)
     assert incomplete.returncode == 3 and "some of its files are missing" in incomplete.stderr

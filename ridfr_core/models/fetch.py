@@ -97,15 +97,16 @@ def file_state(models: Path, relative: str, sha256: str | None = None, size: int
 
 
 def state(file: ModelFile, models: Path) -> str:
-    """The state of a registered file; an archive folder is ``incomplete`` when some members are missing."""
+    """The state of a registered file; an archive folder is ``incomplete`` when a needed member is missing."""
     if not file.members:
         return file_state(models, file.relative, file.sha256, file.size)
-    states = {file_state(models, f"{file.relative}/{name}", sha, size) for name, (size, sha) in file.members.items()}
-    if "different" in states:
+    states = {name: file_state(models, f"{file.relative}/{name}", sha, size)
+              for name, (size, sha) in file.members.items()}
+    if "different" in states.values():
         return "different"
-    if states == {"missing"}:
+    if set(states.values()) == {"missing"}:
         return "missing"
-    return "incomplete" if "missing" in states else "intact"
+    return "incomplete" if any(states[name] == "missing" for name in file.needed) else "intact"
 
 
 # ----------------------------------------------------------------------------------------------

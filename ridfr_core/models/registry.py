@@ -54,6 +54,7 @@ class ModelFile:
     size: int | None = None  # exact bytes when pinned
     approx_size: float | None = None  # bytes, for planning disk space before the hub says exactly
     members: dict[str, tuple[int, str]] = field(default_factory=dict)  # archive: {file: (size, sha256)}
+    needed: tuple[str, ...] = ()  # the members that are used; the others may be absent
     how_to_get: str | None = None
 
     @property
@@ -94,7 +95,7 @@ BUFFALO_L = ModelFile(
         "det_10g.onnx": (16_923_827, "5838f7fe053675b1c7a08b633df49e7af5495cee0493c7dcf6697200b85b5b91"),
         "genderage.onnx": (1_322_532, "4fde69b1c810857b88c64a335084f1c3fe8f01246c9a191b48c7bb756d6652fb"),
         "w600k_r50.onnx": (174_383_860, "4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43"),
-    })
+    }, needed=("det_10g.onnx", "w600k_r50.onnx"))
 FACEID_PLUS_V2 = ModelFile(
     "ipadapter", "ip-adapter-faceid-plusv2_sd15.bin", "IP-Adapter-FaceID-Plus v2 for SD1.5", FACEID_LICENCE,
     repo="h94/IP-Adapter-FaceID", path="ip-adapter-faceid-plusv2_sd15.bin", approx_size=1.56e8)

@@ -27,20 +27,17 @@ const [url, workflowsPath, chromiumPath] = process.argv.slice(2);
 const workflows = JSON.parse(require('fs').readFileSync(workflowsPath, 'utf8'));
 (async () => {
   const browser = await chromium.launch({ executablePath: chromiumPath, args: ['--no-sandbox'] });
+  const page = await browser.newPage();
   const origin = new URL(url).origin;
+  await page.route('**/*', (route) => route.request().url().startsWith(origin) ? route.continue() : route.abort());
+  await page.goto(url);
+  await page.waitForFunction(() => window.app && window.app.vueAppReady, null, { timeout: 90000 });
+  await page.waitForLoadState('networkidle');  // the start-up workflow's model checks are done
   const results = {};
   for (const [name, workflow] of Object.entries(workflows)) {
-    // A fresh context per workflow, like a first visit: nothing restored from a previous session, whose model
-    // checks would still be loading the model folders when this workflow is checked.
-    const context = await browser.newContext();
-    const page = await context.newPage();
-    await page.route('**/*', (route) => route.request().url().startsWith(origin) ? route.continue() : route.abort());
-    await page.goto(url);
-    await page.waitForFunction(() => window.app && window.app.vueAppReady, null, { timeout: 90000 });
-    await page.waitForLoadState('networkidle');
     await page.evaluate((wf) => window.app.loadGraphData(wf, true, true, null,
       { showMissingNodesDialog: false, showMissingModelsDialog: true }), workflow);
-    await page.waitForSelector('.comfy-missing-models', { timeout: 5000 }).catch(() => null);
+    const shown = await page.waitForSelector('.comfy-missing-models', { timeout: 5000 }).catch(() => null);
     results[name] = await page.evaluate(() => {
       const list = document.querySelector('.comfy-missing-models');
       return list && [...list.querySelectorAll('li')].map((row) => ({
@@ -49,7 +46,10 @@ const workflows = JSON.parse(require('fs').readFileSync(workflowsPath, 'utf8'));
           .map((b) => ({ url: b.getAttribute('title'), disabled: b.disabled })),
       }));
     });
-    await context.close();
+    if (shown) {  // close it as a user would before dropping the next workflow
+      await page.keyboard.press('Escape');
+      await page.waitForSelector('.comfy-missing-models', { state: 'detached', timeout: 5000 });
+    }
   }
   console.log(JSON.stringify(results));
   await browser.close();

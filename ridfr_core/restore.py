@@ -25,6 +25,7 @@ from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import read_rgb, write_rgb
 from .backends import SAMPLERS
+from .models import download_command
 from .quality import parse_identity_scale
 
 
@@ -39,7 +40,7 @@ class ModelSlot:
 
 
 MODEL_SLOTS = (
-    ModelSlot("base", "checkpoints", "v1-5-pruned-emaonly.safetensors",
+    ModelSlot("base", "checkpoints", "v1-5-pruned-emaonly-fp16.safetensors",
               "any Stable Diffusion 1.5 checkpoint or SD1.5 fine-tune (single file); optional with RestorerID "
               "weights, which hold an SD1.5"),
     ModelSlot("content", "ridfr", "RestorerIDFull.ckpt",
@@ -96,10 +97,11 @@ def pick_file(models: Path, slot: ModelSlot, explicit: str | None, backend: str 
 
 def resolve_models(models: Path, choices: dict[str, str | None], need_insightface: bool) -> dict[str, Path]:
     """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
-    SD1.5 checkpoint, the RestorerID file also serves as the base model."""
+    SD1.5 checkpoint, the RestorerID file also serves as the base model. Missing files are listed all at once,
+    with the command that downloads the public ones."""
     from .checkpoints import content_backend
 
-    paths, missing = {}, []
+    paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}
     content = pick_file(models, slots["content"], choices.get("content"))
     backend = content_backend(content) if content is not None else None
@@ -112,18 +114,28 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
             where = (f"{explicit} (given with {option_name(slot)}: neither a file nor a name in "
                      f"{models / slot.folder})") if explicit else str(models / slot.folder / slot.example)
             missing.append(f"  {where}\n      ({slot.source})")
+            if not explicit:
+                absent.append(f"{slot.folder}/{slot.example}")
         else:
             paths[slot.option] = path
     if need_insightface:
         root = models / "insightface"
         if not any((root / "models").glob("*/*.onnx")) and not any((root / "models").glob("*/*/*.onnx")):
             missing.append(f"  {root / 'models' / 'buffalo_l'}/\n      ({INSIGHTFACE_HINT})")
+            absent.append("insightface/models/buffalo_l")
         paths["insightface"] = root
     if missing:
         raise MissingModels("RIDFR needs these model files, which were not found:\n" + "\n".join(missing)
-                            + f"\nPut them in {models} (or pass --models DIR, or a path for each --option).")
+                            + f"\nPut them in {models} (or pass --models DIR, or a path for each --option)."
+                            + fetch_hint(backend or "restorerid", models, absent))  # RestorerID: the public one
     paths["backend"], paths["models"] = backend, models
     return paths
+
+
+def fetch_hint(backend: str, models: Path, absent: list[str]) -> str:
+    """The command that downloads what can be downloaded of ``absent`` (never run from here)."""
+    command = download_command(backend, models, absent)
+    return f"\nTo download the public ones (licences are shown first):\n  {command}" if command else ""
 
 
 class Restorer:

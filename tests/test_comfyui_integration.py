@@ -23,8 +23,7 @@ PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition"
 FACE = 64
 # Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
 # The RestorerID files (RestorerIDFull.ckpt, ip-adapter-faceid-plus_sd15.bin) are there under their real names.
-MODEL_NAMES = {"v1-5-pruned-emaonly.safetensors": "tiny-sd15.safetensors",
-               "v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
+MODEL_NAMES = {"v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
                "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2"}
 MODEL_FOLDERS = {"checkpoints", "ridfr", "ipadapter", "clip_vision"}
 INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",

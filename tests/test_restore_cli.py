@@ -22,6 +22,10 @@ def test_without_models_it_lists_every_file_and_folder(tmp_path):
     for expected in ("checkpoints", "ridfr", "ip-adapter-faceid-plusv2_sd15.bin",
                      "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "insightface/models/buffalo_l"):
         assert expected in result.stderr
+    command = (f"python -m ridfr_core.models download --backend ridfr --models {tmp_path / 'models'} "
+               "--accept-licences")
+    assert command in result.stderr  # printed, never run: nothing was created
+    assert not (tmp_path / "models").exists()
 
 
 def test_several_candidates_ask_for_a_choice(tiny_models, ridfr_models_dir, tmp_path, capsys):

@@ -19,10 +19,10 @@ def test_without_models_it_lists_every_file_and_folder(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    for expected in ("checkpoints", "ridfr", "ip-adapter-faceid-plusv2_sd15.bin",
+    for expected in ("checkpoints", "ridfr", "RestorerIDFull.ckpt", "ip-adapter-faceid-plus_sd15.bin",
                      "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "insightface/models/buffalo_l"):
         assert expected in result.stderr
-    command = (f"python -m ridfr_core.models download --backend ridfr --models {tmp_path / 'models'} "
+    command = (f"python -m ridfr_core.models download --backend restorerid --models {tmp_path / 'models'} "
                "--accept-licences")
     assert command in result.stderr  # printed, never run: nothing was created
     assert not (tmp_path / "models").exists()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from . import metrics
+if TYPE_CHECKING:  # metrics loads scikit-image and SciPy: only when a recogniser is loaded
+    from .metrics import Recogniser
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ def ranking_problem(name: str, where: str) -> str | None:
     return None
 
 
-def load_ranking_recogniser(name: str, where: str) -> metrics.Recogniser:
+def load_ranking_recogniser(name: str, where: str) -> Recogniser:
+    from . import metrics
+
     problem = ranking_problem(name, where)
     if problem:
         raise RankingError(problem)
@@ -59,13 +63,20 @@ def best_of_n(candidates: int, rank_with: str) -> BestOfN | None:
     return BestOfN(candidates, load_ranking_recogniser(rank_with, "--rank-with")) if candidates > 1 else None
 
 
-def reference_embedding(recogniser: metrics.Recogniser, references: list[np.ndarray]) -> np.ndarray:
+def reference_embedding(recogniser: Recogniser, references: list[np.ndarray]) -> np.ndarray:
     """The person's identity for ranking: unit mean of the unit embeddings of their reference photos."""
-    return metrics.normalise(recogniser.embed(references).mean(axis=0))
+    mean = recogniser.embed(references).mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
-def similarity(recogniser: metrics.Recogniser, faces: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
+def similarity(recogniser: Recogniser, faces: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
     return recogniser.embed(faces) @ reference
+
+
+def rank(recogniser: Recogniser, images: list[np.ndarray], references: list[np.ndarray]):
+    """(order best first, scores in input order) of ``images`` against one person's reference photos."""
+    scores = similarity(recogniser, images, reference_embedding(recogniser, references))
+    return np.argsort(-scores, kind="stable"), scores
 
 
 @dataclass
@@ -102,7 +113,7 @@ class BestOfN:
     """How many candidates to sample per face and the recogniser that ranks them."""
 
     candidates: int
-    recogniser: metrics.Recogniser
+    recogniser: Recogniser
 
     def around(self, restore_fn, people: list[list[np.ndarray]], seed: int):
         """A faces callback (see :mod:`ridfr_core.faces.photo`) that samples every face ``candidates`` times

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .best_of_n import best_of_n
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import read_rgb, write_rgb
@@ -213,8 +214,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from .best_of_n import best_of_n  # loads OpenCV and scikit-image
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -116,13 +116,13 @@ class Preprocessor:
         return self.model.scale
 
     def to(self, device, dtype: torch.dtype) -> Preprocessor:
-        """Run on the restoration's device and dtype, or float32 where the model does not support that dtype
-        (spandrel's SwinIR refuses float16)."""
-        supported = {torch.float16: self.model.supports_half, torch.bfloat16: self.model.supports_bfloat16}
-        if not supported.get(dtype, True):
-            logger.info("pre-processing: %s does not run in %s; using float32.", self.architecture, dtype)
-            dtype = torch.float32
-        self.model.to(device=torch.device(device), dtype=dtype)
+        """Run on the restoration's device, in its float16 where the model supports it (Real-ESRGAN, ...), else
+        in float32: spandrel's SwinIR refuses float16, and its bfloat16 SwinIR fails on any input size but its
+        training size (the attention mask it recomputes stays float32)."""
+        run_in = torch.float16 if dtype == torch.float16 and self.model.supports_half else torch.float32
+        if run_in != dtype:
+            logger.info("pre-processing: %s runs in float32, not %s.", self.architecture, dtype)
+        self.model.to(device=torch.device(device), dtype=run_in)
         return self
 
     @torch.no_grad()

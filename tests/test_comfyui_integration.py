@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from comfy_host import REPO_ROOT, ComfyServer, build_comfy_models, requires_comfyui, ui_to_api
-from tiny_swinir import write_diffbir_swinir
+from tiny_upscale_models import write_diffbir_swinir
 
 pytestmark = requires_comfyui
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))

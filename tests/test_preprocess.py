@@ -18,7 +18,7 @@ from ridfr_core.checkpoints import CheckpointError
 from ridfr_core.imageio import list_images, read_rgb, write_rgb
 from ridfr_core.preprocess import PreprocessError, load_preprocessor, tiled
 from ridfr_core.restore import main as restore_main
-from tiny_swinir import write_diffbir_swinir, write_official_swinir_x2
+from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2, write_realesrgan_compact_x2
 
 FACES = FACE_DATA / "celebref-mini"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
@@ -51,6 +51,23 @@ def test_spandrel_recognises_both_layouts_and_the_output_is_the_models(swinir_fi
         assert got.shape == faces.shape and got.dtype == faces.dtype
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         assert (got - faces).abs().mean() > 0.01  # it did something
+
+
+def test_it_runs_in_the_pipeline_float16_where_the_model_supports_it(swinir_files, tmp_path):
+    """Real-ESRGAN runs in a float16 pipeline's dtype; SwinIR (no float16 in spandrel) and any bfloat16 request
+    run in float32. Faces come back in the caller's dtype."""
+    faces = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    swinir = load_preprocessor(swinir_files["x2"][0])
+    for dtype in (torch.float16, torch.bfloat16):
+        assert swinir.to("cpu", dtype).model.dtype == torch.float32
+    write_realesrgan_compact_x2(tmp_path / "realesr_compact_x2.pth")
+    compact = load_preprocessor(tmp_path / "realesr_compact_x2.pth")
+    assert (compact.architecture, compact.scale) == ("RealESRGAN Compact", 2)
+    in_float32 = compact(faces)
+    assert compact.to("cpu", torch.float16).model.dtype == torch.float16
+    in_float16 = compact(faces)
+    assert in_float16.dtype == torch.float32 and (in_float16 - in_float32).abs().max() < 0.01
+    assert (in_float32 - faces).abs().mean() > 0.01
 
 
 def test_a_name_is_found_in_models_upscale_models(swinir_files, tmp_path):

@@ -12,7 +12,7 @@ from comfy_host import comfy_models, import_comfy, requires_comfyui  # noqa: F40
 from conftest import FACE_DATA
 from ridfr_core import metrics
 from ridfr_core.imageio import read_rgb
-from tiny_swinir import write_diffbir_swinir, write_official_swinir_x2
+from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2
 
 pytestmark = requires_comfyui
 FACES = FACE_DATA / "celebref-mini"

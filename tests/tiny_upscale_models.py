@@ -1,8 +1,9 @@
-"""Tiny SwinIR restoration models written in the published key layouts, for the pre-processing tests.
+"""Tiny restoration models written in the published key layouts, for the pre-processing tests.
 
 - DiffBIR's stage-1 SwinIR (what the paper pre-cleans with): pixel-unshuffle by 8, "nearest+conv" up by 8,
   so 1x overall; its first conv sits in ``nn.Sequential(PixelUnshuffle, Conv2d)``, hence ``conv_first.1.*``.
 - The official SwinIR release layout (``{"params_ema": state}``, ``.pth``) with a 2x "pixelshuffle" head.
+- Real-ESRGAN's compact model (SRVGGNetCompact, ``{"params": state}``, ``.pth``), which runs in float16.
 
 The modules are SwinIR's own architecture (spandrel ships the reference implementation); only the sizes are
 tiny. spandrel has to recognise them from their keys, as it does the real files.
@@ -41,4 +42,15 @@ def write_official_swinir_x2(path: Path, seed: int = 1) -> torch.nn.Module:
     model = tiny_swinir(2, "pixelshuffle", seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params_ema": model.state_dict()}, path)
+    return model
+
+
+def write_realesrgan_compact_x2(path: Path, seed: int = 2) -> torch.nn.Module:
+    """2x Real-ESRGAN Compact in the release format (``.pth`` holding ``{"params": state}``)."""
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(seed)
+    model = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": model.state_dict()}, path)
     return model

@@ -78,8 +78,9 @@ def tiled(run: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scal
             if output is None:
                 output = piece.new_zeros(*piece.shape[:2], height * scale, width * scale)
                 weight = piece.new_zeros(1, 1, height * scale, width * scale)
-            ramp = _ramp(piece.shape[-2], overlap * scale, piece)[:, None] * _ramp(piece.shape[-1], overlap * scale, piece)
-            rows, columns = slice(top * scale, top * scale + piece.shape[-2]), slice(left * scale, left * scale + piece.shape[-1])
+            tall, wide = piece.shape[-2:]
+            ramp = _ramp(tall, overlap * scale, piece)[:, None] * _ramp(wide, overlap * scale, piece)
+            rows, columns = slice(top * scale, top * scale + tall), slice(left * scale, left * scale + wide)
             output[..., rows, columns] += piece * ramp
             weight[..., rows, columns] += ramp
     return output / weight
@@ -135,7 +136,7 @@ class Preprocessor:
             outputs.append(tiled(lambda piece: model(piece).float(), face, self.scale, self.tile, self.overlap))
         restored = torch.cat(outputs)
         if restored.shape[-2:] != (height, width):
-            restored = F.interpolate(restored, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+            restored = F.interpolate(restored, size=(height, width), mode="bicubic", antialias=True)
         return restored.clamp(0, 1).to(faces.device, faces.dtype)
 
     def apply_rgb(self, image: np.ndarray) -> np.ndarray:

@@ -69,7 +69,8 @@ def test_rank_by_identity_puts_the_person_first(pack, recogniser):
     torch.testing.assert_close(ranked[0], images[2], rtol=0, atol=0)
     assert sorted(ranked.reshape(4, -1).sum(1).tolist()) == sorted(images.reshape(4, -1).sum(1).tolist())
     lines = report.splitlines()
-    assert lines[0].startswith(f"ranked by {'dlib' if recogniser == 'dlib' else 'FaceNet'}") and "3 reference" in lines[0]
+    assert lines[0].startswith(f"ranked by {'dlib' if recogniser == 'dlib' else 'FaceNet'}")
+    assert "3 reference" in lines[0]
     assert lines[1].startswith("1. image 2: ") and len(lines) == 5
     scores = [float(line.rsplit(": ", 1)[1]) for line in lines[1:]]
     assert scores == sorted(scores, reverse=True) and scores[0] - scores[1] > 0.05

@@ -352,7 +352,7 @@ def _add_score_options(parser: argparse.ArgumentParser):
                         "not the buffalo_l model RIDFR is conditioned on")
     parser.add_argument("--iqa", type=_names, default=list(DEFAULT_IQA),
                         help="comma-separated pyiqa metrics: lpips, musiq, maniqa, clipiqa ('' for none)")
-    parser.add_argument("--device", default="cpu", help="torch device for pyiqa metrics")
+    parser.add_argument("--device", default="cpu", help="torch device for pyiqa metrics (and --preprocess)")
     parser.add_argument("--channel", choices=("y", "rgb"), default="y", help="PSNR/SSIM on luma (default) or RGB")
     parser.add_argument("--grid-rows", type=int, default=8)
 
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--restorer", default=DEFAULT_RESTORER, help="module:function restore(lq, reference) -> restored")
     run.add_argument("--refs-per-case", type=int, default=1, help=">= 2 also gives Identity Variance")
+    run.add_argument("--preprocess", type=Path, metavar="FILE", help="restoration model (SwinIR, Real-ESRGAN, ... "
+                     "any spandrel reads) run on every LQ face before the restorer, as the paper does with SwinIR; "
+                     "on --device; recorded in OUT/preprocess.json")
     _add_split_options(run)
     _add_degrade_options(run)
     _add_score_options(run)
@@ -442,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate(args.restored, args.gt, args.out, refs_dir=args.refs, lq_dir=args.lq, **score_options)
             return 0
         restore = load_restorer(args.restorer)
+        if args.preprocess:
+            from ridfr_core.preprocess import preprocessed_restorer
+
+            restore = preprocessed_restorer(restore, args.preprocess, args.device, args.out)
         data_dir = args.data
         if data_dir is None:
             split = build_split(args.celebref, args.num_test_ids, args.split_seed, args.glob, args.max_images_per_id)

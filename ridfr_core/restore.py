@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .best_of_n import best_of_n
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import read_rgb, write_rgb
 from .backends import SAMPLERS
 from .models import download_command
+from .preprocess import load_preprocessor
 from .quality import parse_identity_scale
 
 
@@ -142,10 +144,11 @@ class Restorer:
     """The pipeline plus face handling: references -> identity; photos or aligned faces -> restored.
 
     ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.quality`) or None for the
-    backend's default; ``sampling``: the pipeline's options (None = the backend's published setting)."""
+    backend's default; ``preprocess``: a model run on each aligned LQ face first; ``best_of``: best-of-N
+    ranking; ``sampling``: the pipeline's options (None = the backend's published setting)."""
 
     def __init__(self, paths: dict[str, Path], device: str = "auto", config_dir=None,
-                 identity_scale: float | str | None = None, **sampling):
+                 identity_scale: float | str | None = None, preprocess=None, best_of=None, **sampling):
         from .faces import load_face_analyzer
         from .pipeline import RIDFRPipeline
         from .quality import IdentityScale
@@ -158,6 +161,8 @@ class Restorer:
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
         self.identity_scale = IdentityScale.choose(identity_scale, backend, paths["models"])
         self.sampling = sampling
+        self.preprocess = preprocess.to(self.pipeline.device, self.pipeline.dtype) if preprocess else None
+        self.best_of = best_of  # ridfr_core.best_of_n.BestOfN, or None for one sample per face
 
     def identity(self, references: list[np.ndarray], aligned_references: bool = False):
         from .faces import build_identity, encode_references
@@ -174,6 +179,7 @@ class Restorer:
             scales = scales * self.identity_scale.for_faces(faces)  # already 0 for faces matched to nobody
             return self.pipeline(faces, per_face, identity_scale=scales, **self.sampling).cpu()
         return run
+
     def restore(self, lq: np.ndarray, people: list[list[np.ndarray]], aligned: bool = False,
                 aligned_references: bool = False, upscale: float = 1.0,
                 unmatched: str = "restore_without_identity") -> np.ndarray:
@@ -186,16 +192,23 @@ class Restorer:
         """
         from .faces import restore_aligned, restore_faces_in_photo
         from .faces.images import tensor_to_rgb
+        from .preprocess import preprocess_before
 
         identities = []
         for number, references in enumerate(people, 1):
             identity, report = self.identity(references, aligned_references)
             logging.getLogger(__name__).info("person %d: %s", number, report.summary())
             identities.append(identity)
+        restore_fn = self.restore_fn(identities)
+        if self.best_of is not None:
+            restore_fn = self.best_of.around(restore_fn, people, self.sampling.get("seed", 0))
+        if self.preprocess is not None:
+            logging.getLogger(__name__).info("pre-processing: %s", self.preprocess.summary())
+            restore_fn = preprocess_before(restore_fn, self.preprocess)
         if aligned:
-            return tensor_to_rgb(restore_aligned([lq], self.restore_fn(identities)))[0]
+            return tensor_to_rgb(restore_aligned([lq], restore_fn))[0]
         embeddings = torch.cat([identity.id_embeds for identity in identities]).float().cpu().numpy()
-        return restore_faces_in_photo(self.analyzer, lq, self.restore_fn(identities), identity_embeddings=embeddings,
+        return restore_faces_in_photo(self.analyzer, lq, restore_fn, identity_embeddings=embeddings,
                                       unmatched=unmatched, upscale=upscale).image
 
 
@@ -249,6 +262,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wavelet colour fix against the LQ face (default: on for RestorerID, off for RIDFR)")
     parser.add_argument("--upscale", type=float, default=1.0, help="upsample the whole photo before pasting")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--preprocess", metavar="FILE", help="restoration/upscale model run on each aligned LQ face "
+                        "before RIDFR (the paper pre-cleans with SwinIR, as DiffBIR does): a path or a file in "
+                        "MODELS/upscale_models; any model spandrel reads (SwinIR, Real-ESRGAN, ...)")
+    parser.add_argument("--candidates", type=int, default=1, metavar="N", help="sample N seeds per face in one batch "
+                        "and keep the one most like the references, ranked by --rank-with (default 1)")
+    parser.add_argument("--rank-with", default="dlib", metavar="RECOGNISER", help="recogniser that ranks the "
+                        "candidates: dlib (default) or facenet, never the ArcFace RIDFR is conditioned on")
     parser.add_argument("--config-dir", help=argparse.SUPPRESS)  # tiny architectures in tests
     return parser.parse_args(argv)
 
@@ -265,9 +285,11 @@ def main(argv=None) -> int:
         if not people:
             raise ValueError("--id: give at least one reference photo (--id, or --person for each person).")
         identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
-        restorer = Restorer(paths, args.device, args.config_dir, identity_scale, steps=args.steps, seed=args.seed,
-                            content_scale=args.content_scale, guidance=args.guidance, sampler=args.sampler,
-                            color_fix=args.color_fix)
+        best_of = best_of_n(args.candidates, args.rank_with)
+        preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
+        restorer = Restorer(paths, args.device, args.config_dir, identity_scale, preprocess=preprocess,
+                            best_of=best_of, steps=args.steps, seed=args.seed, content_scale=args.content_scale,
+                            guidance=args.guidance, sampler=args.sampler, color_fix=args.color_fix)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

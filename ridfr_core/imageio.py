@@ -7,6 +7,7 @@ orientation applied (cameras store photos sideways) and 16-bit PNGs scaled to 8 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -82,14 +83,22 @@ def read_metadata(path: Path | str) -> dict:
 
 
 def write_rgb(path: Path | str, image: np.ndarray, quality: int = DEFAULT_QUALITY, metadata: dict | None = None) -> None:
-    """PNG is lossless; JPEG and WebP are written at ``quality`` (JPEG without chroma subsampling).
-    ``metadata`` (from :func:`read_metadata`) carries the source's ICC profile and EXIF over."""
+    """Atomic. PNG is lossless; JPEG and WebP are written at ``quality`` (JPEG without chroma
+    subsampling). ``metadata`` (from :func:`read_metadata`) carries the source's ICC profile and EXIF over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = dict(metadata or {})
     if path.suffix.lower() in (".jpg", ".jpeg", ".webp"):
         options.update(quality=quality, subsampling=0)
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, **options)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"unknown image extension {path.suffix!r}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a failed write leaves the old file as it was
+    try:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format=image_format, **options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def list_images(folder: Path | str, recursive: bool = False) -> list[Path]:

@@ -18,6 +18,7 @@ from .content import ContentControlNet, lq_to_latent_size
 from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
 
 DEFAULT_STEPS = 20
+MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
 FACE_SIZE = 512
 
 
@@ -158,8 +159,8 @@ class RIDFRPipeline:
         if lq_faces.shape[-1] % 8 or lq_faces.shape[-2] % 8:
             raise ValueError(f"RIDFRPipeline: face size {tuple(lq_faces.shape[-2:])} is not a multiple of 8; "
                              f"align faces to {FACE_SIZE}x{FACE_SIZE}.")
-        if steps < 1:
-            raise ValueError(f"RIDFRPipeline: steps must be >= 1, got {steps}.")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"RIDFRPipeline: steps must be in 1..{MAX_STEPS}, got {steps}.")
         models, batch = self.models, lq_faces.shape[0]
         scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         latent_hw = (lq_faces.shape[-2] // scale_factor, lq_faces.shape[-1] // scale_factor)
@@ -195,12 +196,32 @@ class RIDFRPipeline:
             latents = scheduler.step(eps, t, latents).prev_sample
             if progress is not None:
                 progress(index + 1, steps)
-        return self.decode(latents)
+        return require_finite(self.decode(latents), models)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.models.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class NonFiniteOutput(ValueError):
+    """Sampling produced NaN/inf, which would be written as a black image."""
+
+
+def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
+    """``images`` if finite; else an error naming the modules with NaN/inf weights (the usual cause)."""
+    if torch.isfinite(images).all():
+        return images
+    modules = {"base UNet (SD1.5 checkpoint, with the IP-Adapter's LoRA fused in)": models.unet, "VAE": models.vae,
+               "RIDFR content module": models.content, "IP-Adapter": models.adapter,
+               "CLIP vision": models.clip_vision}
+    broken = [name for name, module in modules.items() if module is not None
+              and not all(torch.isfinite(parameter).all() for parameter in module.parameters())]
+    cause = (f"these weights hold NaN/inf values: {'; '.join(broken)}. The file is damaged or was trained into "
+             "NaN; download or train it again" if broken else
+             "no weights are broken, so sampling overflowed: use finite scales and guidance, or float32 (--device "
+             "cpu) instead of float16")
+    raise NonFiniteOutput(f"RIDFRPipeline: the restored faces are NaN/inf; {cause}.")
 
 
 def restore(models: RIDFRModels, lq_faces: torch.Tensor, identity: Identity | None = None, device="cpu",

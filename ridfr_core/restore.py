@@ -21,8 +21,9 @@ import torch
 
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
-from .imageio import read_rgb, write_rgb
+from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from .pipeline import DEFAULT_STEPS
+from .restore_checks import check_restore_options
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
                         default="restore_without_identity",
                         help="faces that resemble none of the people: restored without identity, or left as they are")
-    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg)")
+    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg); only PNG "
+                        "is lossless. The --lq photo's ICC profile and EXIF are kept")
+    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
+                        help=f"JPEG/WebP quality of --out, 1..100 (default {DEFAULT_QUALITY})")
     parser.add_argument("--models", default="models", help="models folder laid out like ComfyUI's (default ./models)")
     for slot in MODEL_SLOTS:
         parser.add_argument(f"--{slot.option.replace('_', '-')}", help=f"file in {slot.folder}/ or a path "
@@ -184,7 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned", action="store_true", help="--lq is already an FFHQ-aligned face crop "
                         "(for faces too degraded to detect)")
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="UniPC steps (default 20, as the paper)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="UniPC steps, 1..200 (default 20, as the paper)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", type=float, default=1.0, help="strength of the identity (0 = none)")
     parser.add_argument("--content-scale", type=float, default=1.0, help="strength of the LQ content condition")
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_restore_options(args)
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
         lq = read_rgb(args.lq, "--lq")
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        write_rgb(args.out, restored)
+        write_rgb(args.out, restored, args.quality, read_metadata(args.lq))
     except (OSError, ValueError) as err:  # PIL: ValueError for an unknown extension
         print(f"error: --out: cannot write {args.out} ({err}); give a writable .png or .jpg path.", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ class ImageReadError(ValueError):
 
 
 def read_rgb(path: Path | str, what: str = "image") -> np.ndarray:
-    """HWC uint8 RGB, upright. ``what`` names the option or role of the file in the error message."""
+    """HWC uint8 RGB (a writable array), upright. ``what`` names the option or role of the file in the error message."""
     try:
         with Image.open(path) as image:
             sixteen_bit_colour = image.format == "PNG" and image.tile and image.tile[0].args in ("RGB;16B", "RGBA;16B")
@@ -41,8 +41,8 @@ def read_rgb(path: Path | str, what: str = "image") -> np.ndarray:
         raise ImageReadError(f"{what}: cannot read image {path} ({type(error).__name__}: {error}); give a "
                              "PNG, JPEG or WebP file.") from error
     if orientation in UPRIGHT:
-        rgb = np.asarray(Image.fromarray(rgb).transpose(UPRIGHT[orientation]))
-    return np.ascontiguousarray(rgb)
+        rgb = np.array(Image.fromarray(rgb).transpose(UPRIGHT[orientation]))
+    return rgb
 
 
 def scale_16_to_8(values: np.ndarray) -> np.ndarray:
@@ -54,7 +54,7 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit greyscale PNG
         grey = scale_16_to_8(np.asarray(image))
         return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))
 
 
 def png16_rgb(path: Path | str) -> np.ndarray:

@@ -24,6 +24,7 @@ def test_exif_orientation_is_applied_on_read(tmp_path):
     path = tmp_path / "camera.png"
     Image.fromarray(stored_sideways).save(path, exif=exif.tobytes())
     assert np.array_equal(read_rgb(path), upright)
+    assert read_rgb(path).flags.writeable  # torch.from_numpy warns on read-only arrays
     assert read_metadata(path)["exif"]  # written back with orientation 1, since the pixels are upright now
     rewritten = tmp_path / "out.png"
     write_rgb(rewritten, read_rgb(path), metadata=read_metadata(path))
@@ -53,6 +54,7 @@ def test_jpeg_is_written_at_high_quality_with_the_profile_and_exif(tmp_path):
     source = tmp_path / "source.png"
     Image.fromarray(image).save(source, icc_profile=icc, exif=exif.tobytes())
 
+    assert read_rgb(source).flags.writeable
     out = tmp_path / "out.jpg"
     write_rgb(out, read_rgb(source), metadata=read_metadata(source))
     with Image.open(out) as written:

@@ -65,6 +65,17 @@ def png16_rgb(path: Path | str) -> np.ndarray:
     return scale_16_to_8(data[..., 2::-1])  # BGR(A) -> RGB
 
 
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) from the header, upright (EXIF orientation 5-8 swaps them)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except UNREADABLE as error:
+        raise ImageReadError(f"cannot read image {path} ({type(error).__name__}: {error}).") from error
+    return (height, width) if turned else (width, height)
+
+
 def read_metadata(path: Path | str) -> dict:
     """ICC profile and EXIF of an image, to write back with the result. The orientation is set to 1
     because :func:`read_rgb` has already turned the pixels upright."""

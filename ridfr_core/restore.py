@@ -22,7 +22,7 @@ import torch
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
 from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
-from .pipeline import DEFAULT_STEPS
+from .pipeline import DEFAULT_STEPS, FACE_SIZE
 from .restore_checks import check_restore_options
 
 
@@ -50,7 +50,7 @@ INSIGHTFACE_HINT = ("insightface/models/buffalo_l/ with det_10g.onnx and w600k_r
                     "pack; antelopev2 also works)")
 
 
-class MissingModels(Exception):
+class MissingModels(ValueError):
     """Every missing file at once, so a user downloads once instead of failing file by file."""
 
 
@@ -157,6 +157,9 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     sets the UniPC steps (default 20).
     """
     global _EVAL_RESTORER
+    if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
+        raise ValueError(f"ridfr_core.restore:restore: the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores "
+                         f"{FACE_SIZE}x{FACE_SIZE} aligned faces (evaluate with --size {FACE_SIZE}).")
     if _EVAL_RESTORER is None:
         models = Path(os.environ.get("RIDFR_MODELS", "models"))
         _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),

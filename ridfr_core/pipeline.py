@@ -107,6 +107,7 @@ def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -
     seeds = seed if isinstance(seed, list) else [seed + i for i in range(shape[0])]
     if len(seeds) != shape[0]:
         raise ValueError(f"seed: {len(seeds)} seeds for {shape[0]} faces; give one int or one seed per face.")
+    seeds = [s % 2 ** 64 for s in seeds]  # any int is a seed, wrapped to 64 bits as the nodes' seed widget does
     noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(noise).to(device, dtype)
 

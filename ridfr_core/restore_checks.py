@@ -11,10 +11,13 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from .imageio import IMAGE_SUFFIXES
 from .pipeline import MAX_STEPS
 
 MAX_UPSCALE = 8.0
+DEVICES = ("auto", "cuda", "cpu")
 
 
 def check_finite(option: str, value: float) -> None:
@@ -36,6 +39,14 @@ def check_upscale(upscale: float) -> None:
 def check_quality(quality: int) -> None:
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality: {quality} is outside 1..100 (JPEG/WebP quality; PNG is always lossless).")
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"--device: {device!r} is not one of {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU; install a CUDA build of torch "
+                         "(see README), or use --device auto or cpu.")
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -72,5 +83,6 @@ def check_restore_options(args) -> None:
     check_quality(args.quality)
     check_steps(args.steps)
     check_upscale(args.upscale)
+    check_device(args.device)
     for option in ("identity_scale", "content_scale", "guidance"):
         check_finite("--" + option.replace("_", "-"), getattr(args, option))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -105,6 +106,8 @@ def test_cheap_options_are_checked_before_any_model_is_looked_for(tmp_path, caps
             ({"--out": str(tmp_path / "o.gif")}, "unknown image extension '.gif'"),
             ({"--out": str(tmp_path)}, "is a folder"),
             ({"--out": str(tmp_path / "a_file" / "sub" / "o.png")}, "cannot write into"),
+            ({"--device": "tpu"}, "--device: 'tpu' is not one of auto, cuda, cpu"),
+            *([({"--device": "cuda"}, "--device cuda: torch")] if not torch.cuda.is_available() else []),
     ):
         args = {**common, **changes}
         assert main([part for pair in args.items() for part in pair]) == 2, changes
@@ -160,8 +163,6 @@ def test_a_jpeg_result_keeps_quality_profile_exif_and_is_upright(tiny_models, ri
 
 def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models, ridfr_models_dir, face_data,
                                                                       tmp_path, capsys):
-    import torch
-
     from ridfr_core.checkpoints import load_content, save_content
 
     models = tmp_path / "models"

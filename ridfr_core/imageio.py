@@ -7,6 +7,7 @@ orientation applied (cameras store photos sideways) and 16-bit PNGs scaled to 8 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,8 +15,11 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DEFAULT_QUALITY = 95
+MAX_JPEG_EXIF = 65_000  # one JPEG APP1 segment holds at most 65,533 bytes
 EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that makes the pixels upright (as PIL's ImageOps.exif_transpose).
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -101,6 +105,8 @@ def write_rgb(path: Path | str, image: np.ndarray, quality: int = DEFAULT_QUALIT
     options = dict(metadata or {})
     if path.suffix.lower() in (".jpg", ".jpeg", ".webp"):
         options.update(quality=quality, subsampling=0)
+    if path.suffix.lower() in (".jpg", ".jpeg") and len(options.get("exif", b"")) > MAX_JPEG_EXIF:
+        logger.warning("%s: the EXIF (%d bytes) does not fit in a JPEG and is left out.", path, len(options.pop("exif")))
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
         raise ValueError(f"unknown image extension {path.suffix!r}")

@@ -220,8 +220,8 @@ def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
               and not all(torch.isfinite(parameter).all() for parameter in module.parameters())]
     cause = (f"these weights hold NaN/inf values: {'; '.join(broken)}. The file is damaged or was trained into "
              "NaN; download or train it again" if broken else
-             "no weights are broken, so sampling overflowed: use finite scales and guidance, or float32 (--device "
-             "cpu) instead of float16")
+             "no weights are broken, so sampling overflowed: use finite scales and guidance, or sample in float32 "
+             "instead of float16 (the CLI's --device cpu)")
     raise NonFiniteOutput(f"RIDFRPipeline: the restored faces are NaN/inf; {cause}.")
 
 

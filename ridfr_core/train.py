@@ -16,8 +16,9 @@ and IP-Adapter training). Multi-GPU/multi-node and mixed precision come from acc
     accelerate launch -m ridfr_core.train --stage content --data ffhq512/ --base sd15.safetensors --out runs/c
 
 Checkpoints (``<out>/checkpoints/step-NNNNNNNN``) are written to a temporary folder and renamed, so
-a kill leaves the previous one intact; a rerun with the same ``--out`` resumes from the newest one
-with model, EMA, optimiser, LR schedule, loss scaler, RNG and data position restored. The weights
+a kill leaves the previous one intact; a rerun with the same ``--out`` resumes from the newest intact
+one with model, EMA, optimiser, LR schedule, loss scaler, RNG and data position restored. A new run
+(``--resume none``) refuses a folder that holds one unless ``--overwrite`` (see :mod:`.run_folder`). The weights
 users load (``<out>/ridfr-<stage>.safetensors``, RIDFR content format) are refreshed at each checkpoint.
 """
 

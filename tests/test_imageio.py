@@ -67,6 +67,17 @@ def test_jpeg_is_written_at_high_quality_with_the_profile_and_exif(tmp_path):
     assert error < 1.5  # PIL's default quality 75 with 4:2:0 chroma is several times worse on this image
 
 
+def test_an_exif_too_long_for_jpeg_is_left_out_rather_than_failing_the_write(tmp_path):
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70_000  # ImageDescription: fine in a PNG, over a JPEG segment's 64 KB
+    source = tmp_path / "source.png"
+    Image.fromarray(gradient()).save(source, exif=exif.tobytes())
+    write_rgb(tmp_path / "out.png", read_rgb(source), metadata=read_metadata(source))
+    assert len(Image.open(tmp_path / "out.png").getexif()[0x010E]) == 70_000
+    write_rgb(tmp_path / "out.jpg", read_rgb(source), metadata=read_metadata(source))
+    assert np.abs(read_rgb(tmp_path / "out.jpg").astype(int) - gradient()).mean() < 20
+
+
 def test_an_image_over_the_decompression_bomb_limit_is_a_read_error(tmp_path):
     side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 100
     path = tmp_path / "bomb.png"

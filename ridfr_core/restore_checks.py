@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .imageio import IMAGE_SUFFIXES
 from .pipeline import MAX_STEPS
 
 MAX_UPSCALE = 8.0
 DEVICES = ("auto", "cuda", "cpu")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # formats that keep the ICC profile and EXIF
 
 
 def check_finite(option: str, value: float) -> None:
@@ -61,8 +61,8 @@ def check_output(out: str, inputs: list[str]) -> None:
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name, e.g. {path / 'restored.png'}.")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"--out {out}: unknown image extension {path.suffix!r}; end it with .png (lossless) or "
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {out}: unsupported extension {path.suffix!r}; end it with .png (lossless) or "
                          ".jpg/.webp.")
     for source in inputs:
         if same_file(path, Path(source)):

@@ -24,11 +24,13 @@ import torch
 from .best_of_n import best_of_n
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
-from .imageio import read_rgb, write_rgb
 from .backends import SAMPLERS
+from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from .models import download_command
+from .pipeline import FACE_SIZE
 from .preprocess import load_preprocessor
 from .quality import parse_identity_scale
+from .restore_checks import check_restore_options
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ INSIGHTFACE_HINT = ("insightface/models/buffalo_l/ with det_10g.onnx and w600k_r
                     "pack; antelopev2 also works)")
 
 
-class MissingModels(Exception):
+class MissingModels(ValueError):
     """Every missing file at once, so a user downloads once instead of failing file by file."""
 
 
@@ -222,6 +224,9 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     ``$RIDFR_STEPS`` sets the sampling steps (default: the backend's).
     """
     global _EVAL_RESTORER
+    if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
+        raise ValueError(f"ridfr_core.restore:restore: the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores "
+                         f"{FACE_SIZE}x{FACE_SIZE} aligned faces (evaluate with --size {FACE_SIZE}).")
     if _EVAL_RESTORER is None:
         models = Path(os.environ.get("RIDFR_MODELS", "models"))
         _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
@@ -242,7 +247,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
                         default="restore_without_identity",
                         help="faces that resemble none of the people: restored without identity, or left as they are")
-    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg)")
+    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg); only PNG "
+                        "is lossless. The --lq photo's ICC profile and EXIF are kept")
+    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
+                        help=f"JPEG/WebP quality of --out, 1..100 (default {DEFAULT_QUALITY})")
     parser.add_argument("--models", default="models", help="models folder laid out like ComfyUI's (default ./models)")
     for slot in MODEL_SLOTS:
         parser.add_argument(f"--{slot.option.replace('_', '-')}", help=f"file in {slot.folder}/ or a path "
@@ -250,7 +258,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned", action="store_true", help="--lq is already an FFHQ-aligned face crop "
                         "(for faces too degraded to detect)")
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the backend's, RIDFR 20, RestorerID 50)")
+    parser.add_argument("--steps", type=int, help="sampling steps, 1..200 (default: the backend's, RIDFR 20, "
+                        "RestorerID 50)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID ddim)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", help="strength of the identity (0 = none), or 'auto' (RestorerID's "
@@ -277,6 +286,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_restore_options(args)
+        best_of = best_of_n(args.candidates, args.rank_with)
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
         lq = read_rgb(args.lq, "--lq")
@@ -285,7 +296,6 @@ def main(argv=None) -> int:
         if not people:
             raise ValueError("--id: give at least one reference photo (--id, or --person for each person).")
         identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
-        best_of = best_of_n(args.candidates, args.rank_with)
         preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
         restorer = Restorer(paths, args.device, args.config_dir, identity_scale, preprocess=preprocess,
                             best_of=best_of, steps=args.steps, seed=args.seed, content_scale=args.content_scale,
@@ -295,7 +305,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        write_rgb(args.out, restored)
+        write_rgb(args.out, restored, args.quality, read_metadata(args.lq))
     except (OSError, ValueError) as err:  # PIL: ValueError for an unknown extension
         print(f"error: --out: cannot write {args.out} ({err}); give a writable .png or .jpg path.", file=sys.stderr)
         return 2

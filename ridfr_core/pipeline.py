@@ -99,6 +99,10 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     content_module = checkpoints.load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
+    if backend is RESTORERID:
+        from .restorerid_unet import check_branch_fits
+
+        check_branch_fits(content_module, sd.unet, f"RestorerID weights {content}")
     models = RIDFRModels(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
         if backend is RESTORERID:

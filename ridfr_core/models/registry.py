@@ -30,6 +30,8 @@ FACEID_LICENCE = Licence("IP-Adapter-FaceID model card", "https://huggingface.co
                          "non-commercial research use only (trained on insightface's recognition model)")
 INSIGHTFACE_LICENCE = Licence("insightface pretrained models", "https://github.com/deepinsight/insightface#license",
                               "non-commercial research use only")
+DIFFBIR_LICENCE = Licence("DiffBIR model card", "https://huggingface.co/lxq007/DiffBIR",
+                          "check the model card before use (DiffBIR's code is Apache-2.0)")
 RESTORERID_LICENCE = Licence("RestorerID weights", "https://huggingface.co/YingJiacheng/RestorerID",
                              "non-commercial research use only (built on IP-Adapter-FaceID and insightface)")
 
@@ -109,6 +111,10 @@ RESTORERID = ModelFile(
     "ridfr", "RestorerIDFull.ckpt", "RestorerID weights", RESTORERID_LICENCE,
     repo="YingJiacheng/RestorerID", path="RestorerIDFull.ckpt")
 
+FACE_SWINIR = ModelFile(
+    "upscale_models", "face_swinir_v1.ckpt", "DiffBIR's stage-1 face SwinIR (the paper's pre-processing, optional)",
+    DIFFBIR_LICENCE, repo="lxq007/DiffBIR", path="face_swinir_v1.ckpt")
+
 BACKENDS: dict[str, tuple[ModelFile, ...]] = {
     "ridfr": (SD15, RIDFR_CONTENT, FACEID_PLUS_V2, CLIP_VIT_H, BUFFALO_L),
     "restorerid": (SD15, RESTORERID, FACEID_PLUS_V1, CLIP_VIT_H, BUFFALO_L),
@@ -117,8 +123,9 @@ LICENCE_FLAG = "--accept-licences"
 
 
 def all_files() -> list[ModelFile]:
-    """Every registered file once (backends share some)."""
-    return list({file.relative: file for files in BACKENDS.values() for file in files}.values())
+    """Every registered file once (backends share some), with the optional pre-processing model."""
+    files = [file for backend in BACKENDS.values() for file in backend] + [FACE_SWINIR]
+    return list({file.relative: file for file in files}.values())
 
 
 def frontend_models(widget_values: list) -> list[dict]:

@@ -4,6 +4,7 @@
 - :mod:`.identity_nodes`: ``FaceIDEncode`` (references -> identity), ``MatchIdentities`` (several people).
 - :mod:`.condition_nodes`: ``ContentCondition`` and ``IdentityCondition`` (patched MODEL clones).
 - :mod:`.sampling_nodes`: ``RIDFRSample`` (convenience sampler) and ``PasteFaces`` (for KSampler users).
+- :mod:`.ranking_nodes`: ``RankByIdentity`` (best-of-N: restored faces sorted by an independent recogniser).
 - :mod:`.patches`: the content-ControlNet wrapper and the identity attention replacement themselves.
 - :mod:`.restorerid_patches`: RestorerID's LQ branch as ResBlock object patches (the second content backend).
 """
@@ -13,9 +14,11 @@ from comfy_api.latest import ComfyExtension, io
 from .condition_nodes import ContentCondition, IdentityCondition
 from .identity_nodes import FaceIDEncode, MatchIdentities
 from .loading import LoadRIDFR, register_model_folders
+from .ranking_nodes import RankByIdentity
 from .sampling_nodes import PasteFaces, RIDFRSample
 
-NODES = [LoadRIDFR, FaceIDEncode, MatchIdentities, ContentCondition, IdentityCondition, RIDFRSample, PasteFaces]
+NODES = [LoadRIDFR, FaceIDEncode, MatchIdentities, ContentCondition, IdentityCondition, RIDFRSample, PasteFaces,
+         RankByIdentity]
 
 
 class RIDFRExtension(ComfyExtension):

@@ -27,8 +27,8 @@ CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter",
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 FACE_DEVICES = ("auto", "cpu", "cuda")
 RUNTIME_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
-                    "cv2": "opencv-python-headless", "scipy": "scipy"}
-FACE_PACKAGES = {"insightface": "insightface", "onnxruntime": "onnxruntime (onnxruntime-gpu on CUDA machines)"}
+                    "cv2": "opencv", "scipy": "scipy"}
+FACE_PACKAGES = {"insightface": "insightface", "onnxruntime": "onnxruntime"}
 
 
 def register_model_folders() -> None:
@@ -146,7 +146,9 @@ class LoadRIDFR(io.ComfyNode):
             return error
         missing = missing_packages(RUNTIME_PACKAGES) + missing_packages(FACE_PACKAGES)
         if missing:
-            return f"LoadRIDFR: missing Python packages: pip install {' '.join(missing)}"
+            return (f"LoadRIDFR: missing Python packages: {', '.join(missing)}. With ComfyUI's Python, in the RIDFR "
+                    "folder: pip install -r requirements.txt && python install.py (it keeps the onnxruntime and "
+                    "OpenCV you have).")
         return True
 
     @classmethod

@@ -111,8 +111,13 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path | str, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:  # on disk before the rename, or a power cut can leave a truncated file
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no weights-sized hidden file
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str,

@@ -33,11 +33,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .degrade import DegradationConfig, degrade, downsample_reference
-from .imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_rgb
+from .imageio import IMAGE_SUFFIXES, UNREADABLE, ImageReadError, list_images, read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def image_problem(path: Path, min_image_size: int) -> tuple[str, str] | None:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except UNREADABLE as error:  # including images over PIL's decompression-bomb limit
         return "unreadable", f"{type(error).__name__}: {error}"
     if min(width, height) < min_image_size:
         return "too_small", f"{width}x{height}"
@@ -492,8 +492,11 @@ class IdentityEncoder:
 def write_json_atomic(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(value, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

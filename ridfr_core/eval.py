@@ -33,18 +33,30 @@ import numpy as np
 
 from ridfr_core import metrics
 from ridfr_core.degrade import DegradationConfig, degrade
-from ridfr_core.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
+from ridfr_core.imageio import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
 
 DEFAULT_RECOGNISERS = ("dlib", "facenet", "arcface")
 DEFAULT_IQA = ("lpips", "musiq", "maniqa", "clipiqa")
 DEFAULT_RESTORER = "ridfr_core.restore:restore"
+FACE_SIZE = 512  # what RIDFR restores, and the paper evaluates at
 
 
 def image_with_stem(folder: Path, stem: str) -> Path | None:
-    """``folder/<stem>.<image suffix>`` (the first by name if there are several), or None."""
+    """``folder/<stem>.<image suffix>``, or None; two such files (case.jpg and case.png) are an error."""
     matches = sorted(p for p in Path(folder).glob(f"{glob.escape(stem)}.*")
                      if p.stem == stem and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return matches[0] if matches else None
+    return unique_stems(matches)[0] if matches else None
+
+
+def unique_stems(paths: list[Path]) -> list[Path]:
+    """``paths``, refusing two images of one case (or reference) that differ only in their extension."""
+    seen: dict[tuple[Path, str], Path] = {}
+    for path in paths:
+        other = seen.setdefault((path.parent, path.stem), path)
+        if other != path:
+            raise ValueError(f"{other} and {path.name} are both '{path.stem}': which one is meant is ambiguous; "
+                             "remove or rename one of them.")
+    return paths
 
 
 # ------------------------------------------------------------------------------------ split
@@ -55,6 +67,10 @@ def build_split(
     """Hold out ``num_test_ids`` random identities (paper: 100 of CelebRef-HQ's 1,005). Every image
     of a held-out identity is one case; its references are that identity's other images."""
     root = Path(celebref_root)
+    if num_test_ids < 1:
+        raise ValueError(f"--num-test-ids {num_test_ids}: hold out at least 1 identity (the paper holds out 100).")
+    if max_images_per_id is not None and max_images_per_id < 1:
+        raise ValueError(f"--max-images-per-id {max_images_per_id}: must be at least 1 (or left out for all images).")
     if not root.is_dir():
         raise ValueError(f"--celebref {root}: not a folder; give the CelebRef-HQ folder with one sub-folder per identity.")
     identities = {}
@@ -124,6 +140,8 @@ def degrade_split(
     split: dict, out_dir: Path, seed: int = 0, config: DegradationConfig = DegradationConfig(), size: int = 512
 ) -> Path:
     """Write gt/, lq/ (Eq. 7 with a per-case seed) and refs/ (links) for every case of a split."""
+    if size < 1:
+        raise ValueError(f"--size {size}: give the face size in pixels ({FACE_SIZE} for RIDFR, as in the paper).")
     root = Path(split["celebref_root"])
     records = {}
     for case in split["cases"]:
@@ -149,7 +167,7 @@ def _restorations(restored_dir: Path, case: str) -> list[Path]:
     """restored/<case>/*.png (one per reference) or restored/<case>.<ext> (a single one)."""
     folder = restored_dir / case
     if folder.is_dir():
-        return list_images(folder)
+        return unique_stems(list_images(folder))
     single = image_with_stem(restored_dir, case)
     return [single] if single else []
 
@@ -187,7 +205,7 @@ def evaluate(
     for option, folder in (("--restored", restored_dir), ("--gt", gt_dir)):
         if not folder.is_dir():
             raise ValueError(f"{option} {folder}: not a folder; give the folder holding the {option[2:]} images.")
-    gt_paths = list_images(gt_dir)
+    gt_paths = unique_stems(list_images(gt_dir))
     if not gt_paths:
         raise ValueError(f"--gt {gt_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     restorations = {gt.stem: _restorations(restored_dir, gt.stem) for gt in gt_paths}
@@ -320,13 +338,29 @@ def load_restorer(spec: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 
 def restore_cases(data_dir: Path, restored_dir: Path, restore: Callable, refs_per_case: int = 1):
     """Restore every lq/<case> with the first ``refs_per_case`` references of refs/<case>/."""
-    for lq_path in list_images(data_dir / "lq"):
+    if refs_per_case < 1:
+        raise ValueError(f"--refs-per-case {refs_per_case}: restore each case with at least 1 reference.")
+    for lq_path in unique_stems(list_images(data_dir / "lq")):
         lq = read_rgb(lq_path)
         references = list_images(data_dir / "refs" / lq_path.stem)[:refs_per_case]
         if not references:
             raise ValueError(f"{data_dir / 'refs' / lq_path.stem}: no reference images for case {lq_path.stem}.")
         for ref_path in references:
             write_rgb(restored_dir / lq_path.stem / f"{ref_path.stem}.png", np.asarray(restore(lq, read_rgb(ref_path))))
+
+
+def check_face_size(data_dir: Path, size: int) -> None:
+    """Every LQ face of ``data_dir`` is ``size`` x ``size``: checked from the file headers, before any
+    restoration, since a restorer for another size fails (or is scored against the wrong size) at the end."""
+    lq_paths = list_images(data_dir / "lq")
+    if not lq_paths:
+        raise ValueError(f"--data {data_dir}: no lq/ images; give a folder written by the 'degrade' command.")
+    for path in lq_paths:
+        if image_size(path) != (size, size):
+            width, height = image_size(path)
+            raise ValueError(f"--data {data_dir}: {path.name} is {width}x{height}, but --size is {size} (RIDFR restores "
+                             f"{FACE_SIZE}x{FACE_SIZE} faces). Degrade again with --size {size}, or pass --size "
+                             f"{width} with a restorer made for that size.")
 
 
 def run_evaluation(data_dir: Path, out_dir: Path, restore: Callable, refs_per_case: int = 1, **score_options) -> dict:
@@ -352,15 +386,15 @@ def _add_score_options(parser: argparse.ArgumentParser):
                         "not the buffalo_l model RIDFR is conditioned on")
     parser.add_argument("--iqa", type=_names, default=list(DEFAULT_IQA),
                         help="comma-separated pyiqa metrics: lpips, musiq, maniqa, clipiqa ('' for none)")
-    parser.add_argument("--device", default="cpu", help="torch device for pyiqa metrics")
+    parser.add_argument("--device", default="cpu", help="torch device for pyiqa metrics (and --preprocess)")
     parser.add_argument("--channel", choices=("y", "rgb"), default="y", help="PSNR/SSIM on luma (default) or RGB")
     parser.add_argument("--grid-rows", type=int, default=8)
 
 
-def _add_degrade_options(parser: argparse.ArgumentParser):
+def _add_degrade_options(parser: argparse.ArgumentParser, size_help: str = "face size in pixels"):
     parser.add_argument("--seed", type=int, default=0, help="degradation seed (each case derives its own)")
     parser.add_argument("--config", type=Path, help="JSON file with DegradationConfig options (default: built-in)")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=FACE_SIZE, help=f"{size_help} (default {FACE_SIZE}, as RIDFR)")
 
 
 def _add_split_options(parser: argparse.ArgumentParser):
@@ -414,8 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--restorer", default=DEFAULT_RESTORER, help="module:function restore(lq, reference) -> restored")
     run.add_argument("--refs-per-case", type=int, default=1, help=">= 2 also gives Identity Variance")
+    run.add_argument("--preprocess", type=Path, metavar="FILE", help="restoration model (SwinIR, Real-ESRGAN, ... "
+                     "any spandrel reads) run on every LQ face before the restorer, as the paper does with SwinIR; "
+                     "on --device; recorded in OUT/preprocess.json")
     _add_split_options(run)
-    _add_degrade_options(run)
+    _add_degrade_options(run, "face size: the data is degraded at it (--celebref) or must have it (--data)")
     _add_score_options(run)
     return parser
 
@@ -442,8 +479,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate(args.restored, args.gt, args.out, refs_dir=args.refs, lq_dir=args.lq, **score_options)
             return 0
         restore = load_restorer(args.restorer)
+        if args.preprocess:
+            from ridfr_core.preprocess import preprocessed_restorer
+
+            restore = preprocessed_restorer(restore, args.preprocess, args.device, args.out)
         data_dir = args.data
-        if data_dir is None:
+        if data_dir is not None:
+            check_face_size(data_dir, args.size)
+        else:
             split = build_split(args.celebref, args.num_test_ids, args.split_seed, args.glob, args.max_images_per_id)
             write_split(split, args.out / "split")
             data_dir = args.out / "data"

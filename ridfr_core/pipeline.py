@@ -21,7 +21,7 @@ from .colorfix import wavelet_color_fix
 from .content import ContentControlNet
 from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
 
-MAX_STEPS = 200
+MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
 FACE_SIZE = 512
 
 
@@ -99,6 +99,10 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     content_module = checkpoints.load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
+    if backend is RESTORERID:
+        from .restorerid_unet import check_branch_fits
+
+        check_branch_fits(content_module, sd.unet, f"RestorerID weights {content}")
     models = RIDFRModels(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
         if backend is RESTORERID:
@@ -134,6 +138,7 @@ def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -
     seeds = seed if isinstance(seed, list) else [seed + i for i in range(shape[0])]
     if len(seeds) != shape[0]:
         raise ValueError(f"seed: {len(seeds)} seeds for {shape[0]} faces; give one int or one seed per face.")
+    seeds = [s % 2 ** 64 for s in seeds]  # any int is a seed, wrapped to 64 bits as the nodes' seed widget does
     noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(noise).to(device, dtype)
 
@@ -147,12 +152,6 @@ def make_scheduler(backend: Backend, sampler: str, scheduler_config: dict):
         spacing = "trailing" if backend is RESTORERID else scheduler_config.get("timestep_spacing", "leading")
         return DDIMScheduler.from_config({**scheduler_config, "timestep_spacing": spacing})
     raise ValueError(f"sampler: '{sampler}' is not one of unipc, ddim.")
-
-
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(tensor).all():
-        raise FloatingPointError(f"the {what} holds NaN or infinite values: a weight file with NaN weights, or "
-                                 "float16 overflow (try --device cpu or float32). Nothing was written.")
 
 
 class RIDFRPipeline:
@@ -268,15 +267,33 @@ class RIDFRPipeline:
             latents = scheduler.step(eps, t, latents, **step_options).prev_sample
             if progress is not None:
                 progress(index + 1, steps)
-        check_finite(latents, "sampled latent")
-        restored = self.decode(latents)
-        check_finite(restored, "decoded image")
+        restored = require_finite(self.decode(latents), models)
         return wavelet_color_fix(restored, lq_faces) if color_fix else restored
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.models.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)  # NaN stays NaN: check_finite sees it
+        return ((images.float() + 1) / 2).clamp(0, 1)  # NaN stays NaN: require_finite sees it
+
+
+class NonFiniteOutput(ValueError):
+    """Sampling produced NaN/inf, which would be written as a black image."""
+
+
+def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
+    """``images`` if finite; else an error naming the modules with NaN/inf weights (the usual cause)."""
+    if torch.isfinite(images).all():
+        return images
+    modules = {"base UNet (SD1.5 checkpoint, with the IP-Adapter's LoRA fused in)": models.unet, "VAE": models.vae,
+               "content module (RIDFR or RestorerID weights)": models.content, "IP-Adapter": models.adapter,
+               "CLIP vision": models.clip_vision}
+    broken = [name for name, module in modules.items() if module is not None
+              and not all(torch.isfinite(parameter).all() for parameter in module.parameters())]
+    cause = (f"these weights hold NaN/inf values: {'; '.join(broken)}. The file is damaged or was trained into "
+             "NaN; download or train it again" if broken else
+             "no weights are broken, so sampling overflowed: use finite scales and guidance, or sample in float32 "
+             "instead of float16 (the CLI's --device cpu)")
+    raise NonFiniteOutput(f"RIDFRPipeline: the restored faces are NaN/inf; {cause}.")
 
 
 def restore(models: RIDFRModels, lq_faces: torch.Tensor, identity: Identity | None = None, device="cpu",

@@ -23,11 +23,16 @@ import torch
 
 from .archive.inputs import is_archive_input
 from .archive.run import reference_people, run_archive
+from .best_of_n import best_of_n
 from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
-from .imageio import read_rgb, write_rgb
 from .backends import SAMPLERS
+from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
+from .models import download_command
+from .pipeline import FACE_SIZE
+from .preprocess import load_preprocessor
 from .quality import parse_identity_scale
+from .restore_checks import check_restore_options
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class ModelSlot:
 
 
 MODEL_SLOTS = (
-    ModelSlot("base", "checkpoints", "v1-5-pruned-emaonly.safetensors",
+    ModelSlot("base", "checkpoints", "v1-5-pruned-emaonly-fp16.safetensors",
               "any Stable Diffusion 1.5 checkpoint or SD1.5 fine-tune (single file); optional with RestorerID "
               "weights, which hold an SD1.5"),
     ModelSlot("content", "ridfr", "RestorerIDFull.ckpt",
@@ -57,7 +62,7 @@ INSIGHTFACE_HINT = ("insightface/models/buffalo_l/ with det_10g.onnx and w600k_r
                     "pack; antelopev2 also works)")
 
 
-class MissingModels(Exception):
+class MissingModels(ValueError):
     """Every missing file at once, so a user downloads once instead of failing file by file."""
 
 
@@ -98,10 +103,11 @@ def pick_file(models: Path, slot: ModelSlot, explicit: str | None, backend: str 
 
 def resolve_models(models: Path, choices: dict[str, str | None], need_insightface: bool) -> dict[str, Path]:
     """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
-    SD1.5 checkpoint, the RestorerID file also serves as the base model."""
+    SD1.5 checkpoint, the RestorerID file also serves as the base model. Missing files are listed all at once,
+    with the command that downloads the public ones."""
     from .checkpoints import content_backend
 
-    paths, missing = {}, []
+    paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}
     content = pick_file(models, slots["content"], choices.get("content"))
     backend = content_backend(content) if content is not None else None
@@ -114,28 +120,39 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
             where = (f"{explicit} (given with {option_name(slot)}: neither a file nor a name in "
                      f"{models / slot.folder})") if explicit else str(models / slot.folder / slot.example)
             missing.append(f"  {where}\n      ({slot.source})")
+            if not explicit:
+                absent.append(f"{slot.folder}/{slot.example}")
         else:
             paths[slot.option] = path
     if need_insightface:
         root = models / "insightface"
         if not any((root / "models").glob("*/*.onnx")) and not any((root / "models").glob("*/*/*.onnx")):
             missing.append(f"  {root / 'models' / 'buffalo_l'}/\n      ({INSIGHTFACE_HINT})")
+            absent.append("insightface/models/buffalo_l")
         paths["insightface"] = root
     if missing:
         raise MissingModels("RIDFR needs these model files, which were not found:\n" + "\n".join(missing)
-                            + f"\nPut them in {models} (or pass --models DIR, or a path for each --option).")
+                            + f"\nPut them in {models} (or pass --models DIR, or a path for each --option)."
+                            + fetch_hint(backend or "restorerid", models, absent))  # RestorerID: the public one
     paths["backend"], paths["models"] = backend, models
     return paths
+
+
+def fetch_hint(backend: str, models: Path, absent: list[str]) -> str:
+    """The command that downloads what can be downloaded of ``absent`` (never run from here)."""
+    command = download_command(backend, models, absent)
+    return f"\nTo download the public ones (licences are shown first):\n  {command}" if command else ""
 
 
 class Restorer:
     """The pipeline plus face handling: references -> identity; photos or aligned faces -> restored.
 
     ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.quality`) or None for the
-    backend's default; ``sampling``: the pipeline's options (None = the backend's published setting)."""
+    backend's default; ``preprocess``: a model run on each aligned LQ face first; ``best_of``: best-of-N
+    ranking; ``sampling``: the pipeline's options (None = the backend's published setting)."""
 
     def __init__(self, paths: dict[str, Path], device: str = "auto", config_dir=None,
-                 identity_scale: float | str | None = None, **sampling):
+                 identity_scale: float | str | None = None, preprocess=None, best_of=None, **sampling):
         from .faces import load_face_analyzer
         from .pipeline import RIDFRPipeline
         from .quality import IdentityScale
@@ -148,6 +165,8 @@ class Restorer:
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
         self.identity_scale = IdentityScale.choose(identity_scale, backend, paths["models"])
         self.sampling = sampling
+        self.preprocess = preprocess.to(self.pipeline.device, self.pipeline.dtype) if preprocess else None
+        self.best_of = best_of  # ridfr_core.best_of_n.BestOfN, or None for one sample per face
 
     def identity(self, references: list[np.ndarray], aligned_references: bool = False):
         from .faces import build_identity, encode_references
@@ -180,16 +199,23 @@ class Restorer:
         """
         from .faces import restore_aligned, restore_faces_in_photo
         from .faces.images import tensor_to_rgb
+        from .preprocess import preprocess_before
 
         identities = []
         for number, references in enumerate(people, 1):
             identity, report = self.identity(references, aligned_references)
             logging.getLogger(__name__).info("person %d: %s", number, report.summary())
             identities.append(identity)
+        restore_fn = self.restore_fn(identities)
+        if self.best_of is not None:
+            restore_fn = self.best_of.around(restore_fn, people, self.sampling.get("seed", 0))
+        if self.preprocess is not None:
+            logging.getLogger(__name__).info("pre-processing: %s", self.preprocess.summary())
+            restore_fn = preprocess_before(restore_fn, self.preprocess)
         if aligned:
-            return tensor_to_rgb(restore_aligned([lq], self.restore_fn(identities)))[0]
+            return tensor_to_rgb(restore_aligned([lq], restore_fn))[0]
         embeddings = torch.cat([identity.id_embeds for identity in identities]).float().cpu().numpy()
-        return restore_faces_in_photo(self.analyzer, lq, self.restore_fn(identities), identity_embeddings=embeddings,
+        return restore_faces_in_photo(self.analyzer, lq, restore_fn, identity_embeddings=embeddings,
                                       unmatched=unmatched, upscale=upscale).image
 
 
@@ -203,6 +229,9 @@ def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
     ``$RIDFR_STEPS`` sets the sampling steps (default: the backend's).
     """
     global _EVAL_RESTORER
+    if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
+        raise ValueError(f"ridfr_core.restore:restore: the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores "
+                         f"{FACE_SIZE}x{FACE_SIZE} aligned faces (evaluate with --size {FACE_SIZE}).")
     if _EVAL_RESTORER is None:
         models = Path(os.environ.get("RIDFR_MODELS", "models"))
         _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
@@ -228,8 +257,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
                         default="restore_without_identity",
                         help="faces that resemble none of the people: restored without identity, or left as they are")
-    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg); for an "
-                        "archive the output folder (it mirrors the input tree and holds manifest.jsonl)")
+    parser.add_argument("--out", required=True, help="where to write the restored image (.png/.jpg); only PNG "
+                        "is lossless. The --lq photo's ICC profile and EXIF are kept. For an archive the output "
+                        "folder (it mirrors the input tree and holds manifest.jsonl)")
+    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
+                        help=f"JPEG/WebP quality of --out, 1..100 (default {DEFAULT_QUALITY})")
     parser.add_argument("--models", default="models", help="models folder laid out like ComfyUI's (default ./models)")
     for slot in MODEL_SLOTS:
         parser.add_argument(f"--{slot.option.replace('_', '-')}", help=f"file in {slot.folder}/ or a path "
@@ -237,7 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned", action="store_true", help="--lq is already an FFHQ-aligned face crop "
                         "(for faces too degraded to detect)")
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the backend's, RIDFR 20, RestorerID 50)")
+    parser.add_argument("--steps", type=int, help="sampling steps, 1..200 (default: the backend's, RIDFR 20, "
+                        "RestorerID 50)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID ddim)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", help="strength of the identity (0 = none), or 'auto' (RestorerID's "
@@ -249,35 +282,46 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wavelet colour fix against the LQ face (default: on for RestorerID, off for RIDFR)")
     parser.add_argument("--upscale", type=float, default=1.0, help="upsample the whole photo before pasting")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--preprocess", metavar="FILE", help="restoration/upscale model run on each aligned LQ face "
+                        "before RIDFR (the paper pre-cleans with SwinIR, as DiffBIR does): a path or a file in "
+                        "MODELS/upscale_models; any model spandrel reads (SwinIR, Real-ESRGAN, ...)")
+    parser.add_argument("--candidates", type=int, default=1, metavar="N", help="sample N seeds per face in one batch "
+                        "and keep the one most like the references, ranked by --rank-with (default 1)")
+    parser.add_argument("--rank-with", default="dlib", metavar="RECOGNISER", help="recogniser that ranks the "
+                        "candidates: dlib (default) or facenet, never the ArcFace RIDFR is conditioned on")
     parser.add_argument("--config-dir", help=argparse.SUPPRESS)  # tiny architectures in tests
     return parser.parse_args(argv)
 
 
-def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path]) -> Restorer:
+def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path], best_of=None) -> Restorer:
     identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
-    return Restorer(paths, args.device, args.config_dir, identity_scale, steps=args.steps, seed=args.seed,
-                    content_scale=args.content_scale, guidance=args.guidance, sampler=args.sampler,
-                    color_fix=args.color_fix)
+    preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
+    return Restorer(paths, args.device, args.config_dir, identity_scale, preprocess=preprocess, best_of=best_of,
+                    steps=args.steps, seed=args.seed, content_scale=args.content_scale, guidance=args.guidance,
+                    sampler=args.sampler, color_fix=args.color_fix)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        archive = is_archive_input(args.lq)
+        check_restore_options(args, archive)
+        best_of = best_of_n(args.candidates, args.rank_with)
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
-        if is_archive_input(args.lq):
+        if archive:
             return run_archive(args, paths, lambda found: restorer_from_args(args, found))
         lq = read_rgb(args.lq, "--lq")
         people = [[read_rgb(path, f"reference of {name}") for path in photos]
                   for name, photos in reference_people(args)]
-        restorer = restorer_from_args(args, paths)
+        restorer = restorer_from_args(args, paths, best_of)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        write_rgb(args.out, restored)
+        write_rgb(args.out, restored, args.quality, read_metadata(args.lq))
     except (OSError, ValueError) as err:  # PIL: ValueError for an unknown extension
         print(f"error: --out: cannot write {args.out} ({err}); give a writable .png or .jpg path.", file=sys.stderr)
         return 2

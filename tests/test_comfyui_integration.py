@@ -15,17 +15,18 @@ import pytest
 from PIL import Image
 
 from comfy_host import REPO_ROOT, ComfyServer, build_comfy_models, requires_comfyui, ui_to_api
+from tiny_upscale_models import write_diffbir_swinir
 
 pytestmark = requires_comfyui
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition", "IdentityCondition", "RIDFRSample",
-              "PasteFaces")
+              "PasteFaces", "RankByIdentity")
 FACE = 64
 # Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
 # The RestorerID files (RestorerIDFull.ckpt, ip-adapter-faceid-plus_sd15.bin) are there under their real names.
-MODEL_NAMES = {"v1-5-pruned-emaonly.safetensors": "tiny-sd15.safetensors",
-               "v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
-               "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2"}
+MODEL_NAMES = {"v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
+               "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2",
+               "face_swinir_v1.ckpt": "face_swinir_tiny.safetensors"}
 MODEL_FOLDERS = {"checkpoints", "ridfr", "ipadapter", "clip_vision"}
 INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",
                "person_a.jpg": "obama_obama.jpg", "person_b.jpg": "biden_biden.jpg",
@@ -37,6 +38,7 @@ INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_p
 def server(tmp_path_factory, yunet_models_root, face_data):
     base = tmp_path_factory.mktemp("comfy_base")
     models = build_comfy_models(base / "models", yunet_models_root / "models" / "antelopev2")
+    write_diffbir_swinir(base / "models" / "upscale_models" / "face_swinir_tiny.safetensors")
     (base / "custom_nodes").mkdir()
     os.symlink(REPO_ROOT, base / "custom_nodes" / "ridfr")
     os.symlink(REPO_ROOT / "tests" / "comfy_tiny_sd15.py", base / "custom_nodes" / "comfy_tiny_sd15.py")
@@ -120,13 +122,17 @@ def test_restorerid_workflow_lists_its_models_for_the_missing_models_dialog():
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
 def test_example_workflow_runs_and_is_deterministic(server, workflow):
     prompt = api_prompt(server, workflow)
-    first = saved_images(server, server.run(prompt))
+    entry = server.run(prompt)
+    first = saved_images(server, entry)
     server.request("/free", {"unload_models": True, "free_memory": True})
     second = saved_images(server, server.run(prompt))
     assert first and len(first) == len(second)
     for image, again in zip(first, second):
         assert image.std() > 2, "blank output"
         np.testing.assert_array_equal(image, again)
+    if "best_of_n" in workflow.stem:  # four candidates saved best first, every score shown
+        report = next(output["text"][0] for output in entry["outputs"].values() if "text" in output)
+        assert len(first) == 4 and report.startswith("ranked by dlib") and len(report.splitlines()) == 5
     if "group_photo" in workflow.stem:
         photo = np.asarray(Image.open(server.base / "input" / "group_photo.jpg").convert("RGB"))
         assert first[0].shape == photo.shape

@@ -93,6 +93,16 @@ def test_scan_skips_unreadable_and_tiny_images_and_counts_them(small_faces, tmp_
     assert "min_image_size=32" in report.summary(32)
 
 
+def test_an_image_over_the_decompression_bomb_limit_is_skipped_and_reported(small_faces, tmp_path):
+    folder = copy_tree(small_faces.faces, tmp_path / "faces")
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 100
+    Image.new("1", (side, side)).save(folder / "huge.png")
+    paths, report = scan_faces(folder, min_image_size=32)
+    assert len(paths) == IDENTITIES * PHOTOS
+    assert [p for p, _ in report.unreadable] == ["huge.png"]
+    assert "DecompressionBombError" in report.summary(32)
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"data: no usable images in .*empty"):

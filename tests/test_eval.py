@@ -88,11 +88,14 @@ def test_unreadable_split_or_config_names_the_option(tmp_path, capsys):
 
 
 def test_single_restorations_are_found_by_exact_stem(tmp_path):
-    for name in ("a.b.png", "a.png.txt", "a.jpg", "a.png", "[x].png"):
+    for name in ("a.b.png", "a.png.txt", "a.png", "[x].png"):
         (tmp_path / name).write_bytes(b"")
-    assert evaluation.image_with_stem(tmp_path, "a") == tmp_path / "a.jpg"  # first by name, images only
+    assert evaluation.image_with_stem(tmp_path, "a") == tmp_path / "a.png"  # images only
     assert evaluation.image_with_stem(tmp_path, "[x]") == tmp_path / "[x].png"  # glob characters are literal
     assert evaluation.image_with_stem(tmp_path, "b") is None
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="a.jpg and a.png are both 'a'.*ambiguous"):
+        evaluation.image_with_stem(tmp_path, "a")
 
 
 @needs_faces

@@ -227,4 +227,4 @@ def test_package_imports_without_insightface_and_says_how_to_install(tmp_path, s
             "    print(error)\n")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={"PYTHONPATH": str(__import__("conftest").REPO_ROOT), "PATH": ""})
-    assert "insightface is not installed" in output.stdout and "pip install insightface" in output.stdout, output.stderr
+    assert "insightface is not installed" in output.stdout and "python install.py" in output.stdout, output.stderr

@@ -91,6 +91,8 @@ def test_matching_ignores_the_scores_of_pairs_below_the_threshold():
     matches = match_faces(faces, identities, threshold=0.2)
     np.testing.assert_allclose(matches.similarity, [[0.9, 0.25], [0.3, -0.9]], atol=1e-12)
     assert matches.identity == [0, None]
+    assert matches.summary() == ("face 0: identity 0 (similarity 0.90)\n"
+                                 "face 1: no match (identity 0 at 0.30 went to face 0, which resembles them more)")
 
 def test_references_from_real_photos_build_one_identity(yunet_models_root, face_data):
     analyzer = load_face_analyzer(models_root=yunet_models_root)

@@ -184,3 +184,15 @@ def test_identity_processor_matches_diffusers_ip_adapter_processor():
     assert torch.allclose(mixed[0], expected[0], atol=1e-6) and torch.allclose(mixed[1], expected_off[1], atol=1e-6)
     with pytest.raises(ValueError, match="must be the tuple"):
         ours(attn, hidden, text)
+
+
+def test_steps_are_bounded_and_a_nan_result_is_an_error_not_a_black_image(pipeline, lq):
+    with pytest.raises(ValueError, match=r"steps must be between 1 and 200, got 1000"):
+        pipeline(lq, None, steps=1000)  # "leading" spacing would make every timestep 1
+    with pytest.raises(ValueError, match="NaN/inf; no weights are broken"):
+        pipeline(lq, make_identity(pipeline, 1), steps=1, content_scale=float("nan"))
+
+
+def test_seeds_beyond_64_bits_wrap_as_in_the_nodes(pipeline, lq):
+    assert torch.equal(pipeline(lq, None, steps=1, seed=2 ** 64 + 3), pipeline(lq, None, steps=1, seed=3))
+    assert torch.equal(pipeline(lq, None, steps=1, seed=2 ** 64 - 1), pipeline(lq, None, steps=1, seed=[2 ** 64 - 1, 0]))

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
@@ -19,9 +20,13 @@ def test_without_models_it_lists_every_file_and_folder(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    for expected in ("checkpoints", "ridfr", "ip-adapter-faceid-plusv2_sd15.bin",
+    for expected in ("checkpoints", "ridfr", "RestorerIDFull.ckpt", "ip-adapter-faceid-plus_sd15.bin",
                      "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "insightface/models/buffalo_l"):
         assert expected in result.stderr
+    command = (f"python -m ridfr_core.models download --backend restorerid --models {tmp_path / 'models'} "
+               "--accept-licences")
+    assert command in result.stderr  # printed, never run: nothing was created
+    assert not (tmp_path / "models").exists()
 
 
 def test_several_candidates_ask_for_a_choice(tiny_models, ridfr_models_dir, tmp_path, capsys):
@@ -105,3 +110,97 @@ def test_each_face_is_restored_as_the_person_it_resembles(tiny_models, models_di
     matched = tmp_path / "matched.png"
     assert main([*common, "--id", str(stranger), "--person", str(photo), "--out", str(matched)]) == 0
     assert np.any(np.asarray(Image.open(matched)) != np.asarray(Image.open(photo)))
+
+
+def test_cheap_options_are_checked_before_any_model_is_looked_for(tmp_path, capsys):
+    """With no models at all, a bad option is still the error reported: it is checked first."""
+    (tmp_path / "a_file").write_text("not a folder")
+    common = {"--lq": "x.png", "--id": "y.png", "--out": str(tmp_path / "o.png"), "--models": str(tmp_path / "none")}
+    for changes, expected in (
+            ({"--identity-scale": "nan"}, "--identity-scale: nan must be a finite number"),
+            ({"--content-scale": "inf"}, "--content-scale: inf is not a finite number"),
+            ({"--guidance": "nan"}, "--guidance: nan is not a finite number"),
+            ({"--steps": "201"}, "--steps: 201 is outside 1..200"),
+            ({"--steps": "0"}, "--steps: 0 is outside 1..200"),
+            ({"--upscale": "0"}, "--upscale: 0.0 is outside"),
+            ({"--upscale": "inf"}, "--upscale: inf is not a finite number"),
+            ({"--quality": "0"}, "--quality: 0 is outside 1..100"),
+            ({"--out": str(tmp_path / "o.gif")}, "unsupported extension '.gif'"),
+            ({"--out": str(tmp_path / "o.bmp")}, "unsupported extension '.bmp'"),
+            ({"--out": str(tmp_path)}, "is a folder"),
+            ({"--out": str(tmp_path / "a_file" / "sub" / "o.png")}, "cannot write into"),
+            ({"--device": "tpu"}, "--device: 'tpu' is not one of auto, cuda, cpu"),
+            *([({"--device": "cuda"}, "--device cuda: torch")] if not torch.cuda.is_available() else []),
+    ):
+        args = {**common, **changes}
+        assert main([part for pair in args.items() for part in pair]) == 2, changes
+        err = capsys.readouterr().err
+        assert expected in err, (changes, err)
+        assert "model files" not in err
+
+
+def test_out_never_replaces_an_input(tiny_models, ridfr_models_dir, face_data, tmp_path, capsys):
+    identity = face_data / "celebref-mini" / "00005"
+    photo = tmp_path / "photo.png"
+    Image.open(next(identity.glob("lq_*.png"))).convert("RGB").save(photo)
+    reference = tmp_path / "refs" / "reference.png"
+    reference.parent.mkdir()
+    Image.open(sorted((identity / "refs").glob("*.jpg"))[0]).save(reference)
+    (tmp_path / "linked.png").symlink_to(reference)
+    before = {path: path.read_bytes() for path in (photo, reference)}
+    common = ["--models", str(ridfr_models_dir), "--config-dir", str(tiny_models.configs), "--steps", "1",
+              "--device", "cpu", "--aligned", "--aligned-references"]
+    for out, refs, named in ((tmp_path / "refs" / ".." / "photo.png", ["--id", str(reference)], "photo.png"),
+                             (tmp_path / "linked.png", ["--id", str(reference)], "reference.png"),
+                             (tmp_path / "linked.png", ["--person", f"{photo},{reference}"], "reference.png")):
+        assert main(["--lq", str(photo), *refs, "--out", str(out), *common]) == 2
+        err = capsys.readouterr().err
+        assert "would destroy the original" in err and named in err
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+
+def test_a_jpeg_result_keeps_quality_profile_exif_and_is_upright(tiny_models, ridfr_models_dir, face_data, tmp_path):
+    """A camera photo stored sideways (EXIF orientation 6) with a colour profile: with every face kept
+    as it was, the JPEG written is the upright photo up to quality-95 encoding, profile and EXIF kept."""
+    from PIL import ImageCms
+
+    upright = np.asarray(Image.open(next((face_data / "celebref-mini" / "00005").glob("lq_*.png")))
+                         .convert("RGB").resize((640, 640)))
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "RIDFR test camera"
+    photo = tmp_path / "camera.png"
+    Image.fromarray(np.rot90(upright)).save(photo, icc_profile=icc, exif=exif.tobytes())
+    stranger = tmp_path / "stranger.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)).save(stranger)
+    out = tmp_path / "restored.jpg"
+    assert main(["--lq", str(photo), "--id", str(stranger), "--out", str(out), "--models", str(ridfr_models_dir),
+                 "--config-dir", str(tiny_models.configs), "--steps", "1", "--device", "cpu",
+                 "--unmatched", "keep_original"]) == 0
+    with Image.open(out) as written:
+        assert written.info.get("icc_profile") == icc
+        assert written.getexif()[0x010F] == "RIDFR test camera" and written.getexif()[0x0112] == 1
+        error = np.abs(np.asarray(written.convert("RGB"), dtype=int) - upright).mean()
+    assert error < 1.0, error  # PIL's default (quality 75, 4:2:0 chroma) is several times worse
+
+
+def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models, ridfr_models_dir, face_data,
+                                                                      tmp_path, capsys):
+    from ridfr_core.checkpoints import load_content, save_content
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for folder in ("checkpoints", "ipadapter", "clip_vision", "insightface"):
+        (models / folder).symlink_to(ridfr_models_dir / folder)
+    content = load_content(tiny_models.content)
+    with torch.no_grad():
+        next(content.parameters()).fill_(float("nan"))
+    save_content(content, models / "ridfr" / "nan.safetensors")
+    identity = face_data / "celebref-mini" / "00005"
+    out = tmp_path / "restored.png"
+    assert main(["--lq", str(next(identity.glob("lq_*.png"))), "--id", str(sorted((identity / "refs").glob("*.jpg"))[0]),
+                 "--out", str(out), "--models", str(models), "--config-dir", str(tiny_models.configs),
+                 "--steps", "1", "--device", "cpu", "--aligned", "--aligned-references"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "content module (RIDFR or RestorerID weights)" in err
+    assert not out.exists()

@@ -227,3 +227,20 @@ def test_cli_restores_with_only_the_public_restorerid_files(restorerid_models_di
     assert np.asarray(Image.open(out)).shape == (512, 512, 3)
     assert "content backend: RestorerID" in caplog.text
     assert "identity scale: auto -> 0.75, the fixed default" in caplog.text
+
+
+def test_weights_for_another_unet_are_refused_naming_the_file(tiny_models, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from tiny_models import TINY_CONFIGS
+
+    from ridfr_core.checkpoints import save_safetensors_atomic
+    from ridfr_core.restorerid_files import RESTORERID_FORMAT
+
+    wider = UNet2DConditionModel(**{**TINY_CONFIGS["unet"], "block_out_channels": [32, 96]})
+    branch = tiny_branch(wider, seed=5)
+    path = tmp_path / "restorerid-wide.safetensors"
+    save_safetensors_atomic(branch.state_dict(), path, {"format": RESTORERID_FORMAT, "format_version": "1"})
+    with pytest.raises(CheckpointError, match="96 channels wide in the RestorerID file but 64") as info:
+        RIDFRPipeline.from_files(tiny_models.checkpoint, path, tiny_models.adapter_v1, tiny_models.clip_vision,
+                                 config_dir=tiny_models.configs, cache_dir=tmp_path)
+    assert str(path) in str(info.value)

@@ -21,7 +21,8 @@ import torch
 
 from ..faces import FaceError, align_photo, detect_and_align, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
-from ..imageio import read_rgb, write_rgb
+from ..imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
+from ..preprocess import preprocess_before
 from .inputs import ArchiveInput
 from .manifest import append_record
 from .tracking import match_tracks, track_faces
@@ -66,6 +67,7 @@ class ArchiveJob:
     batch_size: int = 8
     unmatched: str = "restore_without_identity"
     upscale: float = 1.0
+    quality: int = DEFAULT_QUALITY  # of JPEG and WebP outputs
     timings: Timings = field(default_factory=Timings)
 
     @cached_property
@@ -80,6 +82,8 @@ class ArchiveJob:
                 part = slice(start, start + self.batch_size)
                 scales = torch.tensor([0.0 if index is None else 1.0 for index in identity_index[part]])
                 run = self.restorer.restore_fn(self.identities, seeds[part])
+                if self.restorer.preprocess is not None:
+                    run = preprocess_before(run, self.restorer.preprocess)
                 restored.append(run(crops[part], scales, identity_index[part]).float().clamp(0, 1))
         self.timings.faces += len(crops)
         return torch.cat(restored) if restored else crops[:0]
@@ -97,8 +101,8 @@ class ArchiveJob:
 
 
 def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    """``write`` to a hidden file beside ``target`` (same suffix, so the format follows it), then rename:
-    a crash never leaves a half-written output under the output's name."""
+    """``write`` to a hidden file beside ``target`` (same suffix, so PyAV picks the container from it), then
+    rename: a crash never leaves a half-written video under the output's name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.partial{target.suffix}")
     try:
@@ -177,7 +181,7 @@ class PhotoBatches:
             result = paste_restored(photo, restored, entry.chosen, job.upscale)
             target = job.out / entry.item.relative
             with job.timings.measure("io"):
-                write_atomically(target, lambda path: write_rgb(path, result.image))
+                write_rgb(target, result.image, job.quality, read_metadata(entry.item.source))  # atomic
         except Exception as error:
             job.fail(entry.item, entry.started, error)
             return

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..imageio import read_rgb
+from ..restore_checks import same_file
 from .inputs import ArchiveInput, collect_inputs
 from .manifest import finished_inputs, latest_records, manifest_path, merge_parts, part_path
 from .people import people_folders
@@ -39,7 +40,7 @@ def reference_people(args) -> list[tuple[str, list]]:
 def check_outputs(items: list[ArchiveInput], out: Path) -> None:
     """Never overwrite an input: the output folder must not be the input folder."""
     for item in items:
-        if (out / item.relative).resolve() == item.source.resolve():
+        if same_file(out / item.relative, item.source):
             raise ValueError(f"--out: {out} would overwrite the input {item.source}; choose another output folder.")
 
 
@@ -53,7 +54,7 @@ def settings_record(args, restorer) -> dict:
             "identity_scale": "auto" if scale.metric is not None else scale.fixed,
             "content_scale": sampling.get("content_scale"),
             "color_fix": sampling["color_fix"] if sampling.get("color_fix") is not None else backend.color_fix,
-            "seed": args.seed, "unmatched": args.unmatched, "upscale": args.upscale}
+            "seed": args.seed, "unmatched": args.unmatched, "upscale": args.upscale, "preprocess": args.preprocess}
 
 
 class Progress:
@@ -112,6 +113,9 @@ def run_archive(args, paths: dict, make_restorer) -> int:
     if args.aligned:
         raise ValueError("--aligned: archives are restored as whole photos (faces are detected); give one aligned "
                          "face crop per run with --aligned, or leave the option out.")
+    if args.candidates > 1:
+        raise ValueError("--candidates: best-of-N ranks the samples of one photo; archives sample each face once. "
+                         "Leave --candidates out, or restore single photos with it.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: {args.batch_size} is not a number of faces; give 1 or more (default 8).")
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -159,8 +163,7 @@ def restore_with_models(args, paths, make_restorer, people, share, out, record_t
     progress = Progress(len(share), process)
     job = ArchiveJob(restorer, identities, [name for name, _ in people], out, record_to,
                      settings_record(args, restorer), progress, process=process, seed=args.seed,
-                     batch_size=args.batch_size,
-                     unmatched=args.unmatched, upscale=args.upscale)
+                     batch_size=args.batch_size, unmatched=args.unmatched, upscale=args.upscale, quality=args.quality)
     try:
         restore_share(job, share)
     finally:

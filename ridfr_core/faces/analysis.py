@@ -10,13 +10,13 @@ Images in and out are HWC uint8 RGB (see :mod:`.images`); insightface's BGR conv
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..dependencies import ONNXRUNTIME_DISTRIBUTIONS, installed
 from .errors import FaceInputError, FaceModelError, NoFaceError
 from .images import to_rgb_uint8
 
@@ -30,8 +30,6 @@ MODEL_PACK_FILES = {
 }
 DETECTION_SIZES = (640, 512, 384, 256)
 CLIP_CROP_SIZE = 224
-ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
-                             "onnxruntime-silicon", "onnxruntime-rocm")
 ALIGNED_MODE_HINT = ("If the face is too degraded to detect, give it as an already aligned face crop "
                      "(FFHQ-aligned, like the paper's inputs) with the 'aligned' mode.")
 
@@ -61,22 +59,15 @@ def import_insightface():
         import insightface
     except ImportError as error:
         raise FaceModelError(
-            "insightface is not installed; face detection and ArcFace need it: "
-            "pip install insightface onnxruntime (onnxruntime-gpu instead of onnxruntime on a CUDA machine)."
+            "insightface is not installed; face detection and ArcFace need it: run `python install.py` in the RIDFR "
+            "folder (it installs insightface and onnxruntime without a second onnxruntime or OpenCV)."
         ) from error
     return insightface
 
 
 def installed_onnxruntimes() -> list[str]:
     """The onnxruntime distributions pip has installed (they all provide the same module)."""
-    found = []
-    for name in ONNXRUNTIME_DISTRIBUTIONS:
-        try:
-            importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        found.append(name)
-    return found
+    return installed(ONNXRUNTIME_DISTRIBUTIONS)
 
 
 def onnxruntime_install_problem(installed: list[str], available_providers: list[str],

@@ -25,13 +25,20 @@ class FaceMatches:
 
     def summary(self, names: list[str] | None = None) -> str:
         lines = []
+        def label(identity: int) -> str:
+            return names[identity] if names else f"identity {identity}"
+
         for face, identity in enumerate(self.identity):
-            if identity is None:
-                best = float(self.similarity[face].max()) if self.similarity.shape[1] else float("nan")
-                lines.append(f"face {face}: no match (best similarity {best:.2f} < {self.threshold})")
+            if identity is not None:
+                lines.append(f"face {face}: {label(identity)} (similarity {self.similarity[face, identity]:.2f})")
+                continue
+            closest = int(self.similarity[face].argmax()) if self.similarity.shape[1] else None
+            best = float(self.similarity[face, closest]) if closest is not None else float("nan")
+            if best >= self.threshold and closest in self.identity:  # one face per person: another face won
+                lines.append(f"face {face}: no match ({label(closest)} at {best:.2f} went to face "
+                             f"{self.identity.index(closest)}, which resembles them more)")
             else:
-                label = names[identity] if names else f"identity {identity}"
-                lines.append(f"face {face}: {label} (similarity {self.similarity[face, identity]:.2f})")
+                lines.append(f"face {face}: no match (best similarity {best:.2f} < {self.threshold})")
         return "\n".join(lines)
 
 

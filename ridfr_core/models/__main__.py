@@ -1,0 +1,108 @@
+"""``python -m ridfr_core.models``: list the model files each backend needs, download the missing ones.
+
+    python -m ridfr_core.models list [--backend ridfr] [--models models]
+    python -m ridfr_core.models download --backend ridfr --models models --accept-licences
+
+``--models`` is laid out like ComfyUI's ``models/`` folder (give ComfyUI's own to serve both). Nothing
+is downloaded without ``download`` and the licence flag; hub files honour ``HF_ENDPOINT``, ``HF_TOKEN``,
+``HF_HUB_OFFLINE`` and the Hugging Face cache as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .fetch import DownloadError, fetch, human, state
+from .registry import BACKENDS, LICENCE_FLAG, ModelFile
+
+STATE_TEXT = {"missing": "missing", "intact": "intact", "unverified": "present, not verified yet",
+              "different": "DIFFERS from the published file", "incomplete": "INCOMPLETE"}
+
+
+def size_text(file: ModelFile) -> str:
+    if file.size is not None:
+        return human(file.size)
+    return f"~{human(file.approx_size)}" if file.approx_size else "size from the hub"
+
+
+def describe(file: ModelFile, models: Path) -> list[str]:
+    current = state(file, models)
+    status = STATE_TEXT[current] if file.downloadable or current != "missing" else "missing (not downloadable)"
+    lines = [f"  {file.relative:<58} {size_text(file) if file.downloadable else '':>16}  {status}",
+             f"      {file.what}; source: {file.source}"]
+    if file.licence:
+        lines.append(f"      licence: {file.licence.name}: {file.licence.terms} ({file.licence.url})")
+    return lines
+
+
+def list_files(backends: list[str], models: Path) -> int:
+    print(f"models folder: {models.resolve()}")
+    for backend in backends:
+        print(f"\nbackend {backend}:")
+        for file in BACKENDS[backend]:
+            print("\n".join(describe(file, models)))
+    return 0
+
+
+def print_licences(files: list[ModelFile]) -> None:
+    for licence in dict.fromkeys(file.licence for file in files if file.licence):
+        names = ", ".join(file.name for file in files if file.licence == licence)
+        print(f"  {licence.name}: {licence.terms}\n      {licence.url}\n      ({names})")
+
+
+def download(backend: str, models: Path, accepted: bool) -> int:
+    files = BACKENDS[backend]
+    wanted = [file for file in files if file.downloadable and state(file, models) != "intact"]
+    print(f"backend {backend}, models folder {models.resolve()}")
+    if wanted:
+        print("licences of the files to download:")
+        print_licences(wanted)
+        if not accepted:
+            print(f"\nnothing downloaded: add {LICENCE_FLAG} to accept these licences and download "
+                  f"{len(wanted)} file(s).", file=sys.stderr)
+            return 2
+    failed = 0
+    for number, file in enumerate(files, 1):
+        prefix = f"[{number}/{len(files)}] {file.relative}"
+        if not file.downloadable:
+            there = state(file, models) != "missing"
+            print(f"{prefix}: {'present' if there else 'still missing'} ({file.how_to_get})")
+            continue
+        try:
+            print(f"{prefix}: {fetch(file, models)}", flush=True)
+        except DownloadError as error:
+            failed += 1
+            print(f"{prefix}: error: {error}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"{failed} file(s) failed; nothing partial was put in place.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ridfr_core.models", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="every file per backend: folder, size, source, licence, state")
+    listing.add_argument("--backend", choices=sorted(BACKENDS), help="one backend (default: all)")
+    fetching = commands.add_parser("download", help="fetch what is missing for one backend")
+    fetching.add_argument("--backend", choices=sorted(BACKENDS), required=True)
+    fetching.add_argument(LICENCE_FLAG, "--accept-licenses", dest="accept_licences", action="store_true",
+                          help="accept the licences printed for the files to download (required to download)")
+    for sub in (listing, fetching):
+        sub.add_argument("--models", default="models", help="models folder laid out like ComfyUI's (default "
+                         "./models; give ComfyUI's models folder to serve both)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    models = Path(args.models)
+    if args.command == "list":
+        return list_files([args.backend] if args.backend else list(BACKENDS), models)
+    return download(args.backend, models, args.accept_licences)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

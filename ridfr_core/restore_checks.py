@@ -1,0 +1,95 @@
+"""Checks of ``python -m ridfr_core.restore``'s options that cost nothing, run before any model loads.
+
+Each raises ValueError naming the option, what was wrong and how to fix it, so a typo in ``--out``
+or ``--steps`` is not found after minutes of loading and sampling, and a result never replaces
+the photo it was made from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .pipeline import MAX_STEPS
+from .quality import parse_identity_scale
+
+MAX_UPSCALE = 8.0
+DEVICES = ("auto", "cuda", "cpu")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # formats that keep the ICC profile and EXIF
+
+
+def check_finite(option: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{option}: {value} is not a finite number; give e.g. {option} 1.0.")
+
+
+def check_steps(steps: int) -> None:
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"--steps: {steps} is outside 1..{MAX_STEPS}; RIDFR uses 20, RestorerID 50.")
+
+
+def check_upscale(upscale: float) -> None:
+    check_finite("--upscale", upscale)
+    if not 0 < upscale <= MAX_UPSCALE:
+        raise ValueError(f"--upscale: {upscale} is outside (0, {MAX_UPSCALE:g}]; 1 keeps the photo's size.")
+
+
+def check_quality(quality: int) -> None:
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality: {quality} is outside 1..100 (JPEG/WebP quality; PNG is always lossless).")
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"--device: {device!r} is not one of {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU; install a CUDA build of torch "
+                         "(see README), or use --device auto or cpu.")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """The same file after symlinks and ``..`` are resolved (or a hard link to it)."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def check_output(out: str, inputs: list[str]) -> None:
+    """A writable image path with a known extension that is none of the input files."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name, e.g. {path / 'restored.png'}.")
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {out}: unsupported extension {path.suffix!r}; end it with .png (lossless) or "
+                         ".jpg/.webp.")
+    for source in inputs:
+        if same_file(path, Path(source)):
+            raise ValueError(f"--out {out}: is the input {source}; writing there would destroy the original. "
+                             "Give another file name.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders still to create are made inside the nearest existing one
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write into {folder} (not a writable folder); give a path in a "
+                         "folder you can write to.")
+
+
+def check_restore_options(args, archive: bool = False) -> None:
+    """Every cheap check of the parsed CLI arguments. ``archive``: --out is a folder (checked by
+    :mod:`ridfr_core.archive.run` against every input)."""
+    references = list(args.references) + [path for group in args.person for path in group.split(",") if path]
+    if not archive:
+        check_output(args.out, [args.lq, *references])
+    check_quality(args.quality)
+    if args.steps is not None:  # None: the backend's default
+        check_steps(args.steps)
+    check_upscale(args.upscale)
+    check_device(args.device)
+    if args.identity_scale is not None:
+        parse_identity_scale(args.identity_scale)
+    for option in ("content_scale", "guidance"):
+        if getattr(args, option) is not None:
+            check_finite("--" + option.replace("_", "-"), getattr(args, option))

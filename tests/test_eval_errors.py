@@ -1,0 +1,80 @@
+"""ridfr_core.eval refuses what it cannot do right, in one line and before any restoration."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from ridfr_core import eval as evaluation
+from ridfr_core import restore
+from ridfr_core.imageio import write_rgb
+from test_eval import synthetic_celebref  # noqa: F401 (fixture)
+
+NO_METRICS = ["--recognisers", "", "--iqa", ""]
+
+
+def test_two_images_of_one_case_are_refused_not_picked(tmp_path, capsys):
+    face = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    write_rgb(tmp_path / "gt" / "case.png", face)
+    write_rgb(tmp_path / "restored" / "case.png", face)
+    write_rgb(tmp_path / "restored" / "case.jpg", 255 - face)
+    args = ["score", "--restored", str(tmp_path / "restored"), "--gt", str(tmp_path / "gt"), "--out",
+            str(tmp_path / "scores"), *NO_METRICS]
+    assert evaluation.main(args) == 2
+    err = capsys.readouterr().err
+    assert "case.jpg and case.png are both 'case'" in err
+    (tmp_path / "restored" / "case.jpg").unlink()
+    write_rgb(tmp_path / "gt" / "case.jpg", face)  # the same ambiguity among the ground truths
+    assert evaluation.main(args) == 2
+    assert "are both 'case'" in capsys.readouterr().err
+
+
+def test_counts_and_sizes_below_one_are_clear_errors(synthetic_celebref, tmp_path, capsys):  # noqa: F811
+    for number in ("0", "-1"):
+        assert evaluation.main(["split", "--celebref", str(synthetic_celebref), "--num-test-ids", number,
+                                "--out", str(tmp_path / "split")]) == 2
+        assert f"--num-test-ids {number}: hold out at least 1" in capsys.readouterr().err
+    assert evaluation.main(["split", "--celebref", str(synthetic_celebref), "--num-test-ids", "1",
+                            "--max-images-per-id", "0", "--out", str(tmp_path / "split")]) == 2
+    assert "--max-images-per-id 0" in capsys.readouterr().err
+    assert evaluation.main(["split", "--celebref", str(synthetic_celebref), "--num-test-ids", "2",
+                            "--out", str(tmp_path / "split")]) == 0
+    assert evaluation.main(["degrade", "--split", str(tmp_path / "split" / "split.json"), "--size", "0",
+                            "--out", str(tmp_path / "data")]) == 2
+    assert "--size 0: give the face size" in capsys.readouterr().err
+    assert evaluation.main(["degrade", "--split", str(tmp_path / "split" / "split.json"), "--size", "64",
+                            "--out", str(tmp_path / "data")]) == 0
+    assert evaluation.main(["run", "--data", str(tmp_path / "data"), "--size", "64", "--refs-per-case", "0",
+                            "--restorer", "numpy:maximum", "--out", str(tmp_path / "run"), *NO_METRICS]) == 2
+    assert "--refs-per-case 0" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def degraded_at(synthetic_celebref, tmp_path):  # noqa: F811
+    def degrade(size: int):
+        split = evaluation.build_split(synthetic_celebref, num_test_ids=1, seed=0)
+        return evaluation.degrade_split(split, tmp_path / f"data{size}", size=size).parent
+    return degrade
+
+
+def test_run_on_data_of_another_size_fails_before_restoring(degraded_at, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RIDFR_MODELS", str(tmp_path / "no_models"))
+    monkeypatch.setattr(restore, "_EVAL_RESTORER", None)
+    out = tmp_path / "run"
+    assert evaluation.main(["run", "--data", str(degraded_at(256)), "--out", str(out), *NO_METRICS]) == 2
+    err = capsys.readouterr().err
+    assert "is 256x256, but --size is 512" in err and "Degrade again with --size 512" in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="the LQ face is 256x256; RIDFR restores 512x512"):
+        restore.restore(np.zeros((256, 256, 3), np.uint8), np.zeros((512, 512, 3), np.uint8))
+
+
+def test_run_with_missing_models_is_a_clear_error(degraded_at, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RIDFR_MODELS", str(tmp_path / "no_models"))
+    monkeypatch.setattr(restore, "_EVAL_RESTORER", None)
+    assert evaluation.main(["run", "--data", str(degraded_at(512)), "--out", str(tmp_path / "run"), *NO_METRICS]) == 2
+    err = capsys.readouterr().err
+    assert "RIDFR needs these model files" in err and str(tmp_path / "no_models" / "checkpoints") in err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "run").rglob("*.png"))

@@ -192,3 +192,22 @@ def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, ridfr_m
     assert {record["process"] for record in done} == {0, 1}
     assert not list(out.glob("manifest.part*"))
     assert all((out / record["output"]).is_file() for record in done)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--out", "file", "is a file"), ("--out", "album", "would overwrite the inputs"),
+    ("--batch-size", "0", "--batch-size"), ("--candidates", "2", "--candidates"), ("--aligned", None, "--aligned"),
+    ("--people", "missing", "--people")])
+def test_archive_options_are_checked_before_any_model_loads(ridfr_models_dir, tmp_path, capsys, option, value,
+                                                            message):
+    album = tmp_path / "album"
+    save(album / "a.png", smooth_image(1, 64))
+    (tmp_path / "file").write_text("not a folder")
+    args = {"--lq": str(album), "--out": str(tmp_path / "out"), "--id": str(album / "a.png"),
+            "--models": str(ridfr_models_dir)}
+    if value is not None:
+        args[option] = str(tmp_path / value) if value in ("file", "album", "missing") else value
+    argv = [part for key, val in args.items() for part in (key, val)] + ([option] if value is None else [])
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()

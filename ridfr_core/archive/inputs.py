@@ -56,6 +56,9 @@ def collect_inputs(lq: str, exclude: Path | None = None) -> list[ArchiveInput]:
         raise ValueError(f"--lq: {lq} is neither a file, a folder nor a glob that matches files; give a photo, "
                          "a folder of photos, a glob like 'scans/**/*.jpg', a text file listing paths, or a video.")
     exclude = exclude.resolve() if exclude is not None else None
+    if exclude is not None and root.resolve() == exclude:
+        raise ValueError(f"--out {exclude}: is the input folder, so the outputs would overwrite the inputs; choose "
+                         "another output folder.")
     chosen = [file for file in files if not is_hidden(file.relative_to(root))
               and (exclude is None or not file.resolve().is_relative_to(exclude))]
     if not chosen:

@@ -38,7 +38,9 @@ def reference_people(args) -> list[tuple[str, list]]:
 
 
 def check_outputs(items: list[ArchiveInput], out: Path) -> None:
-    """Never overwrite an input: the output folder must not be the input folder."""
+    """--out is a folder (or will be), and never the input folder: no input is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; for an archive give a folder (it mirrors the input tree).")
     for item in items:
         if same_file(out / item.relative, item.source):
             raise ValueError(f"--out: {out} would overwrite the input {item.source}; choose another output folder.")

@@ -56,6 +56,13 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str,
                      tracks=tracks)
 
 
+
+def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
+    """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
+    posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
+    latent = vae.encode(lq.permute(0, 2, 3, 1))
+    return model.get_model_object("latent_format").process_in(latent).float().cpu()
+
 class ContentCondition(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

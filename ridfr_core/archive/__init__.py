@@ -5,5 +5,6 @@
 - :mod:`.people`: ``--people DIR`` (one sub-folder of reference photos per person).
 - :mod:`.tracking`: faces followed across video frames, one identity per track by a vote.
 - :mod:`.video`: PyAV decode/encode that keeps the frame rate and remuxes the audio.
-- :mod:`.run`: the archive job itself (batching faces of several photos, progress, accelerate splitting).
+- :mod:`.restoring`: photos batched across files for the sampler, videos restored track by track.
+- :mod:`.run`: the archive job of the CLI (checks, resume, progress, accelerate splitting, summary).
 """

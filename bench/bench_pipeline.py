@@ -19,26 +19,23 @@ import copy
 import json
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,  # noqa: E402
+from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,
                        UNet2DConditionModel, UniPCMultistepScheduler)
-from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0  # noqa: E402
-from diffusers.models.embeddings import MultiIPAdapterImageProjection  # noqa: E402
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ridfr_core.checkpoints import load_config  # noqa: E402
-from ridfr_core.content import ContentControlNet, lq_to_latent_size  # noqa: E402
-from ridfr_core.faces.align import estimate_alignment, ffhq_template, paste_face  # noqa: E402
-from ridfr_core.identity import Identity, build_identity_adapter, encode_clip_features  # noqa: E402
-from ridfr_core.pipeline import RIDFRModels, RIDFRPipeline, seeded_noise  # noqa: E402
+from ridfr_core.checkpoints import load_config
+from ridfr_core.content import ContentControlNet, lq_to_latent_size
+from ridfr_core.faces.align import estimate_alignment, ffhq_template, paste_face
+from ridfr_core.identity import Identity, build_identity_adapter, encode_clip_features
+from ridfr_core.pipeline import RIDFRModels, RIDFRPipeline, seeded_noise
 
 SMALL = {  # SD1.5's block structure at a quarter of the width: CPU-sized
     "unet": {"block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 768, "attention_head_dim": 8},

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
 from .restorerid_patches import add_balance_tokens, apply_structure
-from .types import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
+from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
                     module_of)
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ LATENT_DOWNSCALE = 8
 
 
 def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
-    from ridfr_core.faces import FaceError, prepare_aligned
+    from ..ridfr_core.faces import FaceError, prepare_aligned
 
     try:
         lq = prepare_aligned(image.cpu().numpy(), face_size=face_size)
@@ -29,7 +29,7 @@ def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
 
 
 def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str) -> FaceBatch:
-    from ridfr_core.faces import FaceError, detect_and_align
+    from ..ridfr_core.faces import FaceError, detect_and_align
 
     analyzer = ridfr.face_analyzer()
     photos, first = [], 0
@@ -46,6 +46,13 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str)
         raise NodeError("ContentCondition", "image", f"no face in any of the {len(image)} photo(s); nothing to restore.")
     return FaceBatch(lq=torch.cat([photo.photo.crops for photo in photos]), photos=photos, backend=ridfr.backend)
 
+
+
+def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
+    """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
+    posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
+    latent = vae.encode(lq.permute(0, 2, 3, 1))
+    return model.get_model_object("latent_format").process_in(latent).float().cpu()
 
 class ContentCondition(io.ComfyNode):
     @classmethod
@@ -111,7 +118,7 @@ class ContentCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
                 on_no_face, vae=None) -> io.NodeOutput:
-        from ridfr_core.backends import RESTORERID
+        from ..ridfr_core.backends import RESTORERID
 
         verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
         if verdict is not True:
@@ -164,8 +171,8 @@ class IdentityCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
         import comfy.model_management as mm
-        from ridfr_core.backends import RESTORERID
-        from ridfr_core.identity import null_identity
+        from ..ridfr_core.backends import RESTORERID
+        from ..ridfr_core.identity import null_identity
 
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
         adapter = module_of(ridfr.adapter)

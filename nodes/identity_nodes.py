@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from .types import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, invalid_choice, module_of
+from .sockets import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, invalid_choice, module_of
 
 logger = logging.getLogger(__name__)
 ON_NO_FACE = ("error", "skip")
@@ -18,7 +18,7 @@ MAX_IDENTITIES = 4
 def encode_identity(ridfr, references: torch.Tensor, aligned: bool, on_no_face: str):
     """(FaceIdentity, CLIP face crops (N,224,224,3), report) for one person's reference images."""
     import comfy.model_management as mm
-    from ridfr_core.faces import FaceError, NoFaceError, build_identity, encode_references
+    from ..ridfr_core.faces import FaceError, NoFaceError, build_identity, encode_references
 
     analyzer = ridfr.face_analyzer()
     found, skipped = [], []
@@ -122,9 +122,9 @@ class MatchIdentities(io.ComfyNode):
 
     @classmethod
     def execute(cls, ridfr, faces, identity_1, threshold, one_face_per_identity, **more) -> io.NodeOutput:
-        from ridfr_core.faces import FaceError, ffhq_template, match_faces
-        from ridfr_core.faces.images import tensor_to_rgb
-        from ridfr_core.identity import Identity
+        from ..ridfr_core.faces import FaceError, ffhq_template, match_faces
+        from ..ridfr_core.faces.images import tensor_to_rgb
+        from ..ridfr_core.identity import Identity
 
         identities = [identity_1] + [more[f"identity_{n}"] for n in range(2, MAX_IDENTITIES + 1)
                                      if more.get(f"identity_{n}") is not None]

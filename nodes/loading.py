@@ -21,7 +21,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from .types import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket, invalid_choice
+from .sockets import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket, invalid_choice
 
 CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -87,7 +87,7 @@ def compute_dtype(module):
 
 def check_adapter_version(backend, adapter, file_name: str) -> None:
     """RestorerID was trained with FaceID Plus v1 (no shortcut); its tokens differ from PlusV2's."""
-    from ridfr_core.backends import RESTORERID
+    from ..ridfr_core.backends import RESTORERID
 
     if backend is RESTORERID and adapter.shortcut:
         raise NodeError("LoadRIDFR", "ipadapter", f"'{file_name}' is IP-Adapter FaceID PlusV2, but the RestorerID "
@@ -154,8 +154,8 @@ class LoadRIDFR(io.ComfyNode):
     @classmethod
     def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
         from diffusers import UNet2DConditionModel
-        from ridfr_core import checkpoints
-        from ridfr_core.backends import backend_of
+        from ..ridfr_core import checkpoints
+        from ..ridfr_core.backends import backend_of
 
         configs = config_dir()
         try:

@@ -27,7 +27,7 @@ import re
 
 import torch
 
-from .types import NodeError, module_of
+from .sockets import NodeError, module_of
 
 RUNTIME_SCALES = "ridfr"
 LDM_ATTENTION = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?1\.transformer_blocks\.(\d+)\.attn2\.")
@@ -95,7 +95,7 @@ class ContentPatch:
 
     def lq_input(self, latent_hw: tuple[int, int], repeats: int, device, dtype) -> torch.Tensor:
         """The LQ faces resized to the latent and repeated per cond/uncond chunk (computed once per shape)."""
-        from ridfr_core.content import lq_to_latent_size
+        from ..ridfr_core.content import lq_to_latent_size
 
         key = (latent_hw, repeats, device, dtype)
         if key not in self._resized:
@@ -197,7 +197,7 @@ class IdentityAttentionPatch:
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention
-        from ridfr_core.identity import identity_attention
+        from ..ridfr_core.identity import identity_attention
 
         heads = extra_options["n_heads"]
         if self.wrapped is not None:

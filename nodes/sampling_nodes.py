@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from .patches import RUNTIME_SCALES
-from .types import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
+from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
 
 LATENT_DOWNSCALE = 8
 SETTINGS = ("backend defaults", "custom")
@@ -20,7 +20,7 @@ COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(photos IMAGE, masks MASK (F,H,W)) with the restored faces (F,3,S,S) pasted into their photos; in
     aligned mode the restored faces themselves with full masks."""
-    from ridfr_core.faces import FaceError, paste_restored
+    from ..ridfr_core.faces import FaceError, paste_restored
 
     if restored.shape[0] != faces.count:
         raise NodeError(node, "images", f"{restored.shape[0]} restored images for {faces.count} faces; decode the "
@@ -63,7 +63,7 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings, conte
     import comfy.sample
     import comfy.utils
     import latent_preview
-    from ridfr_core.pipeline import seeded_noise
+    from ..ridfr_core.pipeline import seeded_noise
 
     scaled = model.clone()
     scaled.model_options["transformer_options"][RUNTIME_SCALES] = {"identity_scale": settings.identity_scale,
@@ -151,7 +151,7 @@ class RIDFRSample(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler, identity_scale,
                 content_scale, settings) -> io.NodeOutput:
-        from ridfr_core.colorfix import wavelet_color_fix
+        from ..ridfr_core.colorfix import wavelet_color_fix
 
         verdict = cls.validate_inputs(sampler_name, scheduler, settings)  # linked inputs now known
         if verdict is not True:

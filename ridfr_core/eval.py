@@ -3,7 +3,7 @@
     python -m ridfr_core.eval split   --celebref ROOT --out SPLIT_DIR [--num-test-ids 100 --seed 0]
     python -m ridfr_core.eval degrade --split SPLIT_DIR/split.json --out DATA_DIR [--seed 0]
     python -m ridfr_core.eval score   --restored DIR --gt DIR [--refs DIR --lq DIR] --out DIR
-    python -m ridfr_core.eval run     (--data DATA_DIR | --celebref ROOT) --out DIR [--restorer mod:fn]
+    python -m ridfr_core.eval run     (--data DATA_DIR | --celebref ROOT) --out DIR [--models DIR | --restorer mod:fn]
     python -m ridfr_core.eval --restored DIR --gt DIR --out DIR      (same as "score")
 
 Layout (what ``degrade`` writes and ``score`` reads), one *case* = one LQ face:
@@ -31,13 +31,12 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from ridfr_core import metrics
-from ridfr_core.degrade import DegradationConfig, degrade
-from ridfr_core.imageio import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
+from . import metrics
+from .degrade import DegradationConfig, degrade
+from .imageio import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
 
 DEFAULT_RECOGNISERS = ("dlib", "facenet", "arcface")
 DEFAULT_IQA = ("lpips", "musiq", "maniqa", "clipiqa")
-DEFAULT_RESTORER = "ridfr_core.restore:restore"
 FACE_SIZE = 512  # what RIDFR restores, and the paper evaluates at
 
 
@@ -323,7 +322,7 @@ def load_restorer(spec: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Import ``module:function`` lazily; the function maps (lq, reference) uint8 RGB -> restored."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise ValueError(f"--restorer {spec}: expected module:function, e.g. {DEFAULT_RESTORER}.")
+        raise ValueError(f"--restorer {spec}: expected module:function, e.g. my_package.restore:restore_face.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -446,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", type=Path, help="a folder written by 'degrade'")
     source.add_argument("--celebref", type=Path, help="a CelebRef-HQ folder: split and degrade it first")
     run.add_argument("--out", type=Path, required=True)
-    run.add_argument("--restorer", default=DEFAULT_RESTORER, help="module:function restore(lq, reference) -> restored")
+    run.add_argument("--models", type=Path, default=Path("models"),
+                     help="model folder of RIDFR's restorer, laid out as for python -m ridfr_core.restore (either backend)")
+    run.add_argument("--steps", type=int, help="sampling steps of RIDFR's restorer (default: the backend's)")
+    run.add_argument("--restorer", help="module:function restore(lq, reference) -> restored, instead of RIDFR's")
     run.add_argument("--refs-per-case", type=int, default=1, help=">= 2 also gives Identity Variance")
     run.add_argument("--preprocess", type=Path, metavar="FILE", help="restoration model (SwinIR, Real-ESRGAN, ... "
                      "any spandrel reads) run on every LQ face before the restorer, as the paper does with SwinIR; "
@@ -457,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, config_dir=None) -> int:
+    """The CLI; ``config_dir``: model architectures other than SD1.5's for RIDFR's restorer (tiny test models)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--") and argv[0] not in ("--help",):
         argv.insert(0, "score")  # `python -m ridfr_core.eval --restored ...` is the score command
@@ -478,9 +481,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "score":
             evaluate(args.restored, args.gt, args.out, refs_dir=args.refs, lq_dir=args.lq, **score_options)
             return 0
-        restore = load_restorer(args.restorer)
+        if args.restorer:
+            restore = load_restorer(args.restorer)
+        else:
+            from .restore import AlignedFaceRestorer
+
+            restore = AlignedFaceRestorer(args.models, args.steps, config_dir)
         if args.preprocess:
-            from ridfr_core.preprocess import preprocessed_restorer
+            from .preprocess import preprocessed_restorer
 
             restore = preprocessed_restorer(restore, args.preprocess, args.device, args.out)
         data_dir = args.data

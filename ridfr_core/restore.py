@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,25 +213,23 @@ class Restorer:
                                       unmatched=unmatched, upscale=upscale).image
 
 
-_EVAL_RESTORER: Restorer | None = None
+class AlignedFaceRestorer:
+    """``python -m ridfr_core.eval run``'s own restorer: an aligned LQ face and an aligned reference (uint8 RGB)
+    -> restored, with the models in ``models`` (laid out as for the CLI, either backend), loaded at the first
+    face. ``steps``: None for the backend's; ``config_dir``: architectures other than SD1.5's (tiny test models)."""
 
+    def __init__(self, models: Path, steps: int | None = None, config_dir=None):
+        self.models, self.steps, self.config_dir = Path(models), steps, config_dir
+        self.restorer: Restorer | None = None
 
-def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``ridfr_core.eval``'s restorer: an aligned LQ face and an aligned reference (uint8 RGB) -> restored.
-
-    Models come from ``$RIDFR_MODELS`` (default ``./models``), laid out as for the CLI (either backend);
-    ``$RIDFR_STEPS`` sets the sampling steps (default: the backend's).
-    """
-    global _EVAL_RESTORER
-    if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
-        raise ValueError(f"ridfr_core.restore:restore: the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores "
-                         f"{FACE_SIZE}x{FACE_SIZE} aligned faces (evaluate with --size {FACE_SIZE}).")
-    if _EVAL_RESTORER is None:
-        models = Path(os.environ.get("RIDFR_MODELS", "models"))
-        _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
-                                  config_dir=os.environ.get("RIDFR_CONFIG_DIR"),
-                                  steps=int(os.environ["RIDFR_STEPS"]) if "RIDFR_STEPS" in os.environ else None)
-    return _EVAL_RESTORER.restore(lq, [[reference]], aligned=True, aligned_references=True)
+    def __call__(self, lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
+            raise ValueError(f"the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores {FACE_SIZE}x{FACE_SIZE} "
+                             f"aligned faces (evaluate with --size {FACE_SIZE}).")
+        if self.restorer is None:
+            self.restorer = Restorer(resolve_models(self.models, {}, need_insightface=True),
+                                     config_dir=self.config_dir, steps=self.steps)
+        return self.restorer.restore(lq, [[reference]], aligned=True, aligned_references=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -278,11 +275,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and keep the one most like the references, ranked by --rank-with (default 1)")
     parser.add_argument("--rank-with", default="dlib", metavar="RECOGNISER", help="recogniser that ranks the "
                         "candidates: dlib (default) or facenet, never the ArcFace RIDFR is conditioned on")
-    parser.add_argument("--config-dir", help=argparse.SUPPRESS)  # tiny architectures in tests
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, config_dir=None) -> int:
+    """The CLI; ``config_dir``: model architectures other than SD1.5's (the tests' tiny models)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -297,7 +294,7 @@ def main(argv=None) -> int:
             raise ValueError("--id: give at least one reference photo (--id, or --person for each person).")
         identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
         preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
-        restorer = Restorer(paths, args.device, args.config_dir, identity_scale, preprocess=preprocess,
+        restorer = Restorer(paths, args.device, config_dir, identity_scale, preprocess=preprocess,
                             best_of=best_of, steps=args.steps, seed=args.seed, content_scale=args.content_scale,
                             guidance=args.guidance, sampler=args.sampler, color_fix=args.color_fix)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)

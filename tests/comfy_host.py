@@ -73,6 +73,13 @@ def import_comfy(config_dir: Path):
     return sys.modules[PACK_MODULE]
 
 
+def pack_core(module: str):
+    """A module of the core as the pack imports it (``<pack>.ridfr_core.<module>``): ComfyUI loads the pack
+    under a name of its own and the nodes reach the core relatively, so what the nodes make is of these
+    classes and compares with these constants, not with those of the top-level ``ridfr_core``."""
+    return importlib.import_module(f"{PACK_MODULE}.ridfr_core.{module}")
+
+
 def add_models_folder(models: Path) -> None:
     """Make ComfyUI (in this process) see the folders of ``models`` (added, never replaced)."""
     import folder_paths

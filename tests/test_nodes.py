@@ -63,7 +63,7 @@ def random_identity(count: int = 1, seed: int = 0):
 
 
 def face_identity(env, identity, scales=None):
-    return env.pack.nodes.types.FaceIdentity(identity, identity.id_embeds[0].numpy(), scales, "test")
+    return env.pack.nodes.sockets.FaceIdentity(identity, identity.id_embeds[0].numpy(), scales, "test")
 
 
 def lq_faces(count: int, seed: int = 1) -> torch.Tensor:
@@ -143,7 +143,7 @@ def test_one_step_matches_the_diffusers_backend(env, cfg_batch):
     lq = faces.lq * 2 - 1
     with torch.no_grad():
         tokens = denoiser.adapter.identity_tokens(identity)
-        null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.types.module_of(env.ridfr.clip_vision))).expand(2, -1, -1)
+        null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.sockets.module_of(env.ridfr.clip_vision))).expand(2, -1, -1)
     text = env.text.expand(2, -1, -1)
     if cfg_batch:
         x_d, text, lq = torch.cat([x_d, x_d + 0.1]), torch.cat([text, text]), torch.cat([lq, lq])

@@ -120,13 +120,13 @@ def test_restore_cli_feeds_the_preprocessed_face_to_ridfr(swinir_files, tiny_mod
     cleaned = tmp_path / "cleaned.png"
     write_rgb(cleaned, load_preprocessor(path).apply_rgb(read_rgb(lq)))
     common = ["--id", str(sorted((identity / "refs").glob("*.jpg"))[0]), "--aligned", "--aligned-references",
-              "--models", str(models), "--config-dir", str(tiny_models.configs), "--steps", "2", "--device", "cpu"]
+              "--models", str(models), "--steps", "2", "--device", "cpu"]
 
     caplog.set_level(logging.INFO)
     outputs = {}
     for name, args in (("preprocessed", ["--lq", str(lq), "--preprocess", path.name]),
                        ("from_cleaned", ["--lq", str(cleaned)]), ("plain", ["--lq", str(lq)])):
-        assert restore_main([*args, *common, "--out", str(tmp_path / f"{name}.png")]) == 0, capsys.readouterr().err
+        assert restore_main([*args, *common, "--out", str(tmp_path / f"{name}.png")], config_dir=tiny_models.configs) == 0, capsys.readouterr().err
         outputs[name] = read_rgb(tmp_path / f"{name}.png").astype(np.int16)
     assert "pre-processing: SwinIR x1 (face_swinir_tiny.safetensors) on cpu float32" in caplog.text
     assert np.abs(outputs["preprocessed"] - outputs["from_cleaned"]).mean() < 0.5

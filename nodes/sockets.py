@@ -61,7 +61,7 @@ class RIDFRModels:
     face_device: str           # onnxruntime device: auto, cpu or cuda
 
     def face_analyzer(self):
-        from ridfr_core.faces import load_face_analyzer
+        from ..ridfr_core.faces import load_face_analyzer
 
         return load_face_analyzer(model_dir=self.face_models, device=self.face_device)
 

@@ -177,7 +177,7 @@ class IdentityCondition(io.ComfyNode):
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
         adapter = module_of(ridfr.adapter)
         with torch.no_grad():
-            tokens = adapter.identity_tokens(identity.identity).float().cpu()
+            tokens = adapter.identity_tokens(identity.adapter_input).float().cpu()
             null_tokens = adapter.identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)

@@ -129,7 +129,7 @@ class MatchIdentities(io.ComfyNode):
         identities = [identity_1] + [more[f"identity_{n}"] for n in range(2, MAX_IDENTITIES + 1)
                                      if more.get(f"identity_{n}") is not None]
         for number, identity in enumerate(identities, 1):
-            if identity.embedding is None or len(identity.identity) != 1:
+            if identity.embedding is None or len(identity.adapter_input) != 1:
                 raise NodeError("MatchIdentities", f"identity_{number}", "is already one identity per face; connect "
                                 "FaceID Encode outputs (one person each).")
         analyzer = ridfr.face_analyzer()
@@ -141,7 +141,7 @@ class MatchIdentities(io.ComfyNode):
         except FaceError as error:
             raise NodeError("MatchIdentities", "faces", str(error)) from None
         chosen = [0 if index is None else index for index in matches.identity]
-        per_face = Identity.cat([identities[index].identity for index in chosen])
+        per_face = Identity.cat([identities[index].adapter_input for index in chosen])
         scales = torch.tensor([0.0 if index is None else 1.0 for index in matches.identity])
         report = matches.summary([f"identity_{n}" for n in range(1, len(identities) + 1)])
         logger.info("MatchIdentities:\n%s", report)

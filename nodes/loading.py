@@ -21,7 +21,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from .sockets import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket, invalid_choice
+from .sockets import LoadedRIDFR, ModuleHolder, NodeError, RIDFRModelsSocket, invalid_choice
 
 CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -175,7 +175,7 @@ class LoadRIDFR(io.ComfyNode):
                             "models/ any more; put buffalo_l there or pick another pack.")
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
-        return io.NodeOutput(RIDFRModels(content=model_patcher(content), backend=backend,
+        return io.NodeOutput(LoadedRIDFR(content=model_patcher(content), backend=backend,
                                          adapter=model_patcher(adapter), lora_deltas=lora_deltas,
                                          clip_vision=model_patcher(clip),
                                          face_models=face_models, face_device=face_device))

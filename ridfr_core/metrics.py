@@ -25,7 +25,6 @@ PYIQA_VERSION = "0.1.16"
 # (before, the same name loaded the PIPAL one, now "maniqa-pipal"); the variant is reported.
 PYIQA_METRICS = {"lpips": "lpips", "musiq": "musiq", "maniqa": "maniqa", "clipiqa": "clipiqa"}
 PYIQA_FULL_REFERENCE = {"lpips"}
-PYIQA_LOWER_IS_BETTER = {"lpips"}
 
 # Where dlib's HOG detector and MTCNN put the face box on aligned 512 crops (median over the
 # CelebRef faces in shared/data/faces); used when detection fails on a badly restored face.

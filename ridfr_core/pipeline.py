@@ -66,7 +66,7 @@ class RIDFRDenoiser(torch.nn.Module):
 
 
 @dataclass
-class RIDFRModels:
+class PipelineModules:
     """Every module a restoration needs. ``clip_vision`` is only used to encode identities; ``prompts``
     holds the text states of the backend's prompts (the empty prompt's is ``empty_prompt``)."""
 
@@ -90,7 +90,7 @@ class RIDFRModels:
 
 def load_models(base: Path | str, content: Path | str, adapter: Path | str | None = None,
                 clip_vision: Path | str | None = None, config_dir=None, cache_dir=None,
-                lora_strength: float = 1.0, shortcut: bool | None = None) -> RIDFRModels:
+                lora_strength: float = 1.0, shortcut: bool | None = None) -> PipelineModules:
     """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
     ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
     is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
@@ -99,7 +99,7 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     content_module = checkpoints.load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
-    models = RIDFRModels(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
+    models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
         if backend is RESTORERID:
             shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
@@ -154,7 +154,7 @@ class RIDFRPipeline:
     """Restore aligned faces: ``pipeline(lq_faces, identity, seed=0) -> faces``, with the backend's published
     sampler, steps, prompts, guidance and colour fix unless given."""
 
-    def __init__(self, models: RIDFRModels, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, models: PipelineModules, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.models = models
@@ -276,7 +276,7 @@ class NonFiniteOutput(ValueError):
     """Sampling produced NaN/inf, which would be written as a black image."""
 
 
-def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
+def require_finite(images: torch.Tensor, models: PipelineModules) -> torch.Tensor:
     """``images`` if finite; else an error naming the modules with NaN/inf weights (the usual cause)."""
     if torch.isfinite(images).all():
         return images
@@ -291,8 +291,3 @@ def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
              "instead of float16 (the CLI's --device cpu)")
     raise NonFiniteOutput(f"RIDFRPipeline: the restored faces are NaN/inf; {cause}.")
 
-
-def restore(models: RIDFRModels, lq_faces: torch.Tensor, identity: Identity | None = None, device="cpu",
-            **kwargs) -> torch.Tensor:
-    """One-call restoration of aligned faces; see :meth:`RIDFRPipeline.__call__` for the options."""
-    return RIDFRPipeline(models, device)(lq_faces, identity, **kwargs)

@@ -767,7 +767,7 @@ class Trainer:
         from PIL import Image
 
         from .identity import Identity
-        from .pipeline import RIDFRModels, RIDFRPipeline
+        from .pipeline import PipelineModules, RIDFRPipeline
 
         if not hasattr(self, "_validation"):
             self._validation = self.validation_batch()
@@ -777,7 +777,7 @@ class Trainer:
         source = self.ema if self.ema is not None else self.content
         content = place(self.accelerator.unwrap_model(copy.deepcopy(source), keep_fp32_wrapper=False), self.device,
                         self.weight_dtype)
-        models = RIDFRModels(self.unet, self.vae, content, self.empty_prompt, self.scheduler_config, self.adapter)
+        models = PipelineModules(self.unet, self.vae, content, self.empty_prompt, self.scheduler_config, self.adapter)
         pipeline = RIDFRPipeline(models, self.device, dtype=self.weight_dtype)
         identity = None
         if self.adapter is not None:

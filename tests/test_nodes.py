@@ -289,7 +289,7 @@ def test_face_id_encode_combines_references_and_reports(env):
     photos = torch.cat([photo_with_scripted_face(), torch.zeros(1, 640, 640, 3), photo_with_scripted_face() * 0.9])
     identity, crops, report = run(env, "FaceIDEncode", ridfr=env.ridfr, references=photos,
                                   references_are_aligned=False, on_no_face="skip")
-    assert len(identity.identity) == 1 and identity.identity.clip_embeds.shape == (1, 257, 48)
+    assert len(identity.adapter_input) == 1 and identity.adapter_input.clip_embeds.shape == (1, 257, 48)
     assert crops.shape == (2, 224, 224, 3)
     assert "2 reference(s)" in report and "Skipped (no face): reference(s) [1]" in report
 
@@ -305,7 +305,7 @@ def test_match_identities_gives_each_face_its_person(env):
     matched, report = run(env, "MatchIdentities", ridfr=env.ridfr, faces=faces, identity_1=stranger, identity_2=person,
                           threshold=0.5, one_face_per_identity=True)
     assert "face 0: identity_2" in report
-    torch.testing.assert_close(matched.identity.id_embeds, person.identity.id_embeds)
+    torch.testing.assert_close(matched.adapter_input.id_embeds, person.adapter_input.id_embeds)
     assert matched.face_scales.tolist() == [1.0]
 
 

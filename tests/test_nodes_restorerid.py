@@ -38,7 +38,7 @@ def identity_condition(env, ridfr, model, identity, weight=0.7, lora_strength=1.
 
 
 def with_branch(env, ridfr, change):
-    """The same RIDFRModels with a changed copy of the LQ branch."""
+    """The same LoadedRIDFR with a changed copy of the LQ branch."""
     branch = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.content))
     with torch.no_grad():
         change(branch)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ridfr_core import checkpoints
 from ridfr_core.content import ContentControlNet, lq_to_latent_size
 from ridfr_core.identity import Identity, encode_clip_features
-from ridfr_core.pipeline import RIDFRDenoiser, RIDFRModels, RIDFRPipeline, load_models
+from ridfr_core.pipeline import PipelineModules, RIDFRDenoiser, RIDFRPipeline, load_models
 
 STEPS = 3
 
@@ -95,7 +95,7 @@ def test_without_adapter_and_lora_equals_identity_scale_zero_without_lora(tiny_m
     no_lora = RIDFRPipeline(load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,
                                         config_dir=tiny_models.configs, cache_dir=tmp_path, lora_strength=0.0))
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
-    bare = RIDFRPipeline(RIDFRModels(base.unet, base.vae, checkpoints.load_content(tiny_models.content),
+    bare = RIDFRPipeline(PipelineModules(base.unet, base.vae, checkpoints.load_content(tiny_models.content),
                                      base.empty_prompt, base.scheduler_config))
     assert torch.equal(no_lora(lq, None, steps=STEPS, seed=5), bare(lq, None, steps=STEPS, seed=5))
     with_lora = RIDFRPipeline(load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,

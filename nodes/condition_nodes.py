@@ -7,6 +7,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR, ON_NO_FACE
 from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
 from .restorerid_patches import add_balance_tokens, apply_structure
 from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
@@ -14,8 +15,6 @@ from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFa
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("aligned faces", "whole photo")
-ON_NO_FACE = ("error", "skip")
-LATENT_DOWNSCALE = 8
 
 
 def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
@@ -123,8 +122,8 @@ class ContentCondition(io.ComfyNode):
         verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
         if verdict is not True:
             raise ValueError(verdict)
-        if face_size % LATENT_DOWNSCALE:
-            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_DOWNSCALE}.")
+        if face_size % LATENT_FACTOR:
+            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_FACTOR}.")
         restorerid = ridfr.backend is RESTORERID
         if restorerid and vae is None:
             raise NodeError("ContentCondition", "vae", "the RestorerID weights condition on the VAE latent of the "
@@ -138,7 +137,7 @@ class ContentCondition(io.ComfyNode):
             patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas)
         else:
             patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
-        latent = torch.zeros(faces.count, 4, face_size // LATENT_DOWNSCALE, face_size // LATENT_DOWNSCALE)
+        latent = torch.zeros(faces.count, LATENT_CHANNELS, face_size // LATENT_FACTOR, face_size // LATENT_FACTOR)
         lq_faces = faces.lq.permute(0, 2, 3, 1).contiguous()
         return io.NodeOutput(patched, faces, {"samples": latent}, lq_faces)
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from ..ridfr_core.constants import ON_NO_FACE
 from .sockets import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, invalid_choice, module_of
 
 logger = logging.getLogger(__name__)
-ON_NO_FACE = ("error", "skip")
 MAX_IDENTITIES = 4
 
 

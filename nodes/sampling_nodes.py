@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
+from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR
 from .patches import RUNTIME_SCALES
 from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
 
-LATENT_DOWNSCALE = 8
 SETTINGS = ("backend defaults", "custom")
 # ComfyUI's sampler for each backend's published one. RestorerID samples with DDIM, eta 1, over 50 "trailing"
 # timesteps (999, 979, ...): ComfyUI's "ddpm" step is DDIM with eta 1, and its "simple" schedule gives
@@ -68,8 +68,8 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings, conte
     scaled = model.clone()
     scaled.model_options["transformer_options"][RUNTIME_SCALES] = {"identity_scale": settings.identity_scale,
                                                                    "content_scale": content_scale}
-    side = faces.size // LATENT_DOWNSCALE
-    latent = torch.zeros(faces.count, 4, side, side)
+    side = faces.size // LATENT_FACTOR
+    latent = torch.zeros(faces.count, LATENT_CHANNELS, side, side)
     seeds = [(seed + index) % 2 ** 64 for index in range(faces.count)]  # the seed widget goes up to 2**64 - 1
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     positive = encode_prompt(clip, faces.backend.positive_prompt)

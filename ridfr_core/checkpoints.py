@@ -29,6 +29,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .content import ContentControlNet
 from .identity import IdentityAdapter, identity_processor_slots
 from .prompts import prompt_ids
@@ -108,16 +109,8 @@ def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
     """Write next to the target and rename, so a crash never leaves a half-written file in its place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:  # a failed or interrupted write leaves no weights-sized hidden file
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as handle:  # on disk before the rename, or a power cut can leave a truncated file
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no weights-sized hidden file
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str,

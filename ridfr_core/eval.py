@@ -32,12 +32,12 @@ import cv2
 import numpy as np
 
 from . import metrics
+from .constants import FACE_SIZE
 from .degrade import DegradationConfig, degrade
 from .imageio import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
 
 DEFAULT_RECOGNISERS = ("dlib", "facenet", "arcface")
 DEFAULT_IQA = ("lpips", "musiq", "maniqa", "clipiqa")
-FACE_SIZE = 512  # what RIDFR restores, and the paper evaluates at
 
 
 def image_with_stem(folder: Path, stem: str) -> Path | None:
@@ -136,7 +136,7 @@ def _link_or_copy(source: Path, target: Path):
 
 
 def degrade_split(
-    split: dict, out_dir: Path, seed: int = 0, config: DegradationConfig = DegradationConfig(), size: int = 512
+    split: dict, out_dir: Path, seed: int = 0, config: DegradationConfig = DegradationConfig(), size: int = FACE_SIZE
 ) -> Path:
     """Write gt/, lq/ (Eq. 7 with a per-case seed) and refs/ (links) for every case of a split."""
     if size < 1:

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
+from .constants import CLIP_SIZE
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_SIZE = 224
 ID_TOKENS = 4
 
 

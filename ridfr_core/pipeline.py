@@ -18,11 +18,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .backends import RESTORERID, Backend, backend_of, content_input, make_denoiser
 from .colorfix import wavelet_color_fix
+from .constants import FACE_SIZE
 from .content import ContentControlNet
 from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
 
 MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
-FACE_SIZE = 512
 
 
 class RIDFRDenoiser(torch.nn.Module):

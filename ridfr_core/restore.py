@@ -26,7 +26,7 @@ from .faces.errors import FaceError
 from .backends import SAMPLERS
 from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from .models import download_command
-from .pipeline import FACE_SIZE
+from .constants import FACE_SIZE
 from .preprocess import load_preprocessor
 from .quality import parse_identity_scale
 from .restore_checks import check_restore_options

@@ -47,11 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints
+from .atomic import fsync_folder, write_json_atomic
 from .content import ContentControlNet, lq_to_latent_size
-from .data import (AlignDataset, DataError, FaceDataset, IdentityCache, IdentityEncoder, IdentityGroup, NoiseSpec,
+from .data import (AlignDataset, DataError, FaceDataset, IdentityGroup, NoiseSpec,
                    SkipReport, StepBatchSampler, exclude_small_identities, make_loader, sample_rng, scan_faces,
-                   scan_identities, write_json_atomic, STREAM_VALIDATION)
+                   scan_identities, STREAM_VALIDATION)
 from .degrade import DegradationConfig
+from .identity_cache import IdentityCache, IdentityEncoder
 from .pipeline import place
 from .run_folder import (RunFolderError, check_new_run, checkpoint_problem, clear_previous_run, remove_leftovers,
                          require_writable)
@@ -445,19 +447,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     if cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 
-
-def fsync_folder(folder: Path) -> None:
-    """Make the files (and the rename) in ``folder`` durable, where the OS allows it."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ridfr_core import checkpoints, train
-from ridfr_core.data import IdentityCache
+from ridfr_core.identity_cache import IdentityCache
 from ridfr_core.identity import Identity
 from ridfr_core.pipeline import RIDFRPipeline
 from ridfr_core.train import ConfigError, Trainer, TrainConfig, complete_checkpoints

@@ -158,9 +158,9 @@ class IdentityCondition(io.ComfyNode):
                 IdentitySocket.Input("identity", tooltip="From FaceID Encode (one person for every face) or Match "
                                                          "Identities (one per face)."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
-                               tooltip="Identity scale: how strongly the restored face follows the reference "
-                                       "(0 = no identity). RestorerID was published with 0.75: RIDFR Sample's "
-                                       "backend defaults apply it; with a KSampler set 0.75 here."),
+                               tooltip="Identity scale, the one identity strength of the workflow: how strongly the "
+                                       "restored face follows the reference (0 = no identity). RIDFR: 1.0; RestorerID "
+                                       "was published with 0.75 (its example workflow sets it)."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
             ],

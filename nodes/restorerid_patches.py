@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .patches import SigmaRange, chunks_of, runtime_scale
+from .patches import SigmaRange, chunks_of
 from .sockets import NodeError, module_of
 
 STRUCTURE_FEATURES = "ridfr_restorerid"    # transformer_options key: StructureStep of this call
@@ -87,7 +87,7 @@ class StructurePatch:
         return self
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        strength = self.strength * runtime_scale(transformer_options, "content_scale")
+        strength = self.strength
         if strength != 0 and self.sigmas.active(transformer_options):
             branch = module_of(self.content)
             param = next(branch.parameters())

@@ -20,7 +20,7 @@ from .backends import RESTORERID, Backend, backend_of, content_input, make_denoi
 from .colorfix import wavelet_color_fix
 from .constants import FACE_SIZE
 from .content import ContentControlNet
-from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
+from .identity import ID_TOKENS, Identity, IdentityAdapter, identity_context, null_identity
 
 MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
 
@@ -57,8 +57,7 @@ class RIDFRDenoiser(torch.nn.Module):
         if self.adapter is not None:
             if id_tokens is None:
                 id_tokens, identity_scale = text_states.new_zeros(latents.shape[0], ID_TOKENS, text_states.shape[-1]), 0.0
-            self.adapter.set_scale(identity_scale)
-            hidden = (text_states, [id_tokens.to(text_states.dtype)])
+            hidden = identity_context(text_states, id_tokens, identity_scale)
         elif id_tokens is not None:
             raise ValueError("RIDFRDenoiser: identity tokens given but no identity adapter is loaded.")
         return self.unet(latents, timestep, hidden, down_block_additional_residuals=down,
@@ -94,17 +93,17 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
     ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
     is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
-    from . import checkpoints
+    from . import adapter_files, checkpoints, content_files
 
-    content_module = checkpoints.load_content(content, cache_dir)
+    content_module = content_files.load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
     models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
         if backend is RESTORERID:
             shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
-        models.adapter, models.lora_deltas = checkpoints.load_identity_adapter(adapter, sd.unet, shortcut)
-        checkpoints.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
+        models.adapter, models.lora_deltas = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
+        adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
     return models

@@ -70,7 +70,7 @@ def option_name(slot: ModelSlot) -> str:
 def candidates(models: Path, slot: ModelSlot, backend: str | None) -> list[Path]:
     """The weight files in the slot's folder that fit, best first. Content: RIDFR's own weights are the first
     choice wherever they exist. Adapter: FaceID Plus files, v1 for RestorerID and v2 for RIDFR first."""
-    from .checkpoints import content_backend
+    from .content_files import content_backend
 
     folder = models / slot.folder
     found = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
@@ -102,7 +102,7 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
     SD1.5 checkpoint, the RestorerID file also serves as the base model. Missing files are listed all at once,
     with the command that downloads the public ones."""
-    from .checkpoints import content_backend
+    from .content_files import content_backend
 
     paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}

@@ -9,15 +9,13 @@ import re
 import numpy as np
 import pytest
 
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 from ridfr_core import metrics
 from ridfr_core.best_of_n import (RankingError, best_of_n, load_ranking_recogniser, ranking_problem,
                                   reference_embedding, similarity)
 from ridfr_core.imageio import read_rgb, write_rgb
 from ridfr_core.restore import main as restore_main
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 AVAILABLE = {"dlib": metrics.dlib_unavailable_reason(), "facenet": metrics.facenet_unavailable_reason()}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FACE_DATA
+from shared_data import FACE_DATA
 from ridfr_core.checkpoints import load_clip_vision
 from ridfr_core.data import AlignDataset, DataError, FaceDataset, NoiseSpec, StepBatchSampler, scan_faces, scan_identities
 from ridfr_core.degrade import DegradationConfig

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from ridfr_core import eval as evaluation
+from ridfr_core.eval_scores import image_with_stem
 from ridfr_core.degrade import jpeg_roundtrip
 from ridfr_core.imageio import list_images, read_rgb, write_rgb
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 
 @pytest.fixture()
@@ -89,12 +88,12 @@ def test_unreadable_split_or_config_names_the_option(tmp_path, capsys):
 def test_single_restorations_are_found_by_exact_stem(tmp_path):
     for name in ("a.b.png", "a.png.txt", "a.png", "[x].png"):
         (tmp_path / name).write_bytes(b"")
-    assert evaluation.image_with_stem(tmp_path, "a") == tmp_path / "a.png"  # images only
-    assert evaluation.image_with_stem(tmp_path, "[x]") == tmp_path / "[x].png"  # glob characters are literal
-    assert evaluation.image_with_stem(tmp_path, "b") is None
+    assert image_with_stem(tmp_path, "a") == tmp_path / "a.png"  # images only
+    assert image_with_stem(tmp_path, "[x]") == tmp_path / "[x].png"  # glob characters are literal
+    assert image_with_stem(tmp_path, "b") is None
     (tmp_path / "a.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="a.jpg and a.png are both 'a'.*ambiguous"):
-        evaluation.image_with_stem(tmp_path, "a")
+        image_with_stem(tmp_path, "a")
 
 
 @needs_faces

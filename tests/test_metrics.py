@@ -10,10 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ridfr_core import metrics
 from ridfr_core.embeddings import l2_normalise
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from comfy_host import RESTORERID_ADAPTER, RESTORERID_FILE, comfy_models, pack_core, requires_comfyui  # noqa: F401 (fixture)
+from comfy_host import RESTORERID_ADAPTER, RESTORERID_FILE, pack_core, requires_comfyui
 from tiny_models import SCHEDULER
-from test_nodes import FACE, comfy_eps, env, face_identity, lq_faces, random_identity, run  # noqa: F401 (env: fixture)
+from test_nodes import FACE, comfy_eps, content_condition, env, face_identity, lq_faces, random_identity, run  # noqa: F401 (env: fixture)
 
 pytestmark = requires_comfyui
 
@@ -26,10 +26,8 @@ def ridfr(env):
 
 
 def content(env, ridfr, faces, strength=1.0, model=None, **options):
-    settings = dict(input_mode="aligned faces", start_percent=0.0, end_percent=1.0, face_size=FACE, on_no_face="error",
-                    vae=env.vae)
-    return run(env, "ContentCondition", model=model or env.model, ridfr=ridfr, image=faces, strength=strength,
-               **{**settings, **options})
+    return content_condition(env, faces, **{"ridfr": ridfr, "strength": strength, "model": model or env.model,
+                                            "vae": env.vae, **options})
 
 
 def identity_condition(env, ridfr, model, identity, weight=0.7, lora_strength=1.0):
@@ -61,13 +59,13 @@ def rounded_vae(env):
 @pytest.fixture(scope="module")
 def denoiser(env):
     """ridfr_core's diffusers backend over the same files: RestorerIDDenoiser with FaceID Plus v1 and its LoRA."""
-    from ridfr_core import checkpoints
+    from ridfr_core import adapter_files, content_files
     from ridfr_core.restorerid_unet import RestorerIDDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
-    adapter, deltas = checkpoints.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
-    checkpoints.apply_weight_deltas(unet, deltas, 1.0)
-    branch = checkpoints.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
+    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
+    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    branch = content_files.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
     return RestorerIDDenoiser(unet, branch, adapter).eval()
 
 
@@ -248,14 +246,12 @@ def test_ksampler_samples_the_patched_model_deterministically(env, ridfr):
 def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
     """'backend defaults' resolves to RestorerID's published settings; the wavelet colour fix gives the
     restored faces the colours (lowest frequencies) of the LQ faces."""
-    settings = env.pack.nodes.sampling_nodes.SamplerSettings(pack_core("backends").RESTORERID, "backend defaults", 3, 1.0, "euler",
-                                                             "karras", 1.0)
-    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler, settings.identity_scale) == (
-        50, 4.0, "ddpm", "simple", 0.75)
+    settings = env.pack.nodes.sampling_nodes.SamplerSettings(pack_core("backends").RESTORERID, "backend defaults", 3,
+                                                             1.0, "euler", "karras")
+    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (50, 4.0, "ddpm", "simple")
     tinted = lq_faces(2) * 0.3 + torch.tensor([0.6, 0.2, 0.1])
     model, faces, _, _ = content(env, ridfr, tinted)
     restored, photo, masks = run(env, "RIDFRSample", model=model, clip=env.clip, vae=env.vae, faces=faces, seed=0,
-                                 steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple", identity_scale=1.0,
-                                 content_scale=1.0, settings="custom")
+                                 steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple", settings="custom")
     assert restored.shape == (2, FACE, FACE, 3) and torch.equal(photo, restored)
     torch.testing.assert_close(restored.mean(dim=(1, 2)), tinted.mean(dim=(1, 2)), atol=0.02, rtol=0)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 from ridfr_core import eval as evaluation
 from ridfr_core.checkpoints import CheckpointError
 from ridfr_core.imageio import list_images, read_rgb, write_rgb
@@ -20,8 +20,6 @@ from ridfr_core.preprocess import PreprocessError, load_preprocessor, tiled
 from ridfr_core.restore import main as restore_main
 from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2, write_realesrgan_compact_x2
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 
 @pytest.fixture(scope="module")

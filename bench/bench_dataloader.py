@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ridfr_core.data import AlignDataset, FaceDataset, IdentityGroup, NoiseSpec, StepBatchSampler, list_images, make_loader
+from ridfr_core.data import (AlignDataset, FaceDataset, IdentityGroup, NoiseSpec, StepBatchSampler, list_images,
+                             make_loader)
 from ridfr_core.degrade import DegradationConfig
 from ridfr_core.identity_cache import IdentityCache
 

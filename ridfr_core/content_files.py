@@ -9,7 +9,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .checkpoints import CheckpointError, load_strict, on_meta, read_safetensors_metadata, read_state_dict, save_safetensors_atomic
+from .checkpoints import (CheckpointError, load_strict, on_meta, read_safetensors_metadata, read_state_dict,
+                          save_safetensors_atomic)
 from .content import ContentControlNet
 
 CONTENT_FORMAT = "ridfr-content"

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--celebref", type=Path, help="a CelebRef-HQ folder: split and degrade it first")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--models", type=Path, default=Path("models"),
-                     help="model folder of RIDFR's restorer, laid out as for python -m ridfr_core.restore (either backend)")
+                     help="model folder of RIDFR's restorer, laid out as for python -m ridfr_core.restore "
+                          "(either backend)")
     run.add_argument("--steps", type=int, help="sampling steps of RIDFR's restorer (default: the backend's)")
     run.add_argument("--restorer", help="module:function restore(lq, reference) -> restored, instead of RIDFR's")
     run.add_argument("--refs-per-case", type=int, default=1, help=">= 2 also gives Identity Variance")

@@ -280,7 +280,8 @@ def require_finite(images: torch.Tensor, models: PipelineModules) -> torch.Tenso
     if torch.isfinite(images).all():
         return images
     modules = {"base UNet (SD1.5 checkpoint, with the IP-Adapter's LoRA fused in)": models.unet, "VAE": models.vae,
-               f"{models.backend.label.partition(' (')[0]} content module": models.content, "IP-Adapter": models.adapter,
+               f"{models.backend.label.partition(' (')[0]} content module": models.content,
+               "IP-Adapter": models.adapter,
                "CLIP vision": models.clip_vision}
     broken = [name for name, module in modules.items() if module is not None
               and not all(torch.isfinite(parameter).all() for parameter in module.parameters())]

@@ -65,7 +65,8 @@ def test_restore_cli_keeps_the_best_of_n_seeds_and_reports_every_score(tiny_mode
               str(ridfr_models_dir), "--steps", "2", "--device", "cpu"]
     caplog.set_level(logging.INFO)
     best = tmp_path / "best.png"
-    assert restore_main([*common, "--seed", "10", "--candidates", "3", "--rank-with", "dlib", "--out", str(best)], config_dir=tiny_models.configs) == 0
+    assert restore_main([*common, "--seed", "10", "--candidates", "3", "--rank-with", "dlib", "--out", str(best)],
+                        config_dir=tiny_models.configs) == 0
     report = caplog.text
     assert "best of 3 ranked by dlib ResNet-34" in report and "independent of the injected ArcFace" in report
     scores = {int(seed): float(score) for seed, score in re.findall(r"seed (\d+): (-?\d\.\d+)", report)}

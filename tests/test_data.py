@@ -14,7 +14,8 @@ from PIL import Image
 
 from shared_data import FACE_DATA
 from ridfr_core.checkpoints import load_clip_vision
-from ridfr_core.data import AlignDataset, DataError, FaceDataset, NoiseSpec, StepBatchSampler, scan_faces, scan_identities
+from ridfr_core.data import (AlignDataset, DataError, FaceDataset, NoiseSpec, StepBatchSampler, scan_faces,
+                             scan_identities)
 from ridfr_core.degrade import DegradationConfig
 from ridfr_core.identity_cache import IdentityCache, IdentityEncoder
 

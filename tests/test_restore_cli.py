@@ -86,7 +86,8 @@ def test_restores_a_photo_and_an_aligned_face(tiny_models, models_dir, face_data
     assert 0.01 < changed.mean() < 0.9  # the face was pasted back, the rest is untouched
 
     out_face = tmp_path / "restored_face.png"
-    assert main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--out", str(out_face), *common], config_dir=tiny_models.configs) == 0
+    assert main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--out", str(out_face), *common],
+                config_dir=tiny_models.configs) == 0
     assert np.asarray(Image.open(out_face)).shape == (512, 512, 3)
 
 
@@ -99,14 +100,16 @@ def test_each_face_is_restored_as_the_person_it_resembles(tiny_models, models_di
     Image.open(lq_face).convert("RGB").resize((640, 640)).save(photo)
     stranger = tmp_path / "stranger.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)).save(stranger)
-    common = ["--lq", str(photo), "--models", str(ridfr_models_dir), "--steps", "2", "--device", "cpu", "--unmatched", "keep_original"]
+    common = ["--lq", str(photo), "--models", str(ridfr_models_dir), "--steps", "2", "--device", "cpu",
+              "--unmatched", "keep_original"]
 
     kept = tmp_path / "kept.png"
     assert main([*common, "--id", str(stranger), "--out", str(kept)], config_dir=tiny_models.configs) == 0
     assert np.array_equal(np.asarray(Image.open(kept)), np.asarray(Image.open(photo)))
 
     matched = tmp_path / "matched.png"
-    assert main([*common, "--id", str(stranger), "--person", str(photo), "--out", str(matched)], config_dir=tiny_models.configs) == 0
+    assert main([*common, "--id", str(stranger), "--person", str(photo), "--out", str(matched)],
+                config_dir=tiny_models.configs) == 0
     assert np.any(np.asarray(Image.open(matched)) != np.asarray(Image.open(photo)))
 
 
@@ -197,7 +200,9 @@ def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models
     identity = face_data / "celebref-mini" / "00005"
     out = tmp_path / "restored.png"
     assert main(["--lq", str(next(identity.glob("lq_*.png"))), "--id", str(sorted((identity / "refs").glob("*.jpg"))[0]),
-                 "--out", str(out), "--models", str(models), "--steps", "1", "--device", "cpu", "--aligned", "--aligned-references"], config_dir=tiny_models.configs) == 2
+                 "--out", str(out), "--models", str(models), "--steps", "1", "--device", "cpu", "--aligned",
+                 "--aligned-references"],
+                config_dir=tiny_models.configs) == 2
     err = capsys.readouterr().err
     assert "NaN/inf" in err and "RIDFR content module" in err
     assert not out.exists()

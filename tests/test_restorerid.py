@@ -221,7 +221,8 @@ def test_cli_restores_with_only_the_public_restorerid_files(restorerid_models_di
     out = tmp_path / "restored.png"
     with caplog.at_level(logging.INFO):
         code = main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--id", str(reference), "--out",
-                     str(out), "--models", str(restorerid_models_dir), "--steps", "2", "--device", "cpu"], config_dir=tiny_models.configs)
+                     str(out), "--models", str(restorerid_models_dir), "--steps", "2", "--device", "cpu"],
+                    config_dir=tiny_models.configs)
     assert code == 0
     assert np.asarray(Image.open(out)).shape == (512, 512, 3)
     assert "content backend: RestorerID" in caplog.text

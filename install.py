@@ -3,11 +3,8 @@ installs insightface, onnxruntime and OpenCV without a second onnxruntime or Ope
 the environment has (see ridfr_core/dependencies.py)."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ridfr_core.dependencies import main  # noqa: E402
+from ridfr_core.dependencies import main  # python puts this script's folder, the repository, first on sys.path
 
 if __name__ == "__main__":
     sys.exit(main())

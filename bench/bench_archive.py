@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builders of the tests
 
-from conftest import (SCRIPTED_ANCHOR, SCRIPTED_BBOX, _scripted_kps_offsets, build_projection_arcface,  # noqa: E402
-                      build_scripted_scrfd)
+from onnx_fakes import (SCRIPTED_ANCHOR, SCRIPTED_BBOX, build_projection_arcface, build_scripted_scrfd,  # noqa: E402
+                        scripted_kps_offsets)
 from tiny_models import build_tiny_models  # noqa: E402
 
 from ridfr_core.archive.inputs import collect_inputs  # noqa: E402
@@ -41,7 +41,7 @@ def models_folder(root: Path) -> tuple[Path, Path]:
     """(models folder laid out like ComfyUI's, tiny architecture configs)."""
     tiny = build_tiny_models(root / "tiny")
     pack = root / "insightface" / "models" / "buffalo_l"
-    build_scripted_scrfd(pack / "det_10g.onnx", SCRIPTED_ANCHOR, SCRIPTED_BBOX, _scripted_kps_offsets())
+    build_scripted_scrfd(pack / "det_10g.onnx", SCRIPTED_ANCHOR, SCRIPTED_BBOX, scripted_kps_offsets())
     build_projection_arcface(pack / "w600k_r50.onnx")
     models = root / "models"
     for folder, path in (("checkpoints", tiny.checkpoint), ("ipadapter", tiny.adapter_v2),
@@ -77,7 +77,7 @@ def main() -> None:
 
         def make_restorer(paths):
             nonlocal restorer
-            restorer = restorer or restorer_from_args(args, paths)
+            restorer = restorer or restorer_from_args(args, paths, config_dir=configs)
             return restorer
 
         print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
@@ -87,7 +87,7 @@ def main() -> None:
         for run, batch in enumerate([options.batch_sizes[0], *options.batch_sizes]):  # run 0 warms up
             out = root / f"out{run}"
             args = parse_args(["--lq", str(root / "album"), "--out", str(out), "--id", str(root / "reference.png"),
-                               "--models", str(models), "--config-dir", str(configs), "--steps", str(options.steps),
+                               "--models", str(models), "--steps", str(options.steps),
                                "--device", "cpu", "--batch-size", str(batch)])
             paths = resolve_models(models, {}, need_insightface=True)
             items = collect_inputs(args.lq, exclude=out)

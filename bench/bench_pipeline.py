@@ -19,26 +19,23 @@ import copy
 import json
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,  # noqa: E402
+from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,
                        UNet2DConditionModel, UniPCMultistepScheduler)
-from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0  # noqa: E402
-from diffusers.models.embeddings import MultiIPAdapterImageProjection  # noqa: E402
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ridfr_core.checkpoints import load_config  # noqa: E402
-from ridfr_core.content import ContentControlNet, lq_to_latent_size  # noqa: E402
-from ridfr_core.faces.align import estimate_alignment, ffhq_template, paste_face  # noqa: E402
-from ridfr_core.identity import Identity, build_identity_adapter, encode_clip_features  # noqa: E402
-from ridfr_core.pipeline import RIDFRModels, RIDFRPipeline, seeded_noise  # noqa: E402
+from ridfr_core.checkpoints import load_config
+from ridfr_core.content import ContentControlNet, lq_to_latent_size
+from ridfr_core.faces.align import estimate_alignment, ffhq_template, paste_face
+from ridfr_core.identity import Identity, build_identity_adapter, encode_clip_features
+from ridfr_core.pipeline import PipelineModules, RIDFRPipeline, seeded_noise
 
 SMALL = {  # SD1.5's block structure at a quarter of the width: CPU-sized
     "unet": {"block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 768, "attention_head_dim": 8},
@@ -47,7 +44,7 @@ SMALL = {  # SD1.5's block structure at a quarter of the width: CPU-sized
 }
 
 
-def build_models(arch: str) -> RIDFRModels:
+def build_models(arch: str) -> PipelineModules:
     torch.manual_seed(0)
     overrides = SMALL if arch == "small" else {}
     unet = UNet2DConditionModel(**{**load_config("unet"), **overrides.get("unet", {})})
@@ -56,7 +53,7 @@ def build_models(arch: str) -> RIDFRModels:
                                                             **overrides.get("clip_vision", {})}))
     adapter = build_identity_adapter(unet, clip.config.hidden_size)
     empty = torch.randn(1, 77, unet.config.cross_attention_dim)
-    return RIDFRModels(unet.eval(), vae.eval(), ContentControlNet.from_unet(unet).eval(), empty,
+    return PipelineModules(unet.eval(), vae.eval(), ContentControlNet.from_unet(unet).eval(), empty,
                        load_config("scheduler"), adapter.eval(), clip.eval())
 
 
@@ -92,7 +89,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (Linux: KiB)
 
 
-def hand_stepped(models: RIDFRModels, lq: torch.Tensor, identity: Identity, steps: int, device, dtype):
+def hand_stepped(models: PipelineModules, lq: torch.Tensor, identity: Identity, steps: int, device, dtype):
     """The composition with no pipeline around it: the loop a user would write."""
     unet, content, vae = models.unet, models.content, models.vae
     batch = lq.shape[0]
@@ -111,7 +108,7 @@ def hand_stepped(models: RIDFRModels, lq: torch.Tensor, identity: Identity, step
     return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
 
 
-def stock_diffusers_pipeline(models: RIDFRModels, device, dtype) -> StableDiffusionControlNetPipeline:
+def stock_diffusers_pipeline(models: PipelineModules, device, dtype) -> StableDiffusionControlNetPipeline:
     """diffusers' own ControlNet pipeline, IP-Adapter FaceID Plus installed as ``_load_ip_adapter_weights`` does."""
     unet = copy.deepcopy(models.unet)
     unet.set_attn_processor(AttnProcessor2_0())
@@ -136,7 +133,7 @@ def stock_diffusers_pipeline(models: RIDFRModels, device, dtype) -> StableDiffus
     return pipe.to(device, dtype)
 
 
-def run_stock(pipe, models: RIDFRModels, lq: torch.Tensor, identity: Identity, steps: int, device, dtype):
+def run_stock(pipe, models: PipelineModules, lq: torch.Tensor, identity: Identity, steps: int, device, dtype):
     batch = lq.shape[0]
     # the pipeline repeats the ID embedding to the prompt batch itself, not the CLIP features set here
     clip_embeds = identity.broadcast_to(batch).clip_embeds[:, None]

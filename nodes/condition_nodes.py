@@ -8,19 +8,18 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR, ON_NO_FACE
 from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
 from .restorerid_patches import add_balance_tokens, apply_structure
-from .types import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
+from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
                     module_of)
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("aligned faces", "whole photo")
-ON_NO_FACE = ("error", "skip")
-LATENT_DOWNSCALE = 8
 
 
 def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
-    from ridfr_core.faces import FaceError, prepare_aligned
+    from ..ridfr_core.faces import FaceError, prepare_aligned
 
     try:
         lq = prepare_aligned(image.cpu().numpy(), face_size=face_size)
@@ -32,8 +31,8 @@ def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
 def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str, track: bool = False) -> FaceBatch:
     """Every face of every photo, detected and aligned; with ``track`` the photos are frames of a video and
     each face gets its track (faces followed from frame to frame by box overlap)."""
-    from ridfr_core.archive.tracking import track_faces
-    from ridfr_core.faces import FaceError, detect_and_align
+    from ..ridfr_core.archive.tracking import track_faces
+    from ..ridfr_core.faces import FaceError, detect_and_align
 
     analyzer = ridfr.face_analyzer()
     photos, first = [], 0
@@ -131,13 +130,13 @@ class ContentCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
                 on_no_face, vae=None, track_faces=False) -> io.NodeOutput:
-        from ridfr_core.backends import RESTORERID
+        from ..ridfr_core.backends import RESTORERID
 
         verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
         if verdict is not True:
             raise ValueError(verdict)
-        if face_size % LATENT_DOWNSCALE:
-            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_DOWNSCALE}.")
+        if face_size % LATENT_FACTOR:
+            raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_FACTOR}.")
         restorerid = ridfr.backend is RESTORERID
         if restorerid and vae is None:
             raise NodeError("ContentCondition", "vae", "the RestorerID weights condition on the VAE latent of the "
@@ -151,7 +150,7 @@ class ContentCondition(io.ComfyNode):
             patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas)
         else:
             patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
-        latent = torch.zeros(faces.count, 4, face_size // LATENT_DOWNSCALE, face_size // LATENT_DOWNSCALE)
+        latent = torch.zeros(faces.count, LATENT_CHANNELS, face_size // LATENT_FACTOR, face_size // LATENT_FACTOR)
         lq_faces = faces.lq.permute(0, 2, 3, 1).contiguous()
         return io.NodeOutput(patched, faces, {"samples": latent}, lq_faces)
 
@@ -172,9 +171,9 @@ class IdentityCondition(io.ComfyNode):
                 IdentitySocket.Input("identity", tooltip="From FaceID Encode (one person for every face) or Match "
                                                          "Identities (one per face)."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
-                               tooltip="Identity scale: how strongly the restored face follows the reference "
-                                       "(0 = no identity). RestorerID was published with 0.75: RIDFR Sample's "
-                                       "backend defaults apply it; with a KSampler set 0.75 here."),
+                               tooltip="Identity scale, the one identity strength of the workflow: how strongly the "
+                                       "restored face follows the reference (0 = no identity). RIDFR: 1.0; RestorerID "
+                                       "was published with 0.75 (its example workflow sets it)."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
             ],
@@ -184,13 +183,13 @@ class IdentityCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
         import comfy.model_management as mm
-        from ridfr_core.backends import RESTORERID
-        from ridfr_core.identity import null_identity
+        from ..ridfr_core.backends import RESTORERID
+        from ..ridfr_core.identity import null_identity
 
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
         adapter = module_of(ridfr.adapter)
         with torch.no_grad():
-            tokens = adapter.identity_tokens(identity.identity).float().cpu()
+            tokens = adapter.identity_tokens(identity.adapter_input).float().cpu()
             null_tokens = adapter.identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)

@@ -8,17 +8,17 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from .types import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, invalid_choice, module_of
+from ..ridfr_core.constants import ON_NO_FACE
+from .sockets import FaceIdentity, FacesSocket, IdentitySocket, NodeError, RIDFRModelsSocket, invalid_choice, module_of
 
 logger = logging.getLogger(__name__)
-ON_NO_FACE = ("error", "skip")
 MAX_IDENTITIES = 4
 
 
 def encode_identity(ridfr, references: torch.Tensor, aligned: bool, on_no_face: str):
     """(FaceIdentity, CLIP face crops (N,224,224,3), report) for one person's reference images."""
     import comfy.model_management as mm
-    from ridfr_core.faces import FaceError, NoFaceError, build_identity, encode_references
+    from ..ridfr_core.faces import FaceError, NoFaceError, build_identity, encode_references
 
     analyzer = ridfr.face_analyzer()
     found, skipped = [], []
@@ -94,7 +94,7 @@ def identities_by_track(faces, embeddings: np.ndarray, people: np.ndarray, thres
                         one_face_per_identity: bool, names: list[str]) -> tuple[list, str]:
     """(identity index or None per face, report) for faces tracked through video frames: each frame's faces
     are matched to the people, and every face of a track takes its track's vote."""
-    from ridfr_core.archive.tracking import describe_tracks, match_tracks
+    from ..ridfr_core.archive.tracking import describe_tracks, match_tracks
 
     spans = [slice(entry.first, entry.first + len(entry.photo.faces)) for entry in faces.photos]
     votes = match_tracks([embeddings[span] for span in spans], people, [faces.tracks[span] for span in spans],
@@ -135,14 +135,14 @@ class MatchIdentities(io.ComfyNode):
 
     @classmethod
     def execute(cls, ridfr, faces, identity_1, threshold, one_face_per_identity, **more) -> io.NodeOutput:
-        from ridfr_core.faces import FaceError, ffhq_template, match_faces
-        from ridfr_core.faces.images import tensor_to_rgb
-        from ridfr_core.identity import Identity
+        from ..ridfr_core.faces import FaceError, ffhq_template, match_faces
+        from ..ridfr_core.faces.images import tensor_to_rgb
+        from ..ridfr_core.identity import Identity
 
         identities = [identity_1] + [more[f"identity_{n}"] for n in range(2, MAX_IDENTITIES + 1)
                                      if more.get(f"identity_{n}") is not None]
         for number, identity in enumerate(identities, 1):
-            if identity.embedding is None or len(identity.identity) != 1:
+            if identity.embedding is None or len(identity.adapter_input) != 1:
                 raise NodeError("MatchIdentities", f"identity_{number}", "is already one identity per face; connect "
                                 "FaceID Encode outputs (one person each).")
         analyzer = ridfr.face_analyzer()
@@ -160,7 +160,7 @@ class MatchIdentities(io.ComfyNode):
         except FaceError as error:
             raise NodeError("MatchIdentities", "faces", str(error)) from None
         chosen = [0 if index is None else index for index in matched]
-        per_face = Identity.cat([identities[index].identity for index in chosen])
+        per_face = Identity.cat([identities[index].adapter_input for index in chosen])
         scales = torch.tensor([0.0 if index is None else 1.0 for index in matched])
         logger.info("MatchIdentities:\n%s", report)
         return io.NodeOutput(FaceIdentity(per_face, None, scales, "per face"), report)

@@ -7,9 +7,9 @@ Plus/PlusV2, shared with the IP-Adapter pack), ``models/clip_vision`` (ComfyUI's
 ``models/insightface`` (``models/<buffalo_l|antelopev2>/*.onnx``, shared with the IP-Adapter and
 InstantID packs). The base SD1.5 model comes from ComfyUI's checkpoint loader as MODEL.
 
-``RIDFR_CONFIG_DIR`` (environment): a config set like ``ridfr_core/configs/sd15`` for the UNet
-structure the adapter is laid out for and the CLIP vision architecture. Only the tests set it (tiny
-models); users never need it.
+``models/ridfr/configs`` (optional): architecture configs like ``ridfr_core/configs/sd15`` (``unet.json``,
+``clip_vision.json``) for SD1.5-family models of other sizes, such as the tests' tiny ones; without it
+the UNet layout the adapter is laid out for and the CLIP vision architecture are SD1.5's and ViT-H's.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from .types import ModuleHolder, NodeError, RIDFRModels, RIDFRModelsSocket, invalid_choice
+from .sockets import LoadedRIDFR, ModuleHolder, NodeError, RIDFRModelsSocket, invalid_choice
 
 CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
+ARCHITECTURE_FOLDER = "configs"  # inside a models/ridfr folder
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 FACE_DEVICES = ("auto", "cpu", "cuda")
 RUNTIME_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
@@ -64,8 +65,16 @@ def missing_packages(packages: dict[str, str]) -> list[str]:
     return [pip_name for module, pip_name in packages.items() if importlib.util.find_spec(module) is None]
 
 
-def config_dir() -> str | None:
-    return os.environ.get("RIDFR_CONFIG_DIR") or None
+def architecture_configs() -> str | None:
+    """The first ``<models/ridfr folder>/configs`` holding a ``unet.json``, or None for SD1.5's own."""
+    try:
+        roots = folder_paths.get_folder_paths(CONTENT_FOLDER)
+    except KeyError:
+        return None
+    for root in roots:
+        if (Path(root) / ARCHITECTURE_FOLDER / "unet.json").is_file():
+            return str(Path(root) / ARCHITECTURE_FOLDER)
+    return None
 
 
 def model_patcher(module):
@@ -87,7 +96,7 @@ def compute_dtype(module):
 
 def check_adapter_version(backend, adapter, file_name: str) -> None:
     """RestorerID was trained with FaceID Plus v1 (no shortcut); its tokens differ from PlusV2's."""
-    from ridfr_core.backends import RESTORERID
+    from ..ridfr_core.backends import RESTORERID
 
     if backend is RESTORERID and adapter.shortcut:
         raise NodeError("LoadRIDFR", "ipadapter", f"'{file_name}' is IP-Adapter FaceID PlusV2, but the RestorerID "
@@ -154,15 +163,15 @@ class LoadRIDFR(io.ComfyNode):
     @classmethod
     def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
         from diffusers import UNet2DConditionModel
-        from ridfr_core import checkpoints
-        from ridfr_core.backends import backend_of
+        from ..ridfr_core import adapter_files, checkpoints, content_files
+        from ..ridfr_core.backends import backend_of
 
-        configs = config_dir()
+        configs = architecture_configs()
         try:
-            content = checkpoints.load_content(folder_paths.get_full_path_or_raise(CONTENT_FOLDER, content_weights))
+            content = content_files.load_content(folder_paths.get_full_path_or_raise(CONTENT_FOLDER, content_weights))
             unet_layout = checkpoints.on_meta(
                 lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
-            adapter, lora_deltas = checkpoints.load_identity_adapter(
+            adapter, lora_deltas = adapter_files.load_identity_adapter(
                 folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, ipadapter), unet_layout)
             backend = backend_of(content)
             check_adapter_version(backend, adapter, ipadapter)
@@ -175,7 +184,7 @@ class LoadRIDFR(io.ComfyNode):
                             "models/ any more; put buffalo_l there or pick another pack.")
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
-        return io.NodeOutput(RIDFRModels(content=model_patcher(content), backend=backend,
+        return io.NodeOutput(LoadedRIDFR(content=model_patcher(content), backend=backend,
                                          adapter=model_patcher(adapter), lora_deltas=lora_deltas,
                                          clip_vision=model_patcher(clip),
                                          face_models=face_models, face_device=face_device))

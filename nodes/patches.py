@@ -27,15 +27,10 @@ import re
 
 import torch
 
-from .types import NodeError, module_of
+from .sockets import NodeError, module_of
 
-RUNTIME_SCALES = "ridfr"
 LDM_ATTENTION = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?1\.transformer_blocks\.(\d+)\.attn2\.")
 BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
-
-
-def runtime_scale(transformer_options: dict, name: str) -> float:
-    return float(transformer_options.get(RUNTIME_SCALES, {}).get(name, 1.0))
 
 
 def chunks_of(batch: int, faces: int, node: str, option: str) -> int:
@@ -95,7 +90,7 @@ class ContentPatch:
 
     def lq_input(self, latent_hw: tuple[int, int], repeats: int, device, dtype) -> torch.Tensor:
         """The LQ faces resized to the latent and repeated per cond/uncond chunk (computed once per shape)."""
-        from ridfr_core.content import lq_to_latent_size
+        from ..ridfr_core.content import lq_to_latent_size
 
         key = (latent_hw, repeats, device, dtype)
         if key not in self._resized:
@@ -108,9 +103,8 @@ class ContentPatch:
         param = next(module.parameters())
         repeats = chunks_of(x.shape[0], self.lq.shape[0], "ContentCondition", "image")
         lq = self.lq_input(tuple(x.shape[-2:]), repeats, param.device, param.dtype)
-        scale = self.strength * runtime_scale(transformer_options, "content_scale")
         down, mid = module(x.to(param.device, param.dtype), timesteps.to(param.device),
-                           context.to(param.device, param.dtype), lq, scale)
+                           context.to(param.device, param.dtype), lq, self.strength)
         return tuple(d.to(x.device, x.dtype) for d in down), mid.to(x.device, x.dtype)
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -197,7 +191,7 @@ class IdentityAttentionPatch:
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention
-        from ridfr_core.identity import identity_attention
+        from ..ridfr_core.identity import identity_attention
 
         heads = extra_options["n_heads"]
         if self.wrapped is not None:
@@ -205,13 +199,12 @@ class IdentityAttentionPatch:
         else:  # what CrossAttention itself runs (transformer_options: other packs' attention overrides)
             out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                 transformer_options=extra_options)
-        scale_multiplier = runtime_scale(extra_options, "identity_scale")
-        if scale_multiplier == 0 or self.tokens.inactive:
+        if self.tokens.inactive:
             return out
         rows, scales = self.tokens.layout(q.shape[0], extra_options.get("cond_or_uncond"), q.device, q.dtype)
         id_keys, id_values = self.projected(q.device, q.dtype)
         id_out = identity_attention(q, id_keys[rows], id_values[rows], heads)
-        return out + (scales * scale_multiplier) * id_out
+        return out + scales * id_out
 
 
 def diffusers_to_comfy_keys(model) -> dict[str, str]:

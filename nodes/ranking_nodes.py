@@ -8,14 +8,14 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from .types import NodeError
+from .sockets import NodeError
 
 logger = logging.getLogger(__name__)
 NODE = "RankByIdentity"
 
 
 def rgb_images(batch: torch.Tensor, what: str) -> list:
-    from ridfr_core.faces import FaceError, to_rgb_uint8
+    from ..ridfr_core.faces import FaceError, to_rgb_uint8
 
     try:
         return [to_rgb_uint8(image.cpu().numpy(), f"{what} {number}") for number, image in enumerate(batch)]
@@ -26,7 +26,7 @@ def rgb_images(batch: torch.Tensor, what: str) -> list:
 class RankByIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ridfr_core.best_of_n import RANKING_RECOGNISERS
+        from ..ridfr_core.best_of_n import RANKING_RECOGNISERS
 
         return io.Schema(
             node_id=NODE,
@@ -57,13 +57,13 @@ class RankByIdentity(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, recogniser) -> bool | str:
-        from ridfr_core.best_of_n import ranking_problem
+        from ..ridfr_core.best_of_n import ranking_problem
 
         return True if recogniser is None else ranking_problem(recogniser, f"{NODE} (recogniser)") or True
 
     @classmethod
     def execute(cls, images, references, recogniser) -> io.NodeOutput:
-        from ridfr_core.best_of_n import RankingError, load_ranking_recogniser, rank
+        from ..ridfr_core.best_of_n import RankingError, load_ranking_recogniser, rank
 
         verdict = cls.validate_inputs(recogniser)  # a linked input is only known now
         if verdict is not True:

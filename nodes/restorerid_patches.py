@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .patches import SigmaRange, chunks_of, runtime_scale
-from .types import NodeError, module_of
+from .patches import SigmaRange, chunks_of
+from .sockets import NodeError, module_of
 
 STRUCTURE_FEATURES = "ridfr_restorerid"    # transformer_options key: StructureStep of this call
 BALANCE_TOKENS = "ridfr_balance_tokens"    # transformer_options key: (batch, 4, C) identity tokens for IDBalance
@@ -28,7 +28,7 @@ BALANCE_TOKENS = "ridfr_balance_tokens"    # transformer_options key: (batch, 4,
 
 def block_path(name: str) -> str:
     """LDM ResBlock name -> the MODEL attribute path (``input_blocks.1`` -> ``diffusion_model.input_blocks.1.0``)."""
-    from ridfr_core.restorerid import resblock_path
+    from ..ridfr_core.restorerid import resblock_path
 
     return f"diffusion_model.{resblock_path(name)}"
 
@@ -62,7 +62,7 @@ class StructureStep:
 
 def modulated_forward(layer: ModulatedResBlock, x, emb, context, transformer_options, *args):
     """``forward_timestep_embed_patch`` handler for :class:`ModulatedResBlock`."""
-    from ridfr_core.restorerid import modulate
+    from ..ridfr_core.restorerid import modulate
 
     residual, skip = layer.branches(x, emb)
     step = transformer_options.get(STRUCTURE_FEATURES)
@@ -87,7 +87,7 @@ class StructurePatch:
         return self
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        strength = self.strength * runtime_scale(transformer_options, "content_scale")
+        strength = self.strength
         if strength != 0 and self.sigmas.active(transformer_options):
             branch = module_of(self.content)
             param = next(branch.parameters())

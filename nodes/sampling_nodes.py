@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from .patches import RUNTIME_SCALES
-from .types import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
+from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR
+from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
 
-LATENT_DOWNSCALE = 8
 SETTINGS = ("backend defaults", "custom")
 # ComfyUI's sampler for each backend's published one. RestorerID samples with DDIM, eta 1, over 50 "trailing"
 # timesteps (999, 979, ...): ComfyUI's "ddpm" step is DDIM with eta 1, and its "simple" schedule gives
@@ -20,7 +19,7 @@ COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(photos IMAGE, masks MASK (F,H,W)) with the restored faces (F,3,S,S) pasted into their photos; in
     aligned mode the restored faces themselves with full masks."""
-    from ridfr_core.faces import FaceError, paste_restored
+    from ..ridfr_core.faces import FaceError, paste_restored
 
     if restored.shape[0] != faces.count:
         raise NodeError(node, "images", f"{restored.shape[0]} restored images for {faces.count} faces; decode the "
@@ -46,36 +45,33 @@ def encode_prompt(clip, text: str):
 
 
 class SamplerSettings:
-    """What RIDFRSample samples with: the backend's published settings, or the node's widgets."""
+    """What RIDFRSample samples with: the backend's published settings, or the node's widgets. The
+    strengths are not here: Content Condition and Identity Condition set them, each in one place."""
 
-    def __init__(self, backend, settings: str, steps: int, guidance: float, sampler_name: str, scheduler: str,
-                 identity_scale: float):
+    def __init__(self, backend, settings: str, steps: int, guidance: float, sampler_name: str, scheduler: str):
         if settings == "backend defaults":
-            steps, guidance, identity_scale = backend.steps, backend.guidance, backend.identity_scale
+            steps, guidance = backend.steps, backend.guidance
             sampler_name, scheduler = COMFY_SAMPLERS[backend.sampler]
-        self.steps, self.guidance, self.identity_scale = steps, guidance, identity_scale
+        self.steps, self.guidance = steps, guidance
         self.sampler_name, self.scheduler = sampler_name, scheduler
 
 
-def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings, content_scale: float) -> torch.Tensor:
+def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> torch.Tensor:
     """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with a local generator
     (face i uses seed + i, as ridfr_core's pipeline does; tracked video faces seed + their track)."""
     import comfy.sample
     import comfy.utils
     import latent_preview
-    from ridfr_core.pipeline import seeded_noise
+    from ..ridfr_core.pipeline import seeded_noise
 
-    scaled = model.clone()
-    scaled.model_options["transformer_options"][RUNTIME_SCALES] = {"identity_scale": settings.identity_scale,
-                                                                   "content_scale": content_scale}
-    side = faces.size // LATENT_DOWNSCALE
-    latent = torch.zeros(faces.count, 4, side, side)
+    side = faces.size // LATENT_FACTOR
+    latent = torch.zeros(faces.count, LATENT_CHANNELS, side, side)
     seeds = [(seed + offset) % 2 ** 64 for offset in faces.seed_offsets()]  # the seed widget goes up to 2**64 - 1
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)
-    callback = latent_preview.prepare_callback(scaled, settings.steps)
-    return comfy.sample.sample(scaled, noise, settings.steps, settings.guidance, settings.sampler_name,
+    callback = latent_preview.prepare_callback(model, settings.steps)
+    return comfy.sample.sample(model, noise, settings.steps, settings.guidance, settings.sampler_name,
                                settings.scheduler, positive, negative, latent, denoise=1.0, callback=callback,
                                seed=seed, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
 
@@ -92,7 +88,8 @@ class RIDFRSample(io.ComfyNode):
             description="Restores the faces of Content Condition with ComfyUI's sampler, decodes them and, for "
                         "whole photos, pastes them back. With settings 'backend defaults' it samples as the content "
                         "module was published: RIDFR with UniPC 20 steps, no CFG; RestorerID with DDIM eta 1 "
-                        "(ComfyUI's ddpm + simple) 50 steps, CFG 4, identity scale 0.75. Prompts (RIDFR: empty; "
+                        "(ComfyUI's ddpm + simple) 50 steps, CFG 4. The identity and content strengths are Identity Condition's "
+                        "weight and Content Condition's strength. Prompts (RIDFR: empty; "
                         "RestorerID: its positive/negative prompts) and RestorerID's wavelet colour fix always "
                         "follow the content module.",
             inputs=[
@@ -117,14 +114,9 @@ class RIDFRSample(io.ComfyNode):
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="ComfyUI noise schedule (settings 'custom' only; backend defaults: RIDFR "
                                        "normal, RestorerID simple)."),
-                io.Float.Input("identity_scale", default=1.0, min=0.0, max=3.0, step=0.05,
-                               tooltip="Multiplies the identity weight of Identity Condition, 0 = no identity "
-                                       "(settings 'custom' only; backend defaults: RIDFR 1.0, RestorerID 0.75)."),
-                io.Float.Input("content_scale", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="Multiplies the strength of Content Condition."),
                 io.Combo.Input("settings", options=list(SETTINGS), default="backend defaults",
-                               tooltip="'backend defaults': steps, guidance, sampler, scheduler and identity scale "
-                                       "as the content module was published (the widgets above are ignored); "
+                               tooltip="'backend defaults': steps, guidance, sampler and scheduler as the content "
+                                       "module was published (the widgets above are ignored); "
                                        "'custom': the widgets above."),
             ],
             outputs=[
@@ -150,15 +142,15 @@ class RIDFRSample(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler, identity_scale,
-                content_scale, settings) -> io.NodeOutput:
-        from ridfr_core.colorfix import wavelet_color_fix
+    def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler,
+                settings) -> io.NodeOutput:
+        from ..ridfr_core.colorfix import wavelet_color_fix
 
         verdict = cls.validate_inputs(sampler_name, scheduler, settings)  # linked inputs now known
         if verdict is not True:
             raise ValueError(verdict)
-        chosen = SamplerSettings(faces.backend, settings, steps, guidance, sampler_name, scheduler, identity_scale)
-        samples = sample_faces(model, clip, faces, seed, chosen, content_scale)
+        chosen = SamplerSettings(faces.backend, settings, steps, guidance, sampler_name, scheduler)
+        samples = sample_faces(model, clip, faces, seed, chosen)
         restored = image_to_nchw(vae.decode(samples))
         if faces.backend.color_fix:
             restored = wavelet_color_fix(restored, faces.lq)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .embeddings import l2_normalise
+
 if TYPE_CHECKING:  # metrics loads scikit-image and SciPy: only when a recogniser is loaded
     from .metrics import Recogniser
 
@@ -66,7 +68,7 @@ def best_of_n(candidates: int, rank_with: str) -> BestOfN | None:
 def reference_embedding(recogniser: Recogniser, references: list[np.ndarray]) -> np.ndarray:
     """The person's identity for ranking: unit mean of the unit embeddings of their reference photos."""
     mean = recogniser.embed(references).mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return l2_normalise(mean)
 
 
 def similarity(recogniser: Recogniser, faces: list[np.ndarray], reference: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +28,12 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .content import ContentControlNet
-from .identity import IdentityAdapter, identity_processor_slots
+from .atomic import atomic_path
 from .prompts import prompt_ids
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
-CONTENT_FORMAT = "ridfr-content"
-CONTENT_FORMAT_VERSION = 1
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
-FACEID_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # what read_state_dict reads
 
@@ -108,16 +103,8 @@ def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
     """Write next to the target and rename, so a crash never leaves a half-written file in its place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:  # a failed or interrupted write leaves no weights-sized hidden file
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as handle:  # on disk before the rename, or a power cut can leave a truncated file
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no weights-sized hidden file
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str, what: str,
@@ -295,118 +282,6 @@ def cached_prompts(path: Path, cache_dir, texts, compute) -> dict[str, torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
-# IP-Adapter FaceID Plus (v2)
-
-
-def split_ip_adapter_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
-    """``{"image_proj": ..., "ip_adapter": ...}`` (.bin) or flat ``image_proj.*``/``ip_adapter.*`` (.safetensors)."""
-    if "image_proj" in state and "ip_adapter" in state:
-        return state["image_proj"], state["ip_adapter"]
-    image_proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
-    ip_adapter = {k[len("ip_adapter."):]: v for k, v in state.items() if k.startswith("ip_adapter.")}
-    if not image_proj or not ip_adapter:
-        raise CheckpointError(f"IP-Adapter: {path} has no image_proj/ip_adapter weights; it is not an IP-Adapter "
-                              "file. Use ip-adapter-faceid-plusv2_sd15.bin (or plus_sd15) in models/ipadapter.")
-    return image_proj, ip_adapter
-
-
-def describe_ip_adapter(image_proj: dict) -> str:
-    if "perceiver_resampler.proj_in.weight" in image_proj:
-        return "faceid-plus"
-    if "latents" in image_proj:
-        return "IP-Adapter Plus (CLIP image only, no face ID)"
-    if "norm.weight" in image_proj and "proj.0.weight" in image_proj:
-        return "IP-Adapter FaceID (without Plus)"
-    return "plain IP-Adapter (CLIP image only, no face ID)"
-
-
-def load_identity_adapter(path: Path | str, unet: UNet2DConditionModel, shortcut: bool | None = None
-                          ) -> tuple[IdentityAdapter, dict[str, torch.Tensor]]:
-    """The frozen identity module, and the FaceID LoRA as UNet weight deltas (``{param name: delta}``).
-
-    ``shortcut`` (the v2 design) is not visible in the weights, which are laid out identically for
-    v1 and v2; by default it follows the published file name (``...plusv2...``), like the IP-Adapter pack.
-    """
-    path = Path(path)
-    image_proj_state, attn_state = split_ip_adapter_state(read_state_dict(path, "IP-Adapter FaceID Plus"), path)
-    if shortcut is None:
-        shortcut = "v2" in path.name.lower()
-    return identity_adapter_from_state(image_proj_state, attn_state, unet, path, shortcut)
-
-
-def identity_adapter_from_state(image_proj_state: dict, attn_state: dict, unet: UNet2DConditionModel,
-                                path: Path, shortcut: bool) -> tuple[IdentityAdapter, dict[str, torch.Tensor]]:
-    """Map the published ``image_proj`` / ``ip_adapter`` keys onto diffusers modules, checking every key."""
-    what = "IP-Adapter FaceID Plus"
-    kind = describe_ip_adapter(image_proj_state)
-    if kind != "faceid-plus":
-        raise CheckpointError(f"{what}: {path} is a {kind} model. RIDFR's identity module is IP-Adapter FaceID "
-                              "Plus: use ip-adapter-faceid-plusv2_sd15.bin (or ip-adapter-faceid-plus_sd15.bin).")
-    try:
-        image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj_state, low_cpu_mem_usage=False)
-    except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"{what}: {path}: the image projection does not match FaceID Plus ({err}).") from err
-    if image_proj.proj_out.out_features != unet.config.cross_attention_dim:
-        raise CheckpointError(f"{what}: {path} makes {image_proj.proj_out.out_features}-d tokens but the UNet "
-                              f"takes {unet.config.cross_attention_dim}-d: this adapter is for another base "
-                              "model (SDXL adapters are '..._sdxl'); use the _sd15 file.")
-
-    lora = {k: v for k, v in attn_state.items() if FACEID_LORA_KEY.match(k)}
-    ip_state = {k: v for k, v in attn_state.items() if k not in lora}
-    processors, expected = {}, set()
-    for index, name, processor in identity_processor_slots(unet):
-        key_state = {"to_k_ip.0.weight": ip_state.get(f"{index}.to_k_ip.weight"),
-                     "to_v_ip.0.weight": ip_state.get(f"{index}.to_v_ip.weight")}
-        expected |= {f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight"}
-        if any(v is None for v in key_state.values()):
-            raise CheckpointError(f"{what}: {path} lacks '{index}.to_k_ip.weight'/'{index}.to_v_ip.weight' for "
-                                  f"{name}: the file is incomplete or made for a different UNet.")
-        load_strict(processor, key_state, path, f"{what} ({name})")
-        processors[name] = processor
-    unexpected = sorted(set(ip_state) - expected)
-    if unexpected:
-        raise CheckpointError(f"{what}: {path} has {len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}); "
-                              "it was made for a different UNet layout.")
-    adapter = IdentityAdapter(image_proj.eval(), processors, shortcut=shortcut).requires_grad_(False)
-    return adapter, faceid_lora_deltas(lora, unet, path)
-
-
-def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel, path: Path) -> dict:
-    """The published LoRA (rank 128, on every attention's q/k/v/out) as dense deltas of UNet weights."""
-    names = list(unet.attn_processors)
-    params = dict(unet.named_parameters())
-    deltas = {}
-    for key in lora:
-        index, proj, part = FACEID_LORA_KEY.match(key).groups()
-        if part != "down":
-            continue
-        if int(index) >= len(names):
-            raise CheckpointError(f"IP-Adapter FaceID Plus: {path} has LoRA '{key}' for attention #{index}, but the "
-                                  f"UNet has {len(names)}; the file is for a different UNet.")
-        up = lora.get(key.replace(".down.", ".up."))
-        if up is None:
-            raise CheckpointError(f"IP-Adapter FaceID Plus: {path} has '{key}' without its '.up.' half; the file "
-                                  "is incomplete: download it again.")
-        attn = names[int(index)].removesuffix(".processor")
-        target = f"{attn}.to_out.0.weight" if proj == "out" else f"{attn}.to_{proj}.weight"
-        delta = up.float() @ lora[key].float()
-        if delta.shape != params[target].shape:
-            raise CheckpointError(f"IP-Adapter FaceID Plus: {path}: LoRA '{key}' makes a {tuple(delta.shape)} delta for "
-                                  f"{target} {tuple(params[target].shape)}; the file is for a different base model: "
-                                  "use the _sd15 file.")
-        deltas[target] = delta
-    return deltas
-
-
-def apply_weight_deltas(module: torch.nn.Module, deltas: dict[str, torch.Tensor], strength: float = 1.0) -> None:
-    """Add ``strength * delta`` to named parameters in place (the FaceID LoRA on a UNet the caller owns)."""
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            params[name].add_(delta.to(params[name]), alpha=strength)
-
-
-# ----------------------------------------------------------------------------------------------
 # CLIP ViT-H/14 image encoder
 
 
@@ -431,85 +306,3 @@ def load_clip_vision(path: Path | str, config_dir=None):
     load_strict(model, state, path, what, ignore=("vision_model.embeddings.position_ids", "text_model.",
                                                   "text_projection.", "logit_scale"))
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# RIDFR content weights
-
-
-def content_config(controlnet: ContentControlNet) -> dict:
-    return {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
-
-
-def save_content(controlnet: ContentControlNet, path: Path | str, extra: dict[str, str] | None = None) -> None:
-    metadata = {"format": CONTENT_FORMAT, "format_version": str(CONTENT_FORMAT_VERSION),
-                "config": json.dumps(content_config(controlnet)), **(extra or {})}
-    save_safetensors_atomic(controlnet.state_dict(), path, metadata)
-
-
-def content_backend(path: Path | str, quick: bool = False) -> str | None:
-    """"ridfr" or "restorerid" for a content file, None for neither. ``quick`` reads only safetensors
-    metadata (our formats) and answers None for anything else."""
-    from . import restorerid_files
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata, keys = handle.metadata() or {}, (None if quick else list(handle.keys()))
-        except (SafetensorError, OSError):
-            return None
-        formats = {CONTENT_FORMAT: "ridfr", restorerid_files.RESTORERID_FORMAT: "restorerid"}
-        if metadata.get("format") in formats or quick:
-            return formats.get(metadata.get("format"))
-    elif quick:
-        return None
-    else:
-        keys = list(read_state_dict(path, "content weights"))
-    return "restorerid" if restorerid_files.is_restorerid_state(keys) else None
-
-
-def load_content(path: Path | str, cache_dir=None):
-    """A content module of either backend, told apart by the file's contents: RIDFR content weights (our
-    format, :class:`ContentControlNet`) or RestorerID weights (the published checkpoint or its conversion,
-    :class:`~ridfr_core.restorerid.LQBranch`)."""
-    from . import restorerid_files
-
-    path = Path(path)
-    what = "content weights"
-    if not path.is_file():
-        raise CheckpointError(f"{what}: file not found: {path}. Put RIDFR weights (`python -m ridfr_core.train`) or "
-                              "RestorerIDFull.ckpt in models/ridfr.")
-    if path.suffix == ".safetensors":
-        metadata = read_safetensors_metadata(path, what)
-        if metadata.get("format") == CONTENT_FORMAT:
-            return load_ridfr_content(path, metadata)
-        if metadata.get("format") == restorerid_files.RESTORERID_FORMAT:
-            return restorerid_files.load_lq_branch(path, cache_dir)
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-        state = None
-    else:
-        state = read_state_dict(path, what)
-        keys = list(state)
-    if restorerid_files.is_restorerid_state(keys):
-        return restorerid_files.load_lq_branch(path, cache_dir, state)
-    raise CheckpointError(f"{what}: {path} is neither RIDFR content weights (a .safetensors written by "
-                          "ridfr_core.train) nor a RestorerID checkpoint (RestorerIDFull.ckpt). Base checkpoints go "
-                          "in models/checkpoints, IP-Adapters in models/ipadapter.")
-
-
-def load_ridfr_content(path: Path, metadata: dict[str, str]) -> ContentControlNet:
-    what = "RIDFR content weights"
-    version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) > CONTENT_FORMAT_VERSION:
-        raise CheckpointError(f"{what}: {path} has format version {version!r}, this RIDFR reads up to "
-                              f"{CONTENT_FORMAT_VERSION}: update the RIDFR node pack.")
-    try:
-        config = json.loads(metadata["config"])
-        controlnet = on_meta(lambda: ContentControlNet(**config))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{what}: {path} has no usable architecture in its metadata 'config' ({err}); "
-                              "the file was not written by ridfr_core.train or was edited: write it again.") from err
-    load_strict(controlnet, read_state_dict(path, what), path, what)
-    return controlnet.eval()

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-LATENT_CHANNELS = 4
+from .constants import LATENT_CHANNELS
+
 LQ_CHANNELS = 3
 
 

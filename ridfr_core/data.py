@@ -15,18 +15,16 @@ workers and any number of GPUs without saving worker RNG states.
   ``min_images_per_identity = 2`` two-image identities are kept with ID1 = ID2 (their alignment term
   is 0, they still train the diffusion term).
 - The identity module is frozen, so ArcFace embeddings and CLIP features of every ID photo are
-  computed once (:class:`IdentityCache`). The paper downsamples ID photos to 64..512 px per sample;
+  computed once (:class:`~ridfr_core.identity_cache.IdentityCache`). The paper downsamples ID photos to 64..512 px per sample;
   the cache keeps ``identity_variants`` independently downsampled versions of each photo and a
   sample draws one of them, which keeps that augmentation at a fixed, documented granularity.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,15 +34,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .degrade import DegradationConfig, degrade, downsample_reference
+from .degrade import DegradationConfig, degrade
 from .imageio import IMAGE_SUFFIXES, UNREADABLE, ImageReadError, list_images, read_rgb
+
+if TYPE_CHECKING:
+    from .identity_cache import IdentityCache
 
 logger = logging.getLogger(__name__)
 
 # Independent random streams per sample: adding a draw to one never shifts the others.
 STREAM_ORDER, STREAM_SAMPLE, STREAM_ID_VARIANT, STREAM_VALIDATION = 1, 2, 3, 4
-CACHE_FORMAT = "ridfr-identity-cache"
-CACHE_VERSION = 1
 LOAD_RETRIES = 16
 
 
@@ -345,158 +344,3 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int, p
                       worker_init_fn=single_threaded_worker if num_workers else None,
                       multiprocessing_context="spawn" if num_workers else None,
                       prefetch_factor=4 if num_workers else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Identity feature cache
-
-
-class IdentityCache:
-    """ArcFace embeddings + CLIP features of ``variants`` downsampled versions of every ID photo.
-
-    A folder of shards (``shard-NNNNN.safetensors``: ``id_embeds`` (n,K,512) float32, ``clip_embeds``
-    (n,K,257,C) float16) and ``index.json`` mapping each photo's path relative to the data root to
-    its shard row. Shards are memory-mapped, so workers read two rows per sample and the cache can be
-    larger than RAM (fp16 CLIP ViT-H features: ~0.66 MB per variant, ~25 GB for CelebRef-HQ at K=4).
-    Building is incremental and atomic per shard: an interrupted build keeps its finished shards and
-    a rerun computes only the photos that are missing.
-    """
-
-    def __init__(self, folder: Path | str):
-        self.folder = Path(folder)
-        self.index = self.read_index()
-        self._handles: dict[str, object] = {}
-
-    # -- reading
-    def read_index(self) -> dict:
-        path = self.folder / "index.json"
-        if not path.is_file():
-            return {}
-        index = json.loads(path.read_text())
-        if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
-            raise DataError(f"identity_cache: {self.folder} is not a RIDFR identity cache (format "
-                            f"{index.get('format')!r} v{index.get('version')}); point identity_cache at another folder.")
-        return index
-
-    @property
-    def variants(self) -> int:
-        return int(self.index["variants"])
-
-    @property
-    def entries(self) -> dict:
-        return self.index.get("entries", {})
-
-    @property
-    def unreadable(self) -> dict:
-        return self.index.get("unreadable", {})
-
-    def __getstate__(self):
-        return {"folder": self.folder, "index": self.index, "_handles": {}}  # file handles stay per process
-
-    def features(self, key: str, variant: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(512,) float32 ArcFace embedding and (257, C) float16 CLIP features of one variant."""
-        from safetensors import safe_open
-
-        entry = self.entries[key]
-        shard = entry["shard"]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-        handle, row = self._handles[shard], entry["row"]
-        embed = handle.get_slice("id_embeds")[row:row + 1, variant:variant + 1]
-        clip = handle.get_slice("clip_embeds")[row:row + 1, variant:variant + 1]
-        return embed.reshape(embed.shape[-1]), clip.reshape(clip.shape[-2:])
-
-    # -- building
-    def settings(self) -> dict:
-        return {key: self.index.get(key) for key in ("variants", "min_size", "max_size", "seed")}
-
-    def check_settings(self, variants: int, min_size: int, max_size: int, seed: int) -> None:
-        wanted = {"variants": variants, "min_size": min_size, "max_size": max_size, "seed": seed}
-        if self.index and self.settings() != wanted:
-            raise DataError(f"identity_cache: {self.folder} was built with {self.settings()} but the config asks "
-                            f"for {wanted} (identity_variants, identity_min_size, identity_max_size). "
-                            "Set identity_cache to a new folder, or use the settings it was built with.")
-
-    def missing(self, root: Path, paths: list[Path]) -> list[Path]:
-        known = set(self.entries) | set(self.unreadable)
-        return [path for path in paths if path.relative_to(root).as_posix() not in known]
-
-    def build(self, root: Path, paths: list[Path], encoder: "IdentityEncoder", variants: int, min_size: int,
-              max_size: int, seed: int, shard_size: int = 256, progress=None) -> None:
-        """Compute the photos not cached yet; unreadable ones are recorded (and skipped) in the index."""
-        self.check_settings(variants, min_size, max_size, seed)
-        if not self.index:
-            self.index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "variants": variants,
-                          "min_size": min_size, "max_size": max_size, "seed": seed, "entries": {}, "unreadable": {},
-                          "models": encoder.description}
-        elif self.index.get("models") != encoder.description:
-            raise DataError(f"identity_cache: {self.folder} was built with {self.index.get('models')}, now "
-                            f"{encoder.description}; features of different models cannot be mixed. Set "
-                            "identity_cache to a new folder, or use the models it was built with.")
-        todo = self.missing(root, paths)
-        for start in range(0, len(todo), shard_size):
-            self.write_shard(root, todo[start:start + shard_size], encoder, progress)
-
-    def write_shard(self, root: Path, paths: list[Path], encoder: "IdentityEncoder", progress) -> None:
-        from .checkpoints import save_safetensors_atomic
-
-        variants, embeds, clips, keys = self.variants, [], [], []
-        for path in paths:
-            key = path.relative_to(root).as_posix()
-            try:
-                image = read_rgb(path, "identity cache")
-            except ImageReadError as error:
-                logger.warning("identity cache: skipping unreadable image %s (%s)", path, error)
-                self.index["unreadable"][key] = f"{type(error).__name__}: {error}"
-                continue
-            rng = sample_rng(self.index["seed"], STREAM_ID_VARIANT, zlib.crc32(key.encode()))
-            versions = [downsample_reference(image, rng, self.index["min_size"], self.index["max_size"])
-                        for _ in range(variants)]
-            embed, clip = encoder(versions)
-            embeds.append(embed.reshape(variants, -1))
-            clips.append(clip.reshape(variants, *clip.shape[1:]))
-            keys.append(key)
-            if progress is not None:
-                progress(1)
-        if keys:
-            shard = f"shard-{len({e['shard'] for e in self.entries.values()}):05d}.safetensors"
-            while (self.folder / shard).exists():
-                shard = f"shard-{int(shard[6:11]) + 1:05d}.safetensors"
-            save_safetensors_atomic({"id_embeds": torch.stack(embeds).float(),
-                                     "clip_embeds": torch.stack(clips).half()}, self.folder / shard,
-                                    {"format": CACHE_FORMAT})
-            for row, key in enumerate(keys):
-                self.index["entries"][key] = {"shard": shard, "row": row}
-        write_json_atomic(self.folder / "index.json", self.index)
-
-
-class IdentityEncoder:
-    """Frozen identity features of aligned faces: insightface ArcFace at the FFHQ template landmarks
-    (no detection: the data is aligned) and CLIP ViT-H/14 on the ArcFace-aligned 224 crop."""
-
-    def __init__(self, analyzer, clip_vision, description: dict):
-        self.analyzer, self.clip_vision, self.description = analyzer, clip_vision, description
-
-    def __call__(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        from .faces import clip_face_crop
-        from .faces.images import rgb_to_tensor
-        from .faces.references import aligned_landmarks
-        from .identity import encode_clip_features
-
-        kps = aligned_landmarks(images[0])
-        embeds = torch.from_numpy(np.stack([self.analyzer.embed(image, kps) for image in images]))
-        crops = rgb_to_tensor([clip_face_crop(image, kps) for image in images])
-        return embeds, encode_clip_features(self.clip_vision, crops).float().cpu()
-
-
-def write_json_atomic(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(value, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

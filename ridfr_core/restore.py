@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from .faces.errors import FaceError
 from .backends import SAMPLERS
 from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from .models import download_command
-from .pipeline import FACE_SIZE
+from .constants import FACE_SIZE
 from .preprocess import load_preprocessor
 from .quality import parse_identity_scale
 from .restore_checks import check_restore_options
@@ -73,7 +72,7 @@ def option_name(slot: ModelSlot) -> str:
 def candidates(models: Path, slot: ModelSlot, backend: str | None) -> list[Path]:
     """The weight files in the slot's folder that fit, best first. Content: RIDFR's own weights are the first
     choice wherever they exist. Adapter: FaceID Plus files, v1 for RestorerID and v2 for RIDFR first."""
-    from .checkpoints import content_backend
+    from .content_files import content_backend
 
     folder = models / slot.folder
     found = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
@@ -105,7 +104,7 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
     SD1.5 checkpoint, the RestorerID file also serves as the base model. Missing files are listed all at once,
     with the command that downloads the public ones."""
-    from .checkpoints import content_backend
+    from .content_files import content_backend
 
     paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}
@@ -219,25 +218,23 @@ class Restorer:
                                       unmatched=unmatched, upscale=upscale).image
 
 
-_EVAL_RESTORER: Restorer | None = None
+class AlignedFaceRestorer:
+    """``python -m ridfr_core.eval run``'s own restorer: an aligned LQ face and an aligned reference (uint8 RGB)
+    -> restored, with the models in ``models`` (laid out as for the CLI, either backend), loaded at the first
+    face. ``steps``: None for the backend's; ``config_dir``: architectures other than SD1.5's (tiny test models)."""
 
+    def __init__(self, models: Path, steps: int | None = None, config_dir=None):
+        self.models, self.steps, self.config_dir = Path(models), steps, config_dir
+        self.restorer: Restorer | None = None
 
-def restore(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``ridfr_core.eval``'s restorer: an aligned LQ face and an aligned reference (uint8 RGB) -> restored.
-
-    Models come from ``$RIDFR_MODELS`` (default ``./models``), laid out as for the CLI (either backend);
-    ``$RIDFR_STEPS`` sets the sampling steps (default: the backend's).
-    """
-    global _EVAL_RESTORER
-    if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
-        raise ValueError(f"ridfr_core.restore:restore: the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores "
-                         f"{FACE_SIZE}x{FACE_SIZE} aligned faces (evaluate with --size {FACE_SIZE}).")
-    if _EVAL_RESTORER is None:
-        models = Path(os.environ.get("RIDFR_MODELS", "models"))
-        _EVAL_RESTORER = Restorer(resolve_models(models, {}, need_insightface=True),
-                                  config_dir=os.environ.get("RIDFR_CONFIG_DIR"),
-                                  steps=int(os.environ["RIDFR_STEPS"]) if "RIDFR_STEPS" in os.environ else None)
-    return _EVAL_RESTORER.restore(lq, [[reference]], aligned=True, aligned_references=True)
+    def __call__(self, lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        if lq.shape[:2] != (FACE_SIZE, FACE_SIZE):
+            raise ValueError(f"the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores {FACE_SIZE}x{FACE_SIZE} "
+                             f"aligned faces (evaluate with --size {FACE_SIZE}).")
+        if self.restorer is None:
+            self.restorer = Restorer(resolve_models(self.models, {}, need_insightface=True),
+                                     config_dir=self.config_dir, steps=self.steps)
+        return self.restorer.restore(lq, [[reference]], aligned=True, aligned_references=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -289,20 +286,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and keep the one most like the references, ranked by --rank-with (default 1)")
     parser.add_argument("--rank-with", default="dlib", metavar="RECOGNISER", help="recogniser that ranks the "
                         "candidates: dlib (default) or facenet, never the ArcFace RIDFR is conditioned on")
-    parser.add_argument("--config-dir", help=argparse.SUPPRESS)  # tiny architectures in tests
     return parser.parse_args(argv)
 
 
-def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path], best_of=None) -> Restorer:
+def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path], best_of=None, config_dir=None) -> Restorer:
     identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
     preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
-    return Restorer(paths, args.device, args.config_dir, identity_scale, preprocess=preprocess, best_of=best_of,
+    return Restorer(paths, args.device, config_dir, identity_scale, preprocess=preprocess, best_of=best_of,
                     steps=args.steps, seed=args.seed, content_scale=args.content_scale, guidance=args.guidance,
                     sampler=args.sampler, color_fix=args.color_fix)
 
 
-def main(argv=None) -> int:
+def architecture_dir(models: Path) -> Path | None:
+    """``<models>/ridfr/configs``: architectures other than SD1.5's (e.g. tiny test models), as LoadRIDFR reads."""
+    folder = models / "ridfr" / "configs"
+    return folder if folder.is_dir() else None
+
+
+def main(argv=None, config_dir=None) -> int:
+    """The CLI; ``config_dir``: model architectures other than SD1.5's (default: ``<models>/ridfr/configs``
+    when it exists)."""
     args = parse_args(argv)
+    config_dir = config_dir or architecture_dir(Path(args.models))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         archive = is_archive_input(args.lq)
@@ -311,11 +316,11 @@ def main(argv=None) -> int:
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
         if archive:
-            return run_archive(args, paths, lambda found: restorer_from_args(args, found))
+            return run_archive(args, paths, lambda found: restorer_from_args(args, found, config_dir=config_dir))
         lq = read_rgb(args.lq, "--lq")
         people = [[read_rgb(path, f"reference of {name}") for path in photos]
                   for name, photos in reference_people(args)]
-        restorer = restorer_from_args(args, paths, best_of)
+        restorer = restorer_from_args(args, paths, best_of, config_dir)
         restored = restorer.restore(lq, people, args.aligned, args.aligned_references, args.upscale, args.unmatched)
     except (MissingModels, CheckpointError, FaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -25,7 +25,6 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 ENCODER_PREFIX = "structcond_stage_model."
-UNET_PREFIX = "model.diffusion_model."
 # input/output ResBlocks are sub-module 0 of their block (input_blocks.1.0); the middle ones are the block's
 # children 0 and 2 themselves (middle_block.2)
 MODULATION_KEY = re.compile(r"^model\.diffusion_model\.(?:((?:input|output)_blocks\.\d+)\.0|(middle_block\.[02]))\."

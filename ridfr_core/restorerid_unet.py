@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .checkpoints import CheckpointError
-from .identity import IdentityAdapter
+from .identity import IdentityAdapter, identity_context
 from .restorerid import LQBranch, modulate
 
 
@@ -85,8 +85,7 @@ class RestorerIDDenoiser(torch.nn.Module):
             if id_tokens is None:
                 raise ValueError("RestorerIDDenoiser: RestorerID needs identity tokens for every face (the null "
                                  "identity's for faces restored without one).")
-            self.adapter.set_scale(identity_scale)
-            context = (text_states, [id_tokens.to(text_states.dtype)])
+            context = identity_context(text_states, id_tokens, identity_scale)
         elif id_tokens is not None:
             raise ValueError("RestorerIDDenoiser: identity tokens given but no identity adapter is loaded.")
 

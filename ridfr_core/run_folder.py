@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .atomic import TEMP_FILE
 from .checkpoints import CheckpointError, read_safetensors_metadata
 
-TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")  # save_safetensors_atomic / write_json_atomic
 PARTIAL_CHECKPOINT = re.compile(r"^\.step-\d{8}\.partial$")
 CHECKPOINT_FILES = ("state.json", "config.json", "optimizer.json", "lr_scheduler.json", "content.safetensors",
                     "optimizer.safetensors")

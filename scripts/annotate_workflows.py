@@ -7,13 +7,11 @@ Run it after adding a workflow or changing a model name; tests/test_workflow_mod
 """
 
 import json
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from ridfr_core.models import frontend_models
 
-from ridfr_core.models import frontend_models  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def annotate(path: Path) -> bool:

@@ -27,7 +27,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -48,7 +47,6 @@ RESTORERID_FILE, RESTORERID_ADAPTER = "RestorerIDFull.ckpt", "ip-adapter-faceid-
 def import_comfy(config_dir: Path):
     """Import ComfyUI (CPU), register the tiny SD1.5 family for ``config_dir`` and load the pack.
     Returns the pack module (``comfy_entrypoint`` and ``nodes``)."""
-    os.environ["RIDFR_CONFIG_DIR"] = str(config_dir)
     if COMFYUI_PATH not in sys.path:
         sys.path.insert(0, COMFYUI_PATH)
     import comfy.options
@@ -62,7 +60,7 @@ def import_comfy(config_dir: Path):
     sys.path.insert(0, str(Path(__file__).parent))
     import comfy_tiny_sd15
 
-    comfy_tiny_sd15.register()
+    comfy_tiny_sd15.register(config_dir)
     if PACK_MODULE not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO_ROOT / "__init__.py",
                                                       submodule_search_locations=[str(REPO_ROOT)])
@@ -71,6 +69,13 @@ def import_comfy(config_dir: Path):
         spec.loader.exec_module(module)
         asyncio.run(module.comfy_entrypoint())
     return sys.modules[PACK_MODULE]
+
+
+def pack_core(module: str):
+    """A module of the core as the pack imports it (``<pack>.ridfr_core.<module>``): ComfyUI loads the pack
+    under a name of its own and the nodes reach the core relatively, so what the nodes make is of these
+    classes and compares with these constants, not with those of the top-level ``ridfr_core``."""
+    return importlib.import_module(f"{PACK_MODULE}.ridfr_core.{module}")
 
 
 def add_models_folder(models: Path) -> None:
@@ -86,60 +91,22 @@ def add_models_folder(models: Path) -> None:
 
 
 def build_comfy_models(models: Path, insightface_pack: Path):
-    """A ComfyUI ``models/`` folder with tiny RIDFR models in the real file formats, and their config set.
-
-    Like tests/tiny_models.py, with two changes that ComfyUI's fixed SD1.5 building blocks need: the
-    UNet uses 32 GroupNorm groups (ComfyUI's ``normalization`` is GroupNorm(32)), and the VAE has the
-    SD1.5 architecture (ComfyUI builds its SD VAE with fixed sizes; random weights, stored as fp16).
-    Also the public RestorerID set under its real names: ``ridfr/RestorerIDFull.ckpt`` (the Lightning
-    checkpoint layout, tests/restorerid_layout.py) and FaceID Plus v1 ``ipadapter/ip-adapter-faceid-plus_sd15.bin``.
-    Returns a ``tiny_models.TinyModels`` whose ``root`` is ``models``.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    """A ComfyUI ``models/`` folder with tiny RIDFR models in the real file formats (tests/tiny_models.py,
+    ComfyUI variant), the public RestorerID set under its real names (``ridfr/RestorerIDFull.ckpt`` in the
+    Lightning checkpoint layout, tests/restorerid_layout.py; FaceID Plus v1 ``ipadapter/ip-adapter-faceid-plus_sd15.bin``)
+    and the insightface pack. Returns a ``tiny_models.TinyModels`` whose ``root`` is ``models``."""
     from restorerid_layout import tiny_branch, write_restorerid_checkpoint
-    from safetensors.torch import save_file
-    from tiny_models import LORA_RANK, SCHEDULER, TINY_CONFIGS, TinyModels, randomise
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from tiny_models import LORA_RANK, TINY_CONFIGS, build_tiny_models
 
-    from ridfr_core.checkpoints import load_config, save_content
-    from ridfr_core.content import ContentControlNet
+    from ridfr_core.checkpoints import load_config
 
-    configs = {**TINY_CONFIGS, "unet": {**TINY_CONFIGS["unet"], "norm_num_groups": 32}, "scheduler": SCHEDULER}
-    config_dir = models / "configs"
-    config_dir.mkdir(parents=True)
-    for name, config in configs.items():
-        (config_dir / f"{name}.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    unet = randomise(UNet2DConditionModel(**configs["unet"]), 1)
-    vae_config = load_config("vae")
-    vae = randomise(AutoencoderKL(**vae_config), 2, std=0.03)
-    text_encoder = randomise(CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])), 3)
-    clip_vision = randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["clip_vision"])), 4)
-
-    checkpoint = models / "checkpoints" / "tiny-sd15.safetensors"
-    checkpoint.parent.mkdir()
-    state = {**unet_to_ldm(unet.state_dict(), configs["unet"]),
-             **{k: v.half() for k, v in vae_to_ldm(vae.state_dict(), vae_config).items()},
-             **text_encoder_to_ldm(text_encoder.state_dict()),
-             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
-    adapter = models / "ipadapter" / "ip-adapter-faceid-plusv2_sd15.bin"
-    adapter.parent.mkdir()
-    adapter_state = faceid_plus_state(configs["unet"], configs["clip_vision"]["hidden_size"], LORA_RANK, seed=5)
-    torch.save(adapter_state, adapter)
-    torch.save(adapter_state, models / "ipadapter" / RESTORERID_ADAPTER)
-    clip_path = models / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
-    clip_path.parent.mkdir()
-    save_file(clip_vision.state_dict(), str(clip_path))
-    content = models / "ridfr" / "ridfr-tiny.safetensors"
-    save_content(randomise(ContentControlNet.from_unet(unet), 6), content)
-    write_restorerid_checkpoint(models / "ridfr" / RESTORERID_FILE, unet, copy.deepcopy(vae).half(), text_encoder,
-                                configs["unet"], vae_config, tiny_branch(unet, seed=7),
-                                configs["clip_vision"]["hidden_size"], LORA_RANK)  # fp16 VAE: a smaller file
+    tiny = build_tiny_models(models, comfy=True)
+    unet_config = {**TINY_CONFIGS["unet"], "norm_num_groups": 32}
+    write_restorerid_checkpoint(models / "ridfr" / RESTORERID_FILE, tiny.unet, copy.deepcopy(tiny.vae).half(),
+                                tiny.text_encoder, unet_config, load_config("vae"), tiny_branch(tiny.unet, seed=7),
+                                TINY_CONFIGS["clip_vision"]["hidden_size"], LORA_RANK)  # fp16 VAE: a smaller file
     shutil.copytree(insightface_pack, models / "insightface" / "models" / insightface_pack.name)
-    return TinyModels(models, config_dir, checkpoint, checkpoint, adapter, adapter, clip_path, content, unet, vae,
-                      text_encoder)
+    return tiny
 
 
 @pytest.fixture(scope="session")
@@ -165,11 +132,11 @@ def free_port() -> int:
 class ComfyServer:
     """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory; stop() ends it."""
 
-    def __init__(self, base: Path, config_dir: Path):
+    def __init__(self, base: Path):
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
-        env = {**os.environ, "RIDFR_CONFIG_DIR": str(config_dir), "RIDFR_CACHE": str(base / "ridfr_cache"),
+        env = {**os.environ, "RIDFR_CACHE": str(base / "ridfr_cache"),
                "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

@@ -3,29 +3,29 @@
 ComfyUI detects a checkpoint's UNet configuration from the weights and then looks it up in
 ``comfy.supported_models.models``; the tiny UNet (32 channels, 64-d text context) matches no real
 model, so this registers one more SD1.5 family member whose UNet and text-encoder sizes come from the
-tiny config set in ``RIDFR_CONFIG_DIR`` (the same JSON files that build the tiny weights). Everything
-else (LDM key layout, latent format, sampling, the VAE) is ComfyUI's SD1.5 code.
+tiny config set (the same JSON files that build the tiny weights, kept in ``models/ridfr/configs`` where
+LoadRIDFR also reads them). Everything else (LDM key layout, latent format, sampling, the VAE) is
+ComfyUI's SD1.5 code.
 
-Used two ways: dropped into ``custom_nodes/`` of the test server (registered on import, no nodes), and
-imported in-process by the node tests (``register()``).
+Used two ways: dropped into ``custom_nodes/`` of the test server (registered on import from the server's
+``models/ridfr/configs``, no nodes), and imported in-process by the node tests (``register(config_dir)``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 NODE_CLASS_MAPPINGS: dict = {}
 
 
-def register() -> None:
+def register(config_dir: Path) -> None:
     import comfy.sd1_clip
     import comfy.supported_models
     import comfy.supported_models_base
 
-    config_dir = os.environ.get("RIDFR_CONFIG_DIR")
-    if not config_dir or any(model.__name__ == "TinySD15" for model in comfy.supported_models.models):
+    if not (Path(config_dir) / "unet.json").is_file() or any(
+            model.__name__ == "TinySD15" for model in comfy.supported_models.models):
         return
     unet = json.loads((Path(config_dir) / "unet.json").read_text())
     text = json.loads((Path(config_dir) / "text_encoder.json").read_text())
@@ -54,8 +54,8 @@ def register() -> None:
 
 
 try:
-    import comfy.supported_models  # noqa: F401  (only inside ComfyUI)
+    import folder_paths  # only inside ComfyUI
 except ImportError:
     pass
 else:
-    register()
+    register(Path(folder_paths.models_dir) / "ridfr" / "configs")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from shared_data import REPO_ROOT
 from ridfr_core.archive.manifest import read_records
 from ridfr_core.restore import main
 from test_archive import audio_packets, make_video
@@ -54,8 +54,22 @@ def records(out):
 
 
 def common_args(models, tiny_models, *more):
-    return ["--models", str(models), "--config-dir", str(tiny_models.configs), "--steps", "1", "--device", "cpu",
-            *more]
+    return ["--models", str(models), "--steps", "1", "--device", "cpu", *more]
+
+
+@pytest.fixture(scope="module")
+def cli_models(ridfr_models_dir, tiny_models, tmp_path_factory):
+    """The tiny models folder with the tiny architectures in ridfr/configs, where the CLI (also in the
+    processes these tests start) finds them."""
+    root = tmp_path_factory.mktemp("cli_models")
+    for entry in ridfr_models_dir.iterdir():
+        if entry.name != "ridfr":
+            (root / entry.name).symlink_to(entry.resolve())
+    (root / "ridfr").mkdir()
+    for weights in (ridfr_models_dir / "ridfr").iterdir():
+        (root / "ridfr" / weights.name).symlink_to(weights.resolve())
+    (root / "ridfr" / "configs").symlink_to(tiny_models.configs)
+    return root
 
 
 @pytest.fixture
@@ -66,7 +80,7 @@ def people(tmp_path):
     return folder
 
 
-def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_dir, people, tmp_path, capsys):
+def test_a_folder_with_people_and_bad_files_resumes(tiny_models, cli_models, people, tmp_path, capsys):
     albums = tmp_path / "albums"
     save(albums / "1990" / "alice.png", smooth_image(1))
     save(albums / "2001" / "trip" / "bob.jpg", smooth_image(2))
@@ -80,7 +94,7 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_di
     (albums / "notes.txt").write_text("album notes")
     out = tmp_path / "restored"
     args = ["--lq", str(albums), "--out", str(out), "--people", str(people), "--unmatched", "keep_original",
-            "--batch-size", "4", "--seed", "7", *common_args(ridfr_models_dir, tiny_models)]
+            "--batch-size", "4", "--seed", "7", *common_args(cli_models, tiny_models)]
 
     assert main(args) == 1  # some inputs failed, and the run still finished every other one
     first = {record["input"]: record for record in records(out)}
@@ -125,13 +139,13 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, ridfr_models_di
     assert not [path for path in out.rglob(".*")]  # no partial files left behind
 
 
-def test_ctrl_c_then_rerun_finishes_every_photo_exactly_once(tiny_models, ridfr_models_dir, people, tmp_path):
+def test_ctrl_c_then_rerun_finishes_every_photo_exactly_once(tiny_models, cli_models, people, tmp_path):
     albums = tmp_path / "albums"
     for number in range(4):
         save(albums / f"photo{number}.png", smooth_image(10 + number, 320))
     out = tmp_path / "out"
     args = ["--lq", str(albums), "--out", str(out), "--people", str(people), "--batch-size", "1",
-            *common_args(ridfr_models_dir, tiny_models)]
+            *common_args(cli_models, tiny_models)]
     run = subprocess.Popen([sys.executable, "-m", "ridfr_core.restore", *args], cwd=REPO_ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -149,13 +163,13 @@ def test_ctrl_c_then_rerun_finishes_every_photo_exactly_once(tiny_models, ridfr_
     assert not [path for path in out.rglob(".*")]
 
 
-def test_a_video_keeps_rate_audio_and_one_identity_per_face(tiny_models, ridfr_models_dir, people, tmp_path):
+def test_a_video_keeps_rate_audio_and_one_identity_per_face(tiny_models, cli_models, people, tmp_path):
     face = smooth_image(1, 256)
     frames = [np.roll(face, shift, axis=1) for shift in (0, 2)] + [np.zeros_like(face)] + [np.roll(face, 4, axis=1)]
     video = make_video(tmp_path / "in" / "talk.mp4", frames, rate=12, audio_seconds=0.4)
     out = tmp_path / "out"
     assert main(["--lq", str(video), "--out", str(out), "--people", str(people), "--seed", "3",
-                 *common_args(ridfr_models_dir, tiny_models)]) == 0
+                 *common_args(cli_models, tiny_models)]) == 0
     record, = records(out)
     assert record["status"] == "done" and record["frames"] == 4 and record["fps"] == 12
     track, = record["tracks"]  # the face is one track across the frame without it
@@ -175,7 +189,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, ridfr_models_dir, people, tmp_path):
+def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, cli_models, people, tmp_path):
     """accelerate's torchrun launcher starts two real processes; on CPU (--device cpu) they talk over gloo."""
     albums = tmp_path / "albums"
     for number in range(5):
@@ -184,7 +198,7 @@ def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, ridfr_m
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "ridfr_core.restore", "--lq", str(albums),
-               "--out", str(out), "--people", str(people), *common_args(ridfr_models_dir, tiny_models)]
+               "--out", str(out), "--people", str(people), *common_args(cli_models, tiny_models)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     done = records(out)
@@ -198,13 +212,13 @@ def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, ridfr_m
     ("--out", "file", "is a file"), ("--out", "album", "would overwrite the inputs"),
     ("--batch-size", "0", "--batch-size"), ("--candidates", "2", "--candidates"), ("--aligned", None, "--aligned"),
     ("--people", "missing", "--people")])
-def test_archive_options_are_checked_before_any_model_loads(ridfr_models_dir, tmp_path, capsys, option, value,
+def test_archive_options_are_checked_before_any_model_loads(cli_models, tmp_path, capsys, option, value,
                                                             message):
     album = tmp_path / "album"
     save(album / "a.png", smooth_image(1, 64))
     (tmp_path / "file").write_text("not a folder")
     args = {"--lq": str(album), "--out": str(tmp_path / "out"), "--id": str(album / "a.png"),
-            "--models": str(ridfr_models_dir)}
+            "--models": str(cli_models)}
     if value is not None:
         args[option] = str(tmp_path / value) if value in ("file", "album", "missing") else value
     argv = [part for key, val in args.items() for part in (key, val)] + ([option] if value is None else [])

@@ -9,15 +9,13 @@ import re
 import numpy as np
 import pytest
 
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 from ridfr_core import metrics
 from ridfr_core.best_of_n import (RankingError, best_of_n, load_ranking_recogniser, ranking_problem,
                                   reference_embedding, similarity)
 from ridfr_core.imageio import read_rgb, write_rgb
 from ridfr_core.restore import main as restore_main
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 AVAILABLE = {"dlib": metrics.dlib_unavailable_reason(), "facenet": metrics.facenet_unavailable_reason()}
 
 
@@ -64,10 +62,11 @@ def test_restore_cli_keeps_the_best_of_n_seeds_and_reports_every_score(tiny_mode
     lq = next(identity.glob("lq_*.png"))
     reference = sorted((identity / "refs").glob("*.jpg"))[0]
     common = ["--lq", str(lq), "--id", str(reference), "--aligned", "--aligned-references", "--models",
-              str(ridfr_models_dir), "--config-dir", str(tiny_models.configs), "--steps", "2", "--device", "cpu"]
+              str(ridfr_models_dir), "--steps", "2", "--device", "cpu"]
     caplog.set_level(logging.INFO)
     best = tmp_path / "best.png"
-    assert restore_main([*common, "--seed", "10", "--candidates", "3", "--rank-with", "dlib", "--out", str(best)]) == 0
+    assert restore_main([*common, "--seed", "10", "--candidates", "3", "--rank-with", "dlib", "--out", str(best)],
+                        config_dir=tiny_models.configs) == 0
     report = caplog.text
     assert "best of 3 ranked by dlib ResNet-34" in report and "independent of the injected ArcFace" in report
     scores = {int(seed): float(score) for seed, score in re.findall(r"seed (\d+): (-?\d\.\d+)", report)}
@@ -76,7 +75,7 @@ def test_restore_cli_keeps_the_best_of_n_seeds_and_reports_every_score(tiny_mode
     assert len(set(scores.values())) == 3  # three different samples
 
     single = tmp_path / "single.png"
-    assert restore_main([*common, "--seed", str(kept), "--out", str(single)]) == 0
+    assert restore_main([*common, "--seed", str(kept), "--out", str(single)], config_dir=tiny_models.configs) == 0
     assert np.abs(read_rgb(best).astype(int) - read_rgb(single).astype(int)).max() <= 2  # batched vs alone: rounding
     rescored = similarity(recogniser, [read_rgb(single)], reference_embedding(recogniser, [read_rgb(reference)]))
     assert abs(rescored[0] - scores[kept]) < 0.02

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from ridfr_core import checkpoints
+from ridfr_core import adapter_files, checkpoints, content_files
 from ridfr_core.checkpoints import CheckpointError
 from ridfr_core.content import ContentControlNet
 
@@ -62,8 +62,8 @@ def test_diffusers_folder_loads(tiny_models, tmp_path):
 
 def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
-    v2, lora_v2 = checkpoints.load_identity_adapter(tiny_models.adapter_v2, base.unet)
-    v1, lora_v1 = checkpoints.load_identity_adapter(tiny_models.adapter_v1, base.unet)
+    v2, lora_v2 = adapter_files.load_identity_adapter(tiny_models.adapter_v2, base.unet)
+    v1, lora_v1 = adapter_files.load_identity_adapter(tiny_models.adapter_v1, base.unet)
     assert v2.shortcut and not v1.shortcut
     assert same_state(v1, v2)
     published = torch.load(tiny_models.adapter_v2, weights_only=True)
@@ -82,8 +82,8 @@ def test_v2_shortcut_adds_the_normalised_id_tokens(tiny_models, tmp_path):
     from ridfr_core.identity import Identity
 
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
-    v2, _ = checkpoints.load_identity_adapter(tiny_models.adapter_v2, base.unet)
-    v1, _ = checkpoints.load_identity_adapter(tiny_models.adapter_v1, base.unet)
+    v2, _ = adapter_files.load_identity_adapter(tiny_models.adapter_v2, base.unet)
+    v1, _ = adapter_files.load_identity_adapter(tiny_models.adapter_v1, base.unet)
     generator = torch.Generator().manual_seed(0)
     identity = Identity(torch.randn(2, 512, generator=generator), torch.randn(2, 257, 48, generator=generator))
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_clip_vision_and_content_load(tiny_models):
     stored_clip = load_file(str(tiny_models.clip_vision))
     assert clip.state_dict().keys() == stored_clip.keys()
     assert all(torch.equal(stored_clip[k], v) for k, v in clip.state_dict().items())
-    content = checkpoints.load_content(tiny_models.content)
+    content = content_files.load_content(tiny_models.content)
     assert isinstance(content, ContentControlNet)
     assert content.conv_in.in_channels == 7
     assert "controlnet_cond_embedding.conv_in.weight" not in content.state_dict()
@@ -138,7 +138,7 @@ def test_full_size_faceid_plus_layout_maps_every_key():
     published = faceid_plus_state(checkpoints.load_config("unet"), 1280, rank=128, device="meta")
     assert len(published["ip_adapter"]) == 32 * 8 + 16 * 2
     state = {part: {k: torch.empty(v.shape) for k, v in sd.items()} for part, sd in published.items()}
-    adapter, lora = checkpoints.identity_adapter_from_state(state["image_proj"], state["ip_adapter"], unet,
+    adapter, lora = adapter_files.identity_adapter_from_state(state["image_proj"], state["ip_adapter"], unet,
                                                             Path("ip-adapter-faceid-plusv2_sd15.bin"), True)
     assert adapter.image_proj.proj_out.out_features == 768
     assert adapter.image_proj.proj_in.in_features == 1280
@@ -219,24 +219,24 @@ def test_pickled_code_is_refused(tiny_models, tmp_path):
 
 def test_content_file_errors(tiny_models, tmp_path):
     with pytest.raises(CheckpointError, match="is neither RIDFR content weights"):
-        checkpoints.load_content(tiny_models.checkpoint)
+        content_files.load_content(tiny_models.checkpoint)
     state = load_file(str(tiny_models.content))
-    config = json.dumps(checkpoints.content_config(checkpoints.load_content(tiny_models.content)))
+    config = json.dumps(content_files.content_config(content_files.load_content(tiny_models.content)))
     future = write(tmp_path, "future.safetensors", state,
                    {"format": "ridfr-content", "format_version": "99", "config": config})
     with pytest.raises(CheckpointError, match="update the RIDFR node pack"):
-        checkpoints.load_content(future)
+        content_files.load_content(future)
     extra = write(tmp_path, "extra.safetensors", {**state, "surprise.weight": torch.zeros(1)},
                   {"format": "ridfr-content", "format_version": "1", "config": config})
     with pytest.raises(CheckpointError, match="unexpected keys: surprise.weight"):
-        checkpoints.load_content(extra)
+        content_files.load_content(extra)
     with pytest.raises(CheckpointError, match="python -m ridfr_core.train"):
-        checkpoints.load_content(tmp_path / "nothing.safetensors")
+        content_files.load_content(tmp_path / "nothing.safetensors")
     for name, bad_config in (("no_config", None), ("four_channels", json.dumps({**json.loads(config), "in_channels": 4}))):
         metadata = {"format": "ridfr-content", "format_version": "1", **({"config": bad_config} if bad_config else {})}
         bad = write(tmp_path, f"{name}.safetensors", state, metadata)
         with pytest.raises(CheckpointError, match="no usable architecture") as info:
-            checkpoints.load_content(bad)
+            content_files.load_content(bad)
         assert str(bad) in str(info.value)
 
 
@@ -246,27 +246,27 @@ def test_adapter_file_errors(tiny_models, tmp_path):
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(1)}},
                plain)
     with pytest.raises(CheckpointError, match="plain IP-Adapter"):
-        checkpoints.load_identity_adapter(plain, base.unet)
+        adapter_files.load_identity_adapter(plain, base.unet)
     published = torch.load(tiny_models.adapter_v2, weights_only=True)
     wide = faceid_plus_state({**checkpoints.load_config("unet", tiny_models.configs), "cross_attention_dim": 128}, 48, 4)
     sdxl_like = tmp_path / "ip-adapter-faceid-plusv2_sdxl.bin"
     torch.save(wide, sdxl_like)
     with pytest.raises(CheckpointError, match="another base model"):
-        checkpoints.load_identity_adapter(sdxl_like, base.unet)
+        adapter_files.load_identity_adapter(sdxl_like, base.unet)
     incomplete = tmp_path / "incomplete.bin"
     ip = dict(published["ip_adapter"])
     del ip["3.to_v_ip.weight"]
     torch.save({"image_proj": published["image_proj"], "ip_adapter": ip}, incomplete)
     with pytest.raises(CheckpointError, match="lacks '3.to_k_ip.weight'/'3.to_v_ip.weight'"):
-        checkpoints.load_identity_adapter(incomplete, base.unet)
+        adapter_files.load_identity_adapter(incomplete, base.unet)
     with pytest.raises(CheckpointError, match="no image_proj/ip_adapter"):
-        checkpoints.load_identity_adapter(tiny_models.checkpoint, base.unet)
+        adapter_files.load_identity_adapter(tiny_models.checkpoint, base.unet)
     ip = dict(published["ip_adapter"])
     ip["0.to_q_lora.up.weight"] = torch.zeros(2 * ip["0.to_q_lora.up.weight"].shape[0], ip["0.to_q_lora.up.weight"].shape[1])
     other_lora = tmp_path / "other-lora.bin"
     torch.save({"image_proj": published["image_proj"], "ip_adapter": ip}, other_lora)
     with pytest.raises(CheckpointError, match="LoRA '0.to_q_lora.down.weight'.*different base model"):
-        checkpoints.load_identity_adapter(other_lora, base.unet)
+        adapter_files.load_identity_adapter(other_lora, base.unet)
 
 
 def test_clip_vision_errors(tiny_models, tmp_path):

@@ -37,7 +37,7 @@ INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_p
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, yunet_models_root, face_data):
     base = tmp_path_factory.mktemp("comfy_base")
-    models = build_comfy_models(base / "models", yunet_models_root / "models" / "antelopev2")
+    build_comfy_models(base / "models", yunet_models_root / "models" / "antelopev2")
     write_diffbir_swinir(base / "models" / "upscale_models" / "face_swinir_tiny.safetensors")
     (base / "custom_nodes").mkdir()
     os.symlink(REPO_ROOT, base / "custom_nodes" / "ridfr")
@@ -49,7 +49,7 @@ def server(tmp_path_factory, yunet_models_root, face_data):
             Image.fromarray(lq).save(base / "input" / name)
         else:
             shutil.copy(face_data / "unaligned" / source, base / "input" / name)
-    host = ComfyServer(base, models.configs)
+    host = ComfyServer(base)
     yield host
     host.stop()
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FACE_DATA
+from shared_data import FACE_DATA
 from ridfr_core.checkpoints import load_clip_vision
-from ridfr_core.data import (AlignDataset, DataError, FaceDataset, IdentityCache, IdentityEncoder, NoiseSpec,
-                             StepBatchSampler, scan_faces, scan_identities)
+from ridfr_core.data import (AlignDataset, DataError, FaceDataset, NoiseSpec, StepBatchSampler, scan_faces,
+                             scan_identities)
 from ridfr_core.degrade import DegradationConfig
+from ridfr_core.identity_cache import IdentityCache, IdentityEncoder
 
 SIZE = 64
 NOISE = NoiseSpec(latent_channels=4, latent_size=8, num_train_timesteps=1000)

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 
 from ridfr_core import eval as evaluation
-from ridfr_core import restore
+from ridfr_core.eval_scores import image_with_stem
 from ridfr_core.degrade import jpeg_roundtrip
 from ridfr_core.imageio import list_images, read_rgb, write_rgb
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 
 @pytest.fixture()
@@ -90,12 +88,12 @@ def test_unreadable_split_or_config_names_the_option(tmp_path, capsys):
 def test_single_restorations_are_found_by_exact_stem(tmp_path):
     for name in ("a.b.png", "a.png.txt", "a.png", "[x].png"):
         (tmp_path / name).write_bytes(b"")
-    assert evaluation.image_with_stem(tmp_path, "a") == tmp_path / "a.png"  # images only
-    assert evaluation.image_with_stem(tmp_path, "[x]") == tmp_path / "[x].png"  # glob characters are literal
-    assert evaluation.image_with_stem(tmp_path, "b") is None
+    assert image_with_stem(tmp_path, "a") == tmp_path / "a.png"  # images only
+    assert image_with_stem(tmp_path, "[x]") == tmp_path / "[x].png"  # glob characters are literal
+    assert image_with_stem(tmp_path, "b") is None
     (tmp_path / "a.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="a.jpg and a.png are both 'a'.*ambiguous"):
-        evaluation.image_with_stem(tmp_path, "a")
+        image_with_stem(tmp_path, "a")
 
 
 @needs_faces
@@ -153,17 +151,15 @@ def test_run_evaluation_with_a_callable_restorer(synthetic_celebref, tmp_path):
 
 @needs_faces
 @pytest.mark.parametrize("models_dir", ["ridfr_models_dir", "restorerid_models_dir"])
-def test_run_restores_with_either_backend_and_scores(models_dir, tiny_models, tmp_path, monkeypatch, request):
+def test_run_restores_with_either_backend_and_scores(models_dir, tiny_models, tmp_path, request):
     """The one-command evaluation with the real restorer (tiny weights): split, degrade, restore, score;
     the backend is the one whose weights are in the models folder."""
-    monkeypatch.setenv("RIDFR_MODELS", str(request.getfixturevalue(models_dir)))
-    monkeypatch.setenv("RIDFR_CONFIG_DIR", str(tiny_models.configs))
-    monkeypatch.setenv("RIDFR_STEPS", "3")
-    monkeypatch.setattr(restore, "_EVAL_RESTORER", None)
     out = tmp_path / "run"
     assert evaluation.main(["run", "--celebref", str(FACES), "--glob", "refs/*.jpg", "--num-test-ids", "1",
-                            "--max-images-per-id", "1", "--refs-per-case", "2",
-                            "--recognisers", "facenet", "--iqa", "", "--out", str(out)]) == 0
+                            "--max-images-per-id", "1", "--refs-per-case", "2", "--models",
+                            str(request.getfixturevalue(models_dir)), "--steps", "3",
+                            "--recognisers", "facenet", "--iqa", "", "--out", str(out)],
+                           config_dir=tiny_models.configs) == 0
     restored = list_images(next((out / "restored").iterdir()))
     assert len(restored) == 2
     assert read_rgb(restored[0]).shape == (512, 512, 3)

@@ -58,22 +58,21 @@ def degraded_at(synthetic_celebref, tmp_path):  # noqa: F811
     return degrade
 
 
-def test_run_on_data_of_another_size_fails_before_restoring(degraded_at, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("RIDFR_MODELS", str(tmp_path / "no_models"))
-    monkeypatch.setattr(restore, "_EVAL_RESTORER", None)
+def test_run_on_data_of_another_size_fails_before_restoring(degraded_at, tmp_path, capsys):
     out = tmp_path / "run"
-    assert evaluation.main(["run", "--data", str(degraded_at(256)), "--out", str(out), *NO_METRICS]) == 2
+    assert evaluation.main(["run", "--data", str(degraded_at(256)), "--out", str(out), "--models",
+                            str(tmp_path / "no_models"), *NO_METRICS]) == 2
     err = capsys.readouterr().err
     assert "is 256x256, but --size is 512" in err and "Degrade again with --size 512" in err
     assert not out.exists()
     with pytest.raises(ValueError, match="the LQ face is 256x256; RIDFR restores 512x512"):
-        restore.restore(np.zeros((256, 256, 3), np.uint8), np.zeros((512, 512, 3), np.uint8))
+        restore.AlignedFaceRestorer(tmp_path / "no_models")(np.zeros((256, 256, 3), np.uint8),
+                                                            np.zeros((512, 512, 3), np.uint8))
 
 
-def test_run_with_missing_models_is_a_clear_error(degraded_at, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("RIDFR_MODELS", str(tmp_path / "no_models"))
-    monkeypatch.setattr(restore, "_EVAL_RESTORER", None)
-    assert evaluation.main(["run", "--data", str(degraded_at(512)), "--out", str(tmp_path / "run"), *NO_METRICS]) == 2
+def test_run_with_missing_models_is_a_clear_error(degraded_at, tmp_path, capsys):
+    assert evaluation.main(["run", "--data", str(degraded_at(512)), "--out", str(tmp_path / "run"), "--models",
+                            str(tmp_path / "no_models"), *NO_METRICS]) == 2
     err = capsys.readouterr().err
     assert "RIDFR needs these model files" in err and str(tmp_path / "no_models" / "checkpoints") in err
     assert "Traceback" not in err

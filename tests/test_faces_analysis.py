@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import onnxruntime
 import pytest
-from conftest import SCRIPTED_BBOX, SCRIPTED_CELL, scripted_face_kps
+from onnx_fakes import SCRIPTED_BBOX, SCRIPTED_CELL, scripted_face_kps
+from shared_data import REPO_ROOT
 
 from ridfr_core.faces import (FaceInputError, FaceModelError, NoFaceError, find_model_pack, load_face_analyzer,
                               onnxruntime_install_problem, to_rgb_uint8)
@@ -226,5 +227,5 @@ def test_package_imports_without_insightface_and_says_how_to_install(tmp_path, s
             "except faces.FaceModelError as error:\n"
             "    print(error)\n")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                            env={"PYTHONPATH": str(__import__("conftest").REPO_ROOT), "PATH": ""})
+                            env={"PYTHONPATH": str(REPO_ROOT), "PATH": ""})
     assert "insightface is not installed" in output.stdout and "python install.py" in output.stdout, output.stderr

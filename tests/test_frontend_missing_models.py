@@ -72,7 +72,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_frontend")
     (base / "custom_nodes").mkdir()
     os.symlink(REPO_ROOT, base / "custom_nodes" / "ridfr")
-    host = ComfyServer(base, REPO_ROOT / "ridfr_core" / "configs" / "sd15")
+    host = ComfyServer(base)
     host.request("/api/settings/Comfy.TutorialCompleted", True)
     yield host
     host.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from shared_data import REPO_ROOT
 from ridfr_core.dependencies import ONNXRUNTIME_DISTRIBUTIONS, OPENCV_DISTRIBUTIONS
 
 # insightface 2.1's requirements, used when insightface itself is not installed here to read them from.

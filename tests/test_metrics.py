@@ -9,10 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ridfr_core import metrics
-from conftest import FACE_DATA
+from ridfr_core.embeddings import l2_normalise
+from shared_data import FACES, needs_faces
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +127,9 @@ def test_arcface_recogniser_feeds_insightface_bgr_at_the_ffhq_landmarks(tmp_path
     face = cv2.resize(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), (512, 512), interpolation=cv2.INTER_CUBIC)
     reference = get_model(str(path), providers=["CPUExecutionProvider"]).get(
         np.ascontiguousarray(face[:, :, ::-1]), Face(kps=FFHQ_TEMPLATE_512.copy()))
-    np.testing.assert_allclose(recognisers[0].embed([face])[0], metrics.normalise(reference), atol=1e-5)
+    np.testing.assert_allclose(recognisers[0].embed([face])[0], l2_normalise(reference), atol=1e-5)
     swapped = recognisers[0].embed([np.ascontiguousarray(face[:, :, ::-1])])[0]
-    assert swapped @ metrics.normalise(reference) < 0.999
+    assert swapped @ l2_normalise(reference) < 0.999
 
 @needs_faces
 @pytest.mark.parametrize("name", ["dlib", "facenet"])

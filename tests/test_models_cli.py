@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from shared_data import REPO_ROOT
 from fake_hub import FakeHub
 from ridfr_core.models import BACKENDS, all_files, download_command
 from ridfr_core.models.__main__ import parse_args

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import pytest
 
-from conftest import REPO_ROOT
+from shared_data import REPO_ROOT
 from fake_hub import FakeHub
 from ridfr_core.models import ModelFile
 from ridfr_core.models.fetch import STAGING

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfy_host import REPO_ROOT, add_models_folder, comfy_models, import_comfy, requires_comfyui  # noqa: F401
+from comfy_host import REPO_ROOT, add_models_folder, import_comfy, requires_comfyui
 
 pytestmark = requires_comfyui
 FACE = 64  # tiny models: 64 px faces, 8x8 latents
@@ -54,6 +54,14 @@ def run(env, node_id: str, **inputs):
     return node.execute(**inputs).args
 
 
+def content_condition(env, image, **options):
+    """ContentCondition as a workflow sets it (LoadRIDFR's modules, aligned faces, full strength over every
+    step, the tiny models' face size), with ``options`` changed."""
+    inputs = dict(model=env.model, ridfr=env.ridfr, image=image, input_mode="aligned faces", strength=1.0,
+                  start_percent=0.0, end_percent=1.0, face_size=FACE, on_no_face="error")
+    return run(env, "ContentCondition", **{**inputs, **options})
+
+
 def random_identity(count: int = 1, seed: int = 0):
     from ridfr_core.identity import Identity
 
@@ -63,7 +71,7 @@ def random_identity(count: int = 1, seed: int = 0):
 
 
 def face_identity(env, identity, scales=None):
-    return env.pack.nodes.types.FaceIdentity(identity, identity.id_embeds[0].numpy(), scales, "test")
+    return env.pack.nodes.sockets.FaceIdentity(identity, identity.id_embeds[0].numpy(), scales, "test")
 
 
 def lq_faces(count: int, seed: int = 1) -> torch.Tensor:
@@ -71,13 +79,13 @@ def lq_faces(count: int, seed: int = 1) -> torch.Tensor:
 
 
 def diffusers_denoiser(env):
-    from ridfr_core import checkpoints
+    from ridfr_core import adapter_files, content_files
     from ridfr_core.pipeline import RIDFRDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
-    adapter, deltas = checkpoints.load_identity_adapter(env.tiny.adapter_v2, unet)
-    checkpoints.apply_weight_deltas(unet, deltas, 1.0)
-    return RIDFRDenoiser(unet, checkpoints.load_content(env.tiny.content), adapter).eval()
+    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.adapter_v2, unet)
+    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    return RIDFRDenoiser(unet, content_files.load_content(env.tiny.content), adapter).eval()
 
 
 def comfy_eps(model, x_d, sigma, text, cond_or_uncond):
@@ -129,9 +137,7 @@ def test_one_step_matches_the_diffusers_backend(env, cfg_batch):
     faces_in = lq_faces(2)
     identity = random_identity(2)
     scales = torch.tensor([1.0, 0.0])  # one face matched, one restored without identity
-    model, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=faces_in,
-                             input_mode="aligned faces", strength=0.8, start_percent=0.0, end_percent=1.0,
-                             face_size=FACE, on_no_face="error")
+    model, faces, _, _ = content_condition(env, faces_in, strength=0.8)
     model, = run(env, "IdentityCondition", model=model, ridfr=env.ridfr, identity=face_identity(env, identity, scales),
                  weight=0.7, lora_strength=1.0)
 
@@ -143,7 +149,7 @@ def test_one_step_matches_the_diffusers_backend(env, cfg_batch):
     lq = faces.lq * 2 - 1
     with torch.no_grad():
         tokens = denoiser.adapter.identity_tokens(identity)
-        null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.types.module_of(env.ridfr.clip_vision))).expand(2, -1, -1)
+        null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.sockets.module_of(env.ridfr.clip_vision))).expand(2, -1, -1)
     text = env.text.expand(2, -1, -1)
     if cfg_batch:
         x_d, text, lq = torch.cat([x_d, x_d + 0.1]), torch.cat([text, text]), torch.cat([lq, lq])
@@ -191,9 +197,7 @@ def test_identity_patch_wraps_another_packs_attention_replacement(env):
 def test_ksampler_samples_the_patched_model_deterministically(env):
     import nodes as comfy_nodes
 
-    model, faces, latent, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=lq_faces(2),
-                                  input_mode="aligned faces", strength=1.0, start_percent=0.0, end_percent=1.0,
-                                  face_size=FACE, on_no_face="error")
+    model, faces, latent, _ = content_condition(env, lq_faces(2))
     model, = run(env, "IdentityCondition", model=model, ridfr=env.ridfr, identity=face_identity(env, random_identity()),
                  weight=1.0, lora_strength=1.0)
     positive = [[env.text, {}]]
@@ -206,9 +210,7 @@ def test_ksampler_samples_the_patched_model_deterministically(env):
 
 
 def test_latent_batch_mismatch_names_the_node(env):
-    model, *_ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=lq_faces(2),
-                    input_mode="aligned faces", strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE,
-                    on_no_face="error")
+    model, *_ = content_condition(env, lq_faces(2))
     with pytest.raises(ValueError, match=r"ContentCondition \(image\): the sampler runs a batch of 3 latents"):
         comfy_eps(model, torch.randn(3, 4, 8, 8), torch.tensor([1.0]), env.text.expand(3, -1, -1), [0])
     identity = face_identity(env, random_identity(3), torch.ones(3))
@@ -220,16 +222,13 @@ def test_latent_batch_mismatch_names_the_node(env):
 
 def sample(env, faces_model, faces, seed=0, steps=3):
     return run(env, "RIDFRSample", model=faces_model, clip=env.clip, vae=env.vae, faces=faces, seed=seed, steps=steps,
-               guidance=1.0, sampler_name="uni_pc", scheduler="normal", identity_scale=1.0, content_scale=1.0,
-               settings="custom")
+               guidance=1.0, sampler_name="uni_pc", scheduler="normal", settings="custom")
 
 
 def test_ridfr_sample_is_seeded_locally_and_leaks_nothing(env):
     import comfy.model_management as mm
 
-    model, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=lq_faces(2),
-                             input_mode="aligned faces", strength=1.0, start_percent=0.0, end_percent=1.0,
-                             face_size=FACE, on_no_face="error")
+    model, faces, _, _ = content_condition(env, lq_faces(2))
     torch.manual_seed(123)
     global_state = torch.get_rng_state()
     first = sample(env, model, faces)
@@ -258,9 +257,7 @@ def photo_with_scripted_face(scripted_kps_size=640) -> torch.Tensor:
 
 def test_whole_photo_mode_restores_and_pastes_back(env):
     photo = photo_with_scripted_face()
-    model, faces, latent, lq = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=photo,
-                                   input_mode="whole photo", strength=1.0, start_percent=0.0, end_percent=1.0,
-                                   face_size=FACE, on_no_face="error")
+    model, faces, latent, lq = content_condition(env, photo, input_mode="whole photo")
     assert faces.count == 1 and latent["samples"].shape == (1, 4, 8, 8) and lq.shape == (1, FACE, FACE, 3)
     restored, pasted, masks = sample(env, model, faces)
     assert pasted.shape == photo.shape and masks.shape == (1, 640, 640)
@@ -274,12 +271,9 @@ def test_whole_photo_mode_restores_and_pastes_back(env):
 def test_no_face_in_a_photo_errors_or_is_skipped(env):
     black = torch.zeros(1, 640, 640, 3)
     with pytest.raises(ValueError, match=r"ContentCondition \(image\): photo 0: no face found.*on_no_face to 'skip'"):
-        run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=black, input_mode="whole photo",
-            strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE, on_no_face="error")
+        content_condition(env, black, input_mode="whole photo")
     both = torch.cat([black, photo_with_scripted_face()])
-    _, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=both,
-                         input_mode="whole photo", strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE,
-                         on_no_face="skip")
+    _, faces, _, _ = content_condition(env, both, input_mode="whole photo", on_no_face="skip")
     assert faces.count == 1 and [len(p.photo.faces) for p in faces.photos] == [0, 1]
     with pytest.raises(ValueError, match=r"FaceIDEncode \(references\): reference 0: .*no face"):
         run(env, "FaceIDEncode", ridfr=env.ridfr, references=black, references_are_aligned=False, on_no_face="error")
@@ -289,23 +283,21 @@ def test_face_id_encode_combines_references_and_reports(env):
     photos = torch.cat([photo_with_scripted_face(), torch.zeros(1, 640, 640, 3), photo_with_scripted_face() * 0.9])
     identity, crops, report = run(env, "FaceIDEncode", ridfr=env.ridfr, references=photos,
                                   references_are_aligned=False, on_no_face="skip")
-    assert len(identity.identity) == 1 and identity.identity.clip_embeds.shape == (1, 257, 48)
+    assert len(identity.adapter_input) == 1 and identity.adapter_input.clip_embeds.shape == (1, 257, 48)
     assert crops.shape == (2, 224, 224, 3)
     assert "2 reference(s)" in report and "Skipped (no face): reference(s) [1]" in report
 
 
 def test_match_identities_gives_each_face_its_person(env):
     photo = photo_with_scripted_face()
-    _, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=photo,
-                         input_mode="whole photo", strength=1.0, start_percent=0.0, end_percent=1.0, face_size=FACE,
-                         on_no_face="error")
+    _, faces, _, _ = content_condition(env, photo, input_mode="whole photo")
     person, _, _ = run(env, "FaceIDEncode", ridfr=env.ridfr, references=faces.lq.permute(0, 2, 3, 1),
                        references_are_aligned=True, on_no_face="error")
     stranger = face_identity(env, random_identity(seed=9))
     matched, report = run(env, "MatchIdentities", ridfr=env.ridfr, faces=faces, identity_1=stranger, identity_2=person,
                           threshold=0.5, one_face_per_identity=True)
     assert "face 0: identity_2" in report
-    torch.testing.assert_close(matched.identity.id_embeds, person.identity.id_embeds)
+    torch.testing.assert_close(matched.adapter_input.id_embeds, person.adapter_input.id_embeds)
     assert matched.face_scales.tolist() == [1.0]
 
 
@@ -414,8 +406,6 @@ def test_validate_inputs_accepts_linked_inputs_and_checks_ranges(env):
 
 
 def test_ridfr_sample_takes_the_largest_seed(env):
-    model, faces, _, _ = run(env, "ContentCondition", model=env.model, ridfr=env.ridfr, image=lq_faces(2),
-                             input_mode="aligned faces", strength=1.0, start_percent=0.0, end_percent=1.0,
-                             face_size=FACE, on_no_face="error")
+    model, faces, _, _ = content_condition(env, lq_faces(2))
     restored = sample(env, model, faces, seed=0xFFFFFFFFFFFFFFFF, steps=1)[0]
     assert restored.shape == (2, FACE, FACE, 3)

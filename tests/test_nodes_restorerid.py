@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from comfy_host import RESTORERID_ADAPTER, RESTORERID_FILE, comfy_models, requires_comfyui  # noqa: F401 (fixture)
+from comfy_host import RESTORERID_ADAPTER, RESTORERID_FILE, pack_core, requires_comfyui
 from tiny_models import SCHEDULER
-from test_nodes import FACE, comfy_eps, env, face_identity, lq_faces, random_identity, run  # noqa: F401 (env: fixture)
+from test_nodes import FACE, comfy_eps, content_condition, env, face_identity, lq_faces, random_identity, run  # noqa: F401 (env: fixture)
 
 pytestmark = requires_comfyui
 
@@ -26,10 +26,8 @@ def ridfr(env):
 
 
 def content(env, ridfr, faces, strength=1.0, model=None, **options):
-    settings = dict(input_mode="aligned faces", start_percent=0.0, end_percent=1.0, face_size=FACE, on_no_face="error",
-                    vae=env.vae)
-    return run(env, "ContentCondition", model=model or env.model, ridfr=ridfr, image=faces, strength=strength,
-               **{**settings, **options})
+    return content_condition(env, faces, **{"ridfr": ridfr, "strength": strength, "model": model or env.model,
+                                            "vae": env.vae, **options})
 
 
 def identity_condition(env, ridfr, model, identity, weight=0.7, lora_strength=1.0):
@@ -38,8 +36,8 @@ def identity_condition(env, ridfr, model, identity, weight=0.7, lora_strength=1.
 
 
 def with_branch(env, ridfr, change):
-    """The same RIDFRModels with a changed copy of the LQ branch."""
-    branch = copy.deepcopy(env.pack.nodes.types.module_of(ridfr.content))
+    """The same LoadedRIDFR with a changed copy of the LQ branch."""
+    branch = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.content))
     with torch.no_grad():
         change(branch)
     return dataclasses.replace(ridfr, content=env.pack.nodes.loading.model_patcher(branch))
@@ -61,13 +59,13 @@ def rounded_vae(env):
 @pytest.fixture(scope="module")
 def denoiser(env):
     """ridfr_core's diffusers backend over the same files: RestorerIDDenoiser with FaceID Plus v1 and its LoRA."""
-    from ridfr_core import checkpoints
+    from ridfr_core import adapter_files, content_files
     from ridfr_core.restorerid_unet import RestorerIDDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
-    adapter, deltas = checkpoints.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
-    checkpoints.apply_weight_deltas(unet, deltas, 1.0)
-    branch = checkpoints.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
+    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
+    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    branch = content_files.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
     return RestorerIDDenoiser(unet, branch, adapter).eval()
 
 
@@ -75,11 +73,10 @@ def denoiser(env):
 
 
 def test_load_ridfr_tells_the_backends_apart_and_wants_faceid_plus_v1(env, ridfr):
-    from ridfr_core.backends import RESTORERID, RIDFR
-    from ridfr_core.restorerid import LQBranch
+    backends = pack_core("backends")
 
-    assert ridfr.backend is RESTORERID and env.ridfr.backend is RIDFR
-    assert isinstance(env.pack.nodes.types.module_of(ridfr.content), LQBranch)
+    assert ridfr.backend is backends.RESTORERID and env.ridfr.backend is backends.RIDFR
+    assert isinstance(env.pack.nodes.sockets.module_of(ridfr.content), pack_core("restorerid").LQBranch)
     with pytest.raises(ValueError, match=r"LoadRIDFR \(ipadapter\): 'ip-adapter-faceid-plusv2_sd15.bin' is IP-Adapter "
                                          r"FaceID PlusV2.*choose ip-adapter-faceid-plus_sd15.bin"):
         run(env, "LoadRIDFR", content_weights=RESTORERID_FILE, ipadapter=env.tiny.adapter_v2.name,
@@ -93,11 +90,11 @@ def test_content_condition_needs_the_vae_for_restorerid(env, ridfr):
 
 
 def test_lq_latent_is_the_scaled_posterior_mean_ridfr_core_uses(env, ridfr):
-    from ridfr_core.backends import content_input
+    content_input = pack_core("backends").content_input
 
     faces = lq_faces(2).permute(0, 3, 1, 2)
     got = env.pack.nodes.condition_nodes.lq_latent(env.model, env.vae, faces)
-    branch = env.pack.nodes.types.module_of(ridfr.content)
+    branch = env.pack.nodes.sockets.module_of(ridfr.content)
     expected = content_input(branch, faces * 2 - 1, rounded_vae(env), (FACE // 8, FACE // 8))
     assert expected.abs().mean() > 0.01
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -151,7 +148,7 @@ def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalan
     person's, except faces that matched nobody; checked against ridfr_core's diffusers backend."""
     from ridfr_core.identity import null_identity
 
-    module_of = env.pack.nodes.types.module_of
+    module_of = env.pack.nodes.sockets.module_of
     model, faces, _, _ = content(env, ridfr, lq_faces(2), strength=0.9)
     people = random_identity(2)
     scales = torch.tensor([1.0, 0.0])  # the second face matched nobody
@@ -177,9 +174,9 @@ def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalan
 
 
 def content_latent(env, ridfr, faces):
-    from ridfr_core.backends import content_input
+    content_input = pack_core("backends").content_input
 
-    return content_input(env.pack.nodes.types.module_of(ridfr.content), faces.lq * 2 - 1, rounded_vae(env),
+    return content_input(env.pack.nodes.sockets.module_of(ridfr.content), faces.lq * 2 - 1, rounded_vae(env),
                          (FACE // 8, FACE // 8))
 
 
@@ -221,7 +218,7 @@ def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr, denoiser, 
     text = torch.cat([positive[0][0], negative[0][0]]).repeat_interleave(2, dim=0)
     with torch.no_grad():
         tokens = denoiser.adapter.identity_tokens(people.broadcast_to(2))
-        null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.types.module_of(ridfr.clip_vision)
+        null_tokens = denoiser.adapter.identity_tokens(null_identity(env.pack.nodes.sockets.module_of(ridfr.clip_vision)
                                                                      ).broadcast_to(2))
         latents = noise.clone()
         for t, variance_noise in zip(scheduler.timesteps, step_noise):
@@ -249,16 +246,12 @@ def test_ksampler_samples_the_patched_model_deterministically(env, ridfr):
 def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
     """'backend defaults' resolves to RestorerID's published settings; the wavelet colour fix gives the
     restored faces the colours (lowest frequencies) of the LQ faces."""
-    from ridfr_core.backends import RESTORERID
-
-    settings = env.pack.nodes.sampling_nodes.SamplerSettings(RESTORERID, "backend defaults", 3, 1.0, "euler",
-                                                             "karras", 1.0)
-    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler, settings.identity_scale) == (
-        50, 4.0, "ddpm", "simple", 0.75)
+    settings = env.pack.nodes.sampling_nodes.SamplerSettings(pack_core("backends").RESTORERID, "backend defaults", 3,
+                                                             1.0, "euler", "karras")
+    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (50, 4.0, "ddpm", "simple")
     tinted = lq_faces(2) * 0.3 + torch.tensor([0.6, 0.2, 0.1])
     model, faces, _, _ = content(env, ridfr, tinted)
     restored, photo, masks = run(env, "RIDFRSample", model=model, clip=env.clip, vae=env.vae, faces=faces, seed=0,
-                                 steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple", identity_scale=1.0,
-                                 content_scale=1.0, settings="custom")
+                                 steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple", settings="custom")
     assert restored.shape == (2, FACE, FACE, 3) and torch.equal(photo, restored)
     torch.testing.assert_close(restored.mean(dim=(1, 2)), tinted.mean(dim=(1, 2)), atol=0.02, rtol=0)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ridfr_core import checkpoints
+from ridfr_core import checkpoints, content_files
 from ridfr_core.content import ContentControlNet, lq_to_latent_size
 from ridfr_core.identity import Identity, encode_clip_features
-from ridfr_core.pipeline import RIDFRDenoiser, RIDFRModels, RIDFRPipeline, load_models
+from ridfr_core.pipeline import PipelineModules, RIDFRDenoiser, RIDFRPipeline, load_models
 
 STEPS = 3
 
@@ -47,7 +47,7 @@ def test_fresh_content_module_leaves_the_unet_prediction_unchanged(tiny_models):
 
 
 def test_trained_content_module_uses_the_lq_image(tiny_models):
-    content = checkpoints.load_content(tiny_models.content)
+    content = content_files.load_content(tiny_models.content)
     denoiser = RIDFRDenoiser(tiny_models.unet, content)
     latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
     a = denoiser(latents, 500, text, torch.zeros(1, 3, 64, 64))
@@ -95,7 +95,7 @@ def test_without_adapter_and_lora_equals_identity_scale_zero_without_lora(tiny_m
     no_lora = RIDFRPipeline(load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,
                                         config_dir=tiny_models.configs, cache_dir=tmp_path, lora_strength=0.0))
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
-    bare = RIDFRPipeline(RIDFRModels(base.unet, base.vae, checkpoints.load_content(tiny_models.content),
+    bare = RIDFRPipeline(PipelineModules(base.unet, base.vae, content_files.load_content(tiny_models.content),
                                      base.empty_prompt, base.scheduler_config))
     assert torch.equal(no_lora(lq, None, steps=STEPS, seed=5), bare(lq, None, steps=STEPS, seed=5))
     with_lora = RIDFRPipeline(load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,
@@ -137,8 +137,8 @@ def test_content_module_matches_diffusers_controlnet(tiny_models):
     diffusers' own forward, whose hint encoder is the LQ third of conv_in, gives the same residuals."""
     from diffusers import ControlNetModel
 
-    content = checkpoints.load_content(tiny_models.content)
-    reference = ControlNetModel(**{**checkpoints.content_config(content), "in_channels": 4}).eval()
+    content = content_files.load_content(tiny_models.content)
+    reference = ControlNetModel(**{**content_files.content_config(content), "in_channels": 4}).eval()
     weight = content.conv_in.weight
     reference.load_state_dict({**content.state_dict(), "conv_in.weight": weight[:, :4]}, strict=False)
     hint = torch.nn.Conv2d(3, weight.shape[0], 3, padding=1, bias=False)
@@ -175,12 +175,10 @@ def test_identity_processor_matches_diffusers_ip_adapter_processor():
     states = (text, [tokens])
     with torch.no_grad():
         expected = theirs(attn, hidden, states)
-        ours.scale = [0.6]
-        assert torch.allclose(ours(attn, hidden, states), expected, atol=1e-6)
+        assert torch.allclose(ours(attn, hidden, (*states, 0.6)), expected, atol=1e-6)
         theirs.scale = [0.0]
         expected_off = theirs(attn, hidden, states)
-        ours.scale = [torch.tensor([0.6, 0.0])]
-        mixed = ours(attn, hidden, states)
+        mixed = ours(attn, hidden, (*states, torch.tensor([0.6, 0.0])))
     assert torch.allclose(mixed[0], expected[0], atol=1e-6) and torch.allclose(mixed[1], expected_off[1], atol=1e-6)
     with pytest.raises(ValueError, match="must be the tuple"):
         ours(attn, hidden, text)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import FACE_DATA
+from shared_data import FACES, needs_faces
 from ridfr_core import eval as evaluation
 from ridfr_core.checkpoints import CheckpointError
 from ridfr_core.imageio import list_images, read_rgb, write_rgb
@@ -20,8 +20,6 @@ from ridfr_core.preprocess import PreprocessError, load_preprocessor, tiled
 from ridfr_core.restore import main as restore_main
 from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2, write_realesrgan_compact_x2
 
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +98,7 @@ def test_unusable_files_are_clear_errors(tmp_path):
         load_preprocessor(unknown)
     pickled_code = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), pickled_code)  # a whole pickled module: never unpickled
-    with pytest.raises(CheckpointError, match="--preprocess: .*holds Python objects besides tensors"):
+    with pytest.raises(CheckpointError, match="--preprocess: .*module.pth holds Python objects besides tensors"):
         load_preprocessor(pickled_code)
 
 
@@ -120,13 +118,14 @@ def test_restore_cli_feeds_the_preprocessed_face_to_ridfr(swinir_files, tiny_mod
     cleaned = tmp_path / "cleaned.png"
     write_rgb(cleaned, load_preprocessor(path).apply_rgb(read_rgb(lq)))
     common = ["--id", str(sorted((identity / "refs").glob("*.jpg"))[0]), "--aligned", "--aligned-references",
-              "--models", str(models), "--config-dir", str(tiny_models.configs), "--steps", "2", "--device", "cpu"]
+              "--models", str(models), "--steps", "2", "--device", "cpu"]
 
     caplog.set_level(logging.INFO)
     outputs = {}
     for name, args in (("preprocessed", ["--lq", str(lq), "--preprocess", path.name]),
                        ("from_cleaned", ["--lq", str(cleaned)]), ("plain", ["--lq", str(lq)])):
-        assert restore_main([*args, *common, "--out", str(tmp_path / f"{name}.png")]) == 0, capsys.readouterr().err
+        assert restore_main([*args, *common, "--out", str(tmp_path / f"{name}.png")],
+                            config_dir=tiny_models.configs) == 0, capsys.readouterr().err
         outputs[name] = read_rgb(tmp_path / f"{name}.png").astype(np.int16)
     assert "pre-processing: SwinIR x1 (face_swinir_tiny.safetensors) on cpu float32" in caplog.text
     assert np.abs(outputs["preprocessed"] - outputs["from_cleaned"]).mean() < 0.5

@@ -8,15 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfy_host import comfy_models, import_comfy, requires_comfyui  # noqa: F401
-from conftest import FACE_DATA
+from comfy_host import import_comfy, requires_comfyui
+from shared_data import FACES, needs_faces
 from ridfr_core import metrics
 from ridfr_core.imageio import read_rgb
 from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2
 
 pytestmark = requires_comfyui
-FACES = FACE_DATA / "celebref-mini"
-needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES}")
 UNAVAILABLE = {"dlib": metrics.dlib_unavailable_reason(), "facenet": metrics.facenet_unavailable_reason()}
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT
+from shared_data import REPO_ROOT
 from ridfr_core.restore import main, resolve_models
 
 
@@ -76,18 +76,18 @@ def test_restores_a_photo_and_an_aligned_face(tiny_models, models_dir, face_data
     reference = sorted((identity / "refs").glob("*.jpg"))[0]
     photo = tmp_path / "photo.png"
     Image.open(lq_face).convert("RGB").resize((640, 640)).save(photo)
-    common = ["--id", str(reference), "--models", str(ridfr_models_dir), "--config-dir", str(tiny_models.configs),
-              "--steps", "2", "--device", "cpu"]
+    common = ["--id", str(reference), "--models", str(ridfr_models_dir), "--steps", "2", "--device", "cpu"]
 
     out_photo = tmp_path / "restored_photo.png"
-    assert main(["--lq", str(photo), "--out", str(out_photo), *common]) == 0
+    assert main(["--lq", str(photo), "--out", str(out_photo), *common], config_dir=tiny_models.configs) == 0
     before, after = np.asarray(Image.open(photo)), np.asarray(Image.open(out_photo))
     assert after.shape == before.shape
     changed = np.any(before != after, axis=-1)
     assert 0.01 < changed.mean() < 0.9  # the face was pasted back, the rest is untouched
 
     out_face = tmp_path / "restored_face.png"
-    assert main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--out", str(out_face), *common]) == 0
+    assert main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--out", str(out_face), *common],
+                config_dir=tiny_models.configs) == 0
     assert np.asarray(Image.open(out_face)).shape == (512, 512, 3)
 
 
@@ -100,15 +100,16 @@ def test_each_face_is_restored_as_the_person_it_resembles(tiny_models, models_di
     Image.open(lq_face).convert("RGB").resize((640, 640)).save(photo)
     stranger = tmp_path / "stranger.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)).save(stranger)
-    common = ["--lq", str(photo), "--models", str(ridfr_models_dir), "--config-dir", str(tiny_models.configs),
-              "--steps", "2", "--device", "cpu", "--unmatched", "keep_original"]
+    common = ["--lq", str(photo), "--models", str(ridfr_models_dir), "--steps", "2", "--device", "cpu",
+              "--unmatched", "keep_original"]
 
     kept = tmp_path / "kept.png"
-    assert main([*common, "--id", str(stranger), "--out", str(kept)]) == 0
+    assert main([*common, "--id", str(stranger), "--out", str(kept)], config_dir=tiny_models.configs) == 0
     assert np.array_equal(np.asarray(Image.open(kept)), np.asarray(Image.open(photo)))
 
     matched = tmp_path / "matched.png"
-    assert main([*common, "--id", str(stranger), "--person", str(photo), "--out", str(matched)]) == 0
+    assert main([*common, "--id", str(stranger), "--person", str(photo), "--out", str(matched)],
+                config_dir=tiny_models.configs) == 0
     assert np.any(np.asarray(Image.open(matched)) != np.asarray(Image.open(photo)))
 
 
@@ -148,12 +149,12 @@ def test_out_never_replaces_an_input(tiny_models, ridfr_models_dir, face_data, t
     Image.open(sorted((identity / "refs").glob("*.jpg"))[0]).save(reference)
     (tmp_path / "linked.png").symlink_to(reference)
     before = {path: path.read_bytes() for path in (photo, reference)}
-    common = ["--models", str(ridfr_models_dir), "--config-dir", str(tiny_models.configs), "--steps", "1",
+    common = ["--models", str(ridfr_models_dir), "--steps", "1",
               "--device", "cpu", "--aligned", "--aligned-references"]
     for out, refs, named in ((tmp_path / "refs" / ".." / "photo.png", ["--id", str(reference)], "photo.png"),
                              (tmp_path / "linked.png", ["--id", str(reference)], "reference.png"),
                              (tmp_path / "linked.png", ["--person", f"{photo},{reference}"], "reference.png")):
-        assert main(["--lq", str(photo), *refs, "--out", str(out), *common]) == 2
+        assert main(["--lq", str(photo), *refs, "--out", str(out), *common], config_dir=tiny_models.configs) == 2
         err = capsys.readouterr().err
         assert "would destroy the original" in err and named in err
     assert all(path.read_bytes() == data for path, data in before.items())
@@ -175,8 +176,8 @@ def test_a_jpeg_result_keeps_quality_profile_exif_and_is_upright(tiny_models, ri
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)).save(stranger)
     out = tmp_path / "restored.jpg"
     assert main(["--lq", str(photo), "--id", str(stranger), "--out", str(out), "--models", str(ridfr_models_dir),
-                 "--config-dir", str(tiny_models.configs), "--steps", "1", "--device", "cpu",
-                 "--unmatched", "keep_original"]) == 0
+                 "--steps", "1", "--device", "cpu",
+                 "--unmatched", "keep_original"], config_dir=tiny_models.configs) == 0
     with Image.open(out) as written:
         assert written.info.get("icc_profile") == icc
         assert written.getexif()[0x010F] == "RIDFR test camera" and written.getexif()[0x0112] == 1
@@ -186,7 +187,7 @@ def test_a_jpeg_result_keeps_quality_profile_exif_and_is_upright(tiny_models, ri
 
 def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models, ridfr_models_dir, face_data,
                                                                       tmp_path, capsys):
-    from ridfr_core.checkpoints import load_content, save_content
+    from ridfr_core.content_files import load_content, save_content
 
     models = tmp_path / "models"
     models.mkdir()
@@ -199,8 +200,9 @@ def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models
     identity = face_data / "celebref-mini" / "00005"
     out = tmp_path / "restored.png"
     assert main(["--lq", str(next(identity.glob("lq_*.png"))), "--id", str(sorted((identity / "refs").glob("*.jpg"))[0]),
-                 "--out", str(out), "--models", str(models), "--config-dir", str(tiny_models.configs),
-                 "--steps", "1", "--device", "cpu", "--aligned", "--aligned-references"]) == 2
+                 "--out", str(out), "--models", str(models), "--steps", "1", "--device", "cpu", "--aligned",
+                 "--aligned-references"],
+                config_dir=tiny_models.configs) == 2
     err = capsys.readouterr().err
     assert "NaN/inf" in err and "content module (RIDFR or RestorerID weights)" in err
     assert not out.exists()

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import SHARED
+from shared_data import SHARED
 from restorerid_layout import tiny_branch
-from ridfr_core import checkpoints
+from ridfr_core import checkpoints, content_files
 from ridfr_core.backends import RESTORERID
 from ridfr_core.checkpoints import CheckpointError
 from ridfr_core.identity import Identity
@@ -53,20 +53,20 @@ def test_full_size_key_partition_matches_the_published_layout():
 
 def test_checkpoint_gives_only_the_lq_branch_and_is_converted_once(restorerid_checkpoint, tiny_models, tmp_path):
     expected = tiny_branch(tiny_models.unet, seed=11).state_dict()
-    branch = checkpoints.load_content(restorerid_checkpoint, cache_dir=tmp_path)
-    assert isinstance(branch, LQBranch) and checkpoints.content_backend(restorerid_checkpoint) == "restorerid"
+    branch = content_files.load_content(restorerid_checkpoint, cache_dir=tmp_path)
+    assert isinstance(branch, LQBranch) and content_files.content_backend(restorerid_checkpoint) == "restorerid"
     assert branch.state_dict().keys() == expected.keys()
     assert all(torch.equal(branch.state_dict()[k], v) for k, v in expected.items())
     converted = list(tmp_path.glob("restorerid_lq_*.safetensors"))
     assert len(converted) == 1
     assert checkpoints.read_safetensors_metadata(converted[0], "x")["format"] == "restorerid-lq-branch"
     # the converted file loads on its own (e.g. moved into models/ridfr) and is what later loads read
-    again = checkpoints.load_content(converted[0])
+    again = content_files.load_content(converted[0])
     assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
-    assert checkpoints.content_backend(converted[0], quick=True) == "restorerid"
+    assert content_files.content_backend(converted[0], quick=True) == "restorerid"
     save_file({k: torch.zeros_like(v) for k, v in again.state_dict().items()}, str(converted[0]),
               metadata=checkpoints.read_safetensors_metadata(converted[0], "x"))
-    cached = checkpoints.load_content(restorerid_checkpoint, cache_dir=tmp_path)
+    cached = content_files.load_content(restorerid_checkpoint, cache_dir=tmp_path)
     assert all(not v.any() for v in cached.state_dict().values())  # proves the cache is read
 
 
@@ -75,12 +75,12 @@ def test_bad_restorerid_files_are_clear_errors(restorerid_checkpoint, tmp_path):
     no_encoder = tmp_path / "no_encoder.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("structcond_stage_model.")}, no_encoder)
     with pytest.raises(CheckpointError, match="neither RIDFR content weights") as info:
-        checkpoints.load_content(no_encoder, cache_dir=tmp_path)
+        content_files.load_content(no_encoder, cache_dir=tmp_path)
     assert str(no_encoder) in str(info.value)
     half = tmp_path / "half.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if ".input_blocks.1.0.IDBalance." not in k}, half)
     with pytest.raises(CheckpointError, match="input_blocks.1 have spade or IDBalance but not both"):
-        checkpoints.load_content(half, cache_dir=tmp_path)
+        content_files.load_content(half, cache_dir=tmp_path)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -90,7 +90,7 @@ def test_bad_restorerid_files_are_clear_errors(restorerid_checkpoint, tmp_path):
     evil = tmp_path / "RestorerIDFull.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": Payload()}, evil)
     with pytest.raises(CheckpointError, match="would run code"):
-        checkpoints.load_content(evil, cache_dir=tmp_path)
+        content_files.load_content(evil, cache_dir=tmp_path)
     assert not marker.exists()
 
 
@@ -221,8 +221,8 @@ def test_cli_restores_with_only_the_public_restorerid_files(restorerid_models_di
     out = tmp_path / "restored.png"
     with caplog.at_level(logging.INFO):
         code = main(["--lq", str(lq_face), "--aligned", "--aligned-references", "--id", str(reference), "--out",
-                     str(out), "--models", str(restorerid_models_dir), "--config-dir", str(tiny_models.configs),
-                     "--steps", "2", "--device", "cpu"])
+                     str(out), "--models", str(restorerid_models_dir), "--steps", "2", "--device", "cpu"],
+                    config_dir=tiny_models.configs)
     assert code == 0
     assert np.asarray(Image.open(out)).shape == (512, 512, 3)
     assert "content backend: RestorerID" in caplog.text

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ridfr_core import checkpoints, train
-from ridfr_core.data import IdentityCache
+from ridfr_core import checkpoints, content_files, train
+from ridfr_core.identity_cache import IdentityCache
 from ridfr_core.identity import Identity
 from ridfr_core.pipeline import RIDFRPipeline
 from ridfr_core.train import ConfigError, Trainer, TrainConfig, complete_checkpoints
@@ -147,7 +147,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_weights(tiny_models, small
         run_cli("align", killed, tiny_models, small_faces, cache_folder, "--max-steps", "4", *options)
     monkeypatch.setattr(checkpoints, "save_safetensors_atomic", real_save)
     assert [p.name for p in complete_checkpoints(killed / "checkpoints")] == ["step-00000002"]
-    assert checkpoints.load_content(killed / "ridfr-align.safetensors") is not None  # last export intact
+    assert content_files.load_content(killed / "ridfr-align.safetensors") is not None  # last export intact
     assert run_cli("align", killed, tiny_models, small_faces, cache_folder, "--max-steps", "4", *options) == 0
     state = training_state(killed / "checkpoints" / "step-00000004")
     assert all(torch.equal(state[k], reference[k]) for k in reference), "resume after a kill is not bit-exact"
@@ -189,7 +189,7 @@ def test_content_cli_writes_samples_logs_and_weights_the_pipeline_restores_with(
     weights = out / "ridfr-content.safetensors"
     metadata = checkpoints.read_safetensors_metadata(weights, "test")
     assert metadata["stage"] == "content" and metadata["step"] == "2"
-    assert isinstance(checkpoints.load_content(weights), checkpoints.ContentControlNet)
+    assert isinstance(content_files.load_content(weights), content_files.ContentControlNet)
 
     pipeline = RIDFRPipeline.from_files(tiny_models.checkpoint, weights, tiny_models.adapter_v2,
                                         tiny_models.clip_vision, config_dir=tiny_models.configs,
@@ -236,12 +236,13 @@ def test_options_are_checked_with_the_option_named(tiny_models, small_faces, tmp
     assert "seed: 0 -> 5" in capsys.readouterr().err
 
 
-def test_packaged_configs_hold_every_option_with_the_papers_values():
-    fields = set(TrainConfig.fields())
+def test_packaged_configs_hold_what_differs_from_the_defaults_and_give_the_papers_values():
+    fields, defaults = set(TrainConfig.fields()), TrainConfig().to_dict()
     for stage, steps in (("content", 87_500), ("align", 45_000)):
         values = json.loads((train.CONFIG_DIR / f"train_{stage}.json").read_text())
         values.pop("_comment")
-        assert set(values) == fields, stage
+        assert set(values) <= fields, stage
+        assert all(defaults[key] != value for key, value in values.items()), stage
         config = TrainConfig.from_dict(values, stage)
         assert (config.stage, config.max_steps, config.batch_size) == (stage, steps, 8)
         assert config.learning_rate == 1e-5 and config.align_weight == 1.0

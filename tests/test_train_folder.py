@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ridfr_core import checkpoints, train
+from ridfr_core import content_files, train
 from ridfr_core.run_folder import checkpoint_problem
 from ridfr_core.train import complete_checkpoints
 from test_data import small_faces  # noqa: F401 (fixture)
@@ -95,10 +95,10 @@ def test_an_unwritable_out_is_one_clear_line(tiny_models, small_faces, tmp_path,
 
 
 def test_a_nan_loss_is_one_clear_line(tiny_models, small_faces, tmp_path, capsys):  # noqa: F811
-    content = checkpoints.load_content(tiny_models.content)
+    content = content_files.load_content(tiny_models.content)
     with torch.no_grad():
         next(content.parameters()).fill_(float("nan"))
-    checkpoints.save_content(content, tmp_path / "nan.safetensors")
+    content_files.save_content(content, tmp_path / "nan.safetensors")
     assert run_cli("content", tmp_path / "run", tiny_models, small_faces, None, "--max-steps", "1",
                    "--init-content", str(tmp_path / "nan.safetensors")) == 2
     err = capsys.readouterr().err

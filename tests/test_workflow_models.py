@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import pytest
 
-from conftest import REPO_ROOT
+from shared_data import REPO_ROOT
 from ridfr_core.models import all_files, frontend_models
 
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))

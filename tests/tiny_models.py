@@ -51,9 +51,9 @@ class TinyModels:
     root: Path          # ComfyUI-style models/ folder
     configs: Path       # config set for the tiny architectures
     checkpoint: Path    # LDM single file, .safetensors
-    checkpoint_ckpt: Path
+    checkpoint_ckpt: Path | None  # the same as .ckpt (not in the ComfyUI variant)
     adapter_v2: Path    # ip-adapter-faceid-plusv2 layout, .bin
-    adapter_v1: Path    # ip-adapter-faceid-plus layout, .safetensors (flat keys)
+    adapter_v1: Path    # ip-adapter-faceid-plus layout, .safetensors (flat keys); ComfyUI variant: RestorerID's .bin
     clip_vision: Path
     content: Path       # RIDFR content weights (our format)
     unet: UNet2DConditionModel
@@ -73,49 +73,64 @@ def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn
     return module.eval()
 
 
-def write_configs(folder: Path) -> Path:
+def write_configs(folder: Path, configs: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, config in {**TINY_CONFIGS, "scheduler": SCHEDULER}.items():
+    for name, config in configs.items():
         (folder / f"{name}.json").write_text(json.dumps(config))
     return folder
 
 
-def build_tiny_models(root: Path) -> TinyModels:
-    from ridfr_core.checkpoints import save_content
+def build_tiny_models(root: Path, comfy: bool = False) -> TinyModels:
+    """The tiny models in ``root``. ``comfy``: the ComfyUI variant (tests/comfy_host.py), with the two changes
+    ComfyUI's fixed SD1.5 building blocks need: the UNet uses 32 GroupNorm groups (ComfyUI's
+    ``normalization`` is GroupNorm(32)) and the VAE has the SD1.5 architecture (random weights, stored as
+    fp16); its configs go to ``ridfr/configs``, where LoadRIDFR reads architectures other than SD1.5's."""
+    from ridfr_core.checkpoints import load_config
     from ridfr_core.content import ContentControlNet
+    from ridfr_core.content_files import save_content
 
-    configs = write_configs(root / "configs")
+    configs = {**TINY_CONFIGS, "scheduler": SCHEDULER}
+    if comfy:
+        configs["unet"] = {**TINY_CONFIGS["unet"], "norm_num_groups": 32}
+    config_dir = write_configs(root / ("ridfr/configs" if comfy else "configs"), configs)
+    vae_config = load_config("vae") if comfy else TINY_CONFIGS["vae"]
     torch.manual_seed(0)
-    unet = randomise(UNet2DConditionModel(**TINY_CONFIGS["unet"]), 1)
-    vae = randomise(AutoencoderKL(**TINY_CONFIGS["vae"]), 2, std=0.1)
+    unet = randomise(UNet2DConditionModel(**configs["unet"]), 1)
+    vae = randomise(AutoencoderKL(**vae_config), 2, std=0.03 if comfy else 0.1)
     text_encoder = randomise(CLIPTextModel(CLIPTextConfig(**TINY_CONFIGS["text_encoder"])), 3)
     clip_vision = randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CONFIGS["clip_vision"])), 4)
 
     checkpoint = root / "checkpoints" / "tiny-sd15.safetensors"
     checkpoint.parent.mkdir(parents=True)
-    ldm = {**unet_to_ldm(unet.state_dict(), TINY_CONFIGS["unet"]), **vae_to_ldm(vae.state_dict(), TINY_CONFIGS["vae"]),
+    vae_state = vae_to_ldm(vae.state_dict(), vae_config)
+    ldm = {**unet_to_ldm(unet.state_dict(), configs["unet"]),
+           **({k: v.half() for k, v in vae_state.items()} if comfy else vae_state),
            **text_encoder_to_ldm(text_encoder.state_dict())}
     ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file({k: v.contiguous() for k, v in ldm.items()}, str(checkpoint))
-    checkpoint_ckpt = checkpoint.with_suffix(".ckpt")
-    torch.save({"state_dict": ldm, "global_step": 1}, checkpoint_ckpt)
+    checkpoint_ckpt = None if comfy else checkpoint.with_suffix(".ckpt")
+    if checkpoint_ckpt is not None:
+        torch.save({"state_dict": ldm, "global_step": 1}, checkpoint_ckpt)
 
     adapter_dir = root / "ipadapter"
     adapter_dir.mkdir()
-    adapter = faceid_plus_state(TINY_CONFIGS["unet"], TINY_CONFIGS["clip_vision"]["hidden_size"], LORA_RANK, seed=5)
+    adapter = faceid_plus_state(configs["unet"], TINY_CONFIGS["clip_vision"]["hidden_size"], LORA_RANK, seed=5)
     adapter_v2 = adapter_dir / "ip-adapter-faceid-plusv2_sd15.bin"
     torch.save(adapter, adapter_v2)
-    adapter_v1 = adapter_dir / "ip-adapter-faceid-plus_sd15.safetensors"
-    save_file({f"{part}.{k}": v.contiguous() for part, sd in adapter.items() for k, v in sd.items()}, str(adapter_v1))
+    if comfy:  # RestorerID's FaceID Plus v1 under its real name (the same weights)
+        adapter_v1 = adapter_dir / "ip-adapter-faceid-plus_sd15.bin"
+        torch.save(adapter, adapter_v1)
+    else:
+        adapter_v1 = adapter_dir / "ip-adapter-faceid-plus_sd15.safetensors"
+        save_file({f"{part}.{k}": v.contiguous() for part, sd in adapter.items() for k, v in sd.items()}, str(adapter_v1))
 
     clip_path = root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
     clip_path.parent.mkdir()
     save_file(clip_vision.state_dict(), str(clip_path))
 
-    content = randomise(ContentControlNet.from_unet(unet), 6)
     content_path = root / "ridfr" / "ridfr-tiny.safetensors"
-    save_content(content, content_path)
-    return TinyModels(root, configs, checkpoint, checkpoint_ckpt, adapter_v2, adapter_v1, clip_path, content_path,
+    save_content(randomise(ContentControlNet.from_unet(unet), 6), content_path)
+    return TinyModels(root, config_dir, checkpoint, checkpoint_ckpt, adapter_v2, adapter_v1, clip_path, content_path,
                       unet, vae, text_encoder)
 
 

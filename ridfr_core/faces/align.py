@@ -16,9 +16,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from ..constants import FACE_SIZE
 from .errors import FaceInputError
 
-FACE_SIZE = 512
 # facexlib's FFHQ 512 template (left eye, right eye, nose tip, left and right mouth corner).
 FFHQ_TEMPLATE_512 = np.array(
     [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],

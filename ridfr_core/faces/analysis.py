@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import CLIP_SIZE
 from ..dependencies import ONNXRUNTIME_DISTRIBUTIONS, installed
 from .errors import FaceInputError, FaceModelError, NoFaceError
 from .images import to_rgb_uint8
@@ -29,7 +30,6 @@ MODEL_PACK_FILES = {
     "antelopev2": {"detection": "scrfd_10g_bnkps.onnx", "recognition": "glintr100.onnx"},
 }
 DETECTION_SIZES = (640, 512, 384, 256)
-CLIP_CROP_SIZE = 224
 ALIGNED_MODE_HINT = ("If the face is too degraded to detect, give it as an already aligned face crop "
                      "(FFHQ-aligned, like the paper's inputs) with the 'aligned' mode.")
 
@@ -271,7 +271,7 @@ class FaceAnalyzer:
                 f"{Path(model.model_file).name} failed while running ({type(error).__name__}: {error}).") from error
 
 
-def clip_face_crop(image, kps: np.ndarray, size: int = CLIP_CROP_SIZE) -> np.ndarray:
+def clip_face_crop(image, kps: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
     """The ArcFace-aligned crop that feeds CLIP ViT-H/14 (FaceID-Plus reference code:
     ``face_align.norm_crop(img, landmark=face.kps, image_size=224)``), HWC uint8 RGB."""
     import_insightface()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ..embeddings import has_zero_vector, l2_normalise
 from .errors import FaceInputError
 
 # Degraded faces score lower against clean references than two clean photos do; 0.2 still
@@ -77,7 +78,6 @@ def _as_unit_rows(embeddings, name: str) -> np.ndarray:
         array = array[None]
     if array.ndim != 2:
         raise FaceInputError(f"{name}: expected (N, 512) embeddings, got shape {array.shape}.")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    if len(array) and not (norms > 1e-12).all():
+    if has_zero_vector(array):
         raise FaceInputError(f"{name}: contains an all-zero embedding.")
-    return array / np.where(norms > 0, norms, 1.0)
+    return l2_normalise(array)

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 import torch
 
-from .align import FACE_SIZE, estimate_alignment, paste_face, upscale_image, warp_to_crop
+from ..constants import FACE_SIZE, ON_NO_FACE
+from .align import estimate_alignment, paste_face, upscale_image, warp_to_crop
 from .analysis import ALIGNED_MODE_HINT, DETECTION_SIZES, DetectedFace, FaceAnalyzer
 from .errors import FaceInputError, NoFaceError
 from .images import as_image_list, rgb_to_tensor, tensor_to_rgb, to_rgb_uint8
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 RestoreFn = Callable[[torch.Tensor, torch.Tensor, list], torch.Tensor]
 UNMATCHED_FACES = ("restore_without_identity", "keep_original")
-ON_NO_FACE = ("error", "skip")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..embeddings import has_zero_vector, l2_normalise
 from .analysis import ALIGNED_MODE_HINT, FaceAnalyzer, clip_face_crop
 from .align import ffhq_template
 from .errors import FaceInputError, NoFaceError
@@ -153,10 +154,9 @@ def check_consistency(embeddings, weights=None, threshold: float = SAME_PERSON_S
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    if not (norms > 1e-12).all():
+    if has_zero_vector(vectors):
         raise FaceInputError("embeddings: an all-zero ArcFace embedding cannot be normalised.")
-    return vectors / norms
+    return l2_normalise(vectors)
 
 
 def combine_identity(embeddings, clip_features: torch.Tensor, weights=None):

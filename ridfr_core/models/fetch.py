@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from ..atomic import write_json_atomic
 from .registry import ModelFile
 
 STAGING = ".ridfr-downloads"
@@ -71,10 +72,7 @@ def _remember(models: Path, relative: str, sha256: str) -> None:
     """Record a verified file (its hash, size and mtime), written atomically."""
     stat = (models / relative).stat()
     records = {**_records(models), relative: {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
-    path = models / STAGING / RECORDS
-    tmp = path.with_name(f".{RECORDS}.{os.getpid()}")
-    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(models / STAGING / RECORDS, records, sort_keys=True)
 
 
 def file_state(models: Path, relative: str, sha256: str | None = None, size: int | None = None) -> str:

@@ -48,7 +48,7 @@ def module_of(patcher) -> torch.nn.Module:
 
 
 @dataclass(eq=False)
-class RIDFRModels:
+class LoadedRIDFR:
     """Output of LoadRIDFR. Each module is wrapped in a ComfyUI ModelPatcher so that ComfyUI's model
     management moves it to the GPU with the diffusion model and offloads it under memory pressure."""
 
@@ -61,19 +61,19 @@ class RIDFRModels:
     face_device: str           # onnxruntime device: auto, cpu or cuda
 
     def face_analyzer(self):
-        from ridfr_core.faces import load_face_analyzer
+        from ..ridfr_core.faces import load_face_analyzer
 
         return load_face_analyzer(model_dir=self.face_models, device=self.face_device)
 
 
 @dataclass(eq=False)
 class FaceIdentity:
-    """An identity condition. ``identity`` has B=1 (one person, for every face) or one entry per face
+    """An identity condition. ``adapter_input`` has B=1 (one person, for every face) or one entry per face
     (after MatchIdentities); ``face_scales`` (B,) multiplies the identity weight per face (0 = restore
     that face without identity) or is None (1 for all); ``embedding`` is the combined ArcFace
     embedding used to recognise this person in a photo (None for per-face identities)."""
 
-    identity: object           # ridfr_core.identity.Identity
+    adapter_input: object      # ridfr_core.identity.Identity: what the identity adapter turns into tokens
     embedding: np.ndarray | None
     face_scales: torch.Tensor | None
     label: str

@@ -1,0 +1,35 @@
+"""Train RIDFR's content module: ``python -m ridfr_core.train --stage content|align ...``.
+
+Two stages, as in the paper (Sec. 3.2, 3.3, 4.1):
+
+- ``content``: the Content Injection Module (7-channel ControlNet) learns eps-prediction from the
+  online-degraded LQ face, SD1.5 UNet and VAE frozen, no identity (Eq. 2).
+- ``align``: Alignment Learning. The FaceID-Plus identity module (adapter + its LoRA, fused into
+  the frozen UNet) is frozen at its published weights; the content module is finetuned with
+  ``L = mean(L_diff(ID1), L_diff(ID2)) + align_weight * ||eps(ID1) - eps(ID2)||^2`` at the same noisy
+  latent, timestep and noise (Eq. 4-6). Both eps come from one batched forward.
+
+Every hyper-parameter has a default in :class:`~.options.TrainConfig`, the paper's content stage; a
+stage's JSON config (``configs/train_content.json``, ``configs/train_align.json``) holds what differs (the
+learning rate, which the paper does not give, is 1e-5 as in ControlNet and IP-Adapter training).
+Multi-GPU/multi-node and mixed precision come from accelerate::
+
+    accelerate launch -m ridfr_core.train --stage content --data ffhq512/ --base sd15.safetensors --out runs/c
+
+Checkpoints (``<out>/checkpoints/step-NNNNNNNN``) are written to a temporary folder and renamed, so
+a kill leaves the previous one intact; a rerun with the same ``--out`` resumes from the newest intact
+one with model, EMA, optimiser, LR schedule, loss scaler, RNG and data position restored. A new run
+(``--resume none``) refuses a folder that holds one unless ``--overwrite`` (see
+:mod:`ridfr_core.run_folder`). The weights users load (``<out>/ridfr-<stage>.safetensors``, RIDFR content format) are refreshed at each checkpoint.
+
+Modules: :mod:`.options` (TrainConfig and the command line), :mod:`.prepare` (the data of a run),
+:mod:`.state` (checkpoint files and resume), :mod:`.trainer` (the loop), :mod:`.cli` (``main``).
+"""
+
+from .cli import main
+from .options import CONFIG_DIR, ConfigError, TrainConfig, build_parser, config_from_args
+from .state import complete_checkpoints
+from .trainer import Trainer
+
+__all__ = ["main", "CONFIG_DIR", "ConfigError", "TrainConfig", "build_parser", "config_from_args",
+           "complete_checkpoints", "Trainer"]

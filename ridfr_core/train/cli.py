@@ -1,0 +1,42 @@
+"""``python -m ridfr_core.train``: options -> a checked run folder -> :class:`~.trainer.Trainer`; errors as one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .. import checkpoints
+from ..data import DataError
+from ..run_folder import RunFolderError, check_new_run, require_writable
+from .options import ConfigError, build_parser, config_from_args
+from .prepare import prepare_data
+from .trainer import Trainer, make_accelerator
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        require_writable(Path(config.out))
+        if args.prepare_only:
+            accelerator = make_accelerator(config)
+            prepared = prepare_data(config, accelerator)
+            print(f"{prepared.image_count} usable images; report in {Path(config.out) / 'data_report.json'}")
+            return 0
+        check_new_run(Path(config.out), config.stage, args.resume, args.overwrite, config.init_content)
+        path = Trainer(config).run(args.resume, args.overwrite)
+    except (ConfigError, DataError, checkpoints.CheckpointError, RunFolderError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. the disk filled up or --out became unwritable during the run
+        print(f"error: {error}. Fix that and rerun: the run resumes from its last checkpoint.", file=sys.stderr)
+        return 2
+    print(f"RIDFR content weights: {path}")
+    return 0
+
+
+def stop_on_sigterm(signum, frame):
+    """``kill``: unwind like Ctrl-C, so half-written files are removed on the way out."""
+    raise SystemExit(128 + signum)

@@ -1,0 +1,92 @@
+"""The training data of a run: scanned faces (content) or identity groups with their identity feature cache (align)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import checkpoints
+from ..atomic import write_json_atomic
+from ..data import DataError, IdentityGroup, SkipReport, exclude_small_identities, scan_faces, scan_identities
+from ..identity_cache import IdentityCache, IdentityEncoder
+from .options import IDENTITY_VARIANT_SEED, ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Scanned (and, for align, cached) training images, before the model-dependent noise spec."""
+
+    root: Path
+    report: SkipReport
+    paths: list[Path] = field(default_factory=list)
+    groups: list[IdentityGroup] = field(default_factory=list)
+    cache: IdentityCache | None = None
+
+    @property
+    def image_count(self) -> int:
+        return len(self.paths) or sum(len(group.paths) for group in self.groups)
+
+
+def prepare_data(config: TrainConfig, accelerator) -> PreparedData:
+    root = Path(config.data)
+    if config.stage == "content":
+        paths, report = scan_faces(root, config.min_image_size)
+        prepared = PreparedData(root, report, paths=paths)
+    else:
+        groups, report = scan_identities(root, config.min_image_size, config.min_images_per_identity)
+        cache = prepare_identity_cache(config, root, groups, accelerator)
+        scanned = {p.relative_to(root).as_posix() for g in groups for p in g.paths}
+        report.unreadable += [(key, why) for key, why in cache.unreadable.items() if key in scanned]
+        groups = [IdentityGroup(g.name, [p for p in g.paths if p.relative_to(root).as_posix() in cache.entries])
+                  for g in groups]
+        groups = exclude_small_identities(groups, config.min_images_per_identity, report)
+        if not groups:
+            raise DataError(f"data: no identity in {root} has min_images_per_identity={config.min_images_per_identity}"
+                            f" readable images ({report.summary(config.min_image_size, config.min_images_per_identity)}).")
+        prepared = PreparedData(root, report, groups=groups, cache=cache)
+    if not accelerator.is_main_process:
+        return prepared
+    summary = report.summary(config.min_image_size, config.min_images_per_identity)
+    if summary:
+        logger.warning("Data: %s. Full list: %s", summary, Path(config.out) / "data_report.json")
+    write_json_atomic(Path(config.out) / "data_report.json",
+                      {"images": prepared.image_count, "identities": len(prepared.groups), **report.to_dict()})
+    logger.info("Data: %d training images%s in %s.", prepared.image_count,
+                f" of {len(prepared.groups)} identities" if prepared.groups else "", root)
+    return prepared
+
+
+def prepare_identity_cache(config: TrainConfig, root: Path, groups: list[IdentityGroup], accelerator) -> IdentityCache:
+    """Open the cache, computing the missing photos on the main process (the others wait and reread)."""
+    folder = Path(config.identity_cache or Path(config.out) / "identity_cache")
+    settings = dict(variants=config.identity_variants, min_size=config.identity_min_size,
+                    max_size=config.identity_max_size, seed=IDENTITY_VARIANT_SEED)
+    cache = IdentityCache(folder)
+    cache.check_settings(**settings)
+    paths = [path for group in groups for path in group.paths]
+    missing = cache.missing(root, paths)
+    if missing and accelerator.is_main_process:
+        encoder = make_identity_encoder(config, accelerator.device, folder, len(missing), missing[0])
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(missing), desc="identity cache", unit="photo") as bar:
+            cache.build(root, paths, encoder, progress=bar.update, **settings)
+    accelerator.wait_for_everyone()
+    return IdentityCache(folder)
+
+
+def make_identity_encoder(config: TrainConfig, device, folder: Path, missing: int, example: Path) -> IdentityEncoder:
+    if not config.clip_vision or not (config.insightface_root or config.insightface_model_dir):
+        raise ConfigError(
+            f"identity_cache: {folder} lacks the features of {missing} photo(s) (e.g. {example}). Computing them needs "
+            "--clip-vision (CLIP ViT-H/14) and --insightface-root (folder with models/buffalo_l) or "
+            "--insightface-model-dir; or pass --identity-cache with a cache built elsewhere for this data.")
+    from ..faces import load_face_analyzer
+
+    analyzer = load_face_analyzer(models_root=config.insightface_root, model_dir=config.insightface_model_dir)
+    clip_vision = checkpoints.load_clip_vision(config.clip_vision, config.config_dir).to(device)
+    description = {"arcface": Path(analyzer.recognizer.model_file).name, "clip_vision": Path(config.clip_vision).name}
+    return IdentityEncoder(analyzer, clip_vision, description)

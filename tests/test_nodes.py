@@ -315,7 +315,7 @@ def test_video_frames_are_tracked_one_person_and_one_seed_per_face(env):
     matched, report = run(env, "MatchIdentities", ridfr=env.ridfr, faces=faces, identity_1=first, identity_2=second,
                           threshold=0.5, one_face_per_identity=True)
     assert report.startswith("track 0: identity_1 (67% of 3 frame(s)")
-    torch.testing.assert_close(matched.identity.id_embeds, first.identity.id_embeds.expand(3, -1))
+    torch.testing.assert_close(matched.adapter_input.id_embeds, first.adapter_input.id_embeds.expand(3, -1))
     restored = sample(env, model, faces, steps=1)[0]
     torch.testing.assert_close(restored[0], restored[1])  # same face, same seed: no flicker
 

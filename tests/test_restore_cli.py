@@ -118,7 +118,7 @@ def test_cheap_options_are_checked_before_any_model_is_looked_for(tmp_path, caps
     (tmp_path / "a_file").write_text("not a folder")
     common = {"--lq": "x.png", "--id": "y.png", "--out": str(tmp_path / "o.png"), "--models": str(tmp_path / "none")}
     for changes, expected in (
-            ({"--identity-scale": "nan"}, "--identity-scale: nan must be a finite number"),
+            ({"--identity-scale": "nan"}, "--identity-scale: nan is not a finite number"),
             ({"--content-scale": "inf"}, "--content-scale: inf is not a finite number"),
             ({"--guidance": "nan"}, "--guidance: nan is not a finite number"),
             ({"--steps": "201"}, "--steps: 201 is outside 1..200"),
@@ -204,5 +204,5 @@ def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models
                  "--aligned-references"],
                 config_dir=tiny_models.configs) == 2
     err = capsys.readouterr().err
-    assert "NaN/inf" in err and "content module (RIDFR or RestorerID weights)" in err
+    assert "NaN/inf" in err and "RIDFR content module" in err
     assert not out.exists()

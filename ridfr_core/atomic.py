@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -51,3 +52,10 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def probe_writable(folder: Path) -> None:
+    """Create ``folder`` and a temporary file in it; OSError where nothing can be written there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from .atomic import TEMP_FILE
+from .atomic import TEMP_FILE, probe_writable
 from .checkpoints import CheckpointError, read_safetensors_metadata
 
 PARTIAL_CHECKPOINT = re.compile(r"^\.step-\d{8}\.partial$")
@@ -27,9 +26,7 @@ class RunFolderError(ValueError):
 
 def require_writable(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        probe_writable(out)
     except OSError as error:
         raise RunFolderError(f"out: cannot write to {out} ({error.strerror or error}); pass a writable --out "
                              "folder.") from None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from ..atomic import write_json_atomic
+from ..atomic import probe_writable, write_json_atomic
 from .registry import ModelFile
 
 STAGING = ".ridfr-downloads"
@@ -173,9 +173,7 @@ def source_of(file: ModelFile) -> Source:
 
 def ensure_writable(folder: Path) -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_writable(folder)
     except OSError as error:
         raise DownloadError(f"cannot write to {folder} ({error.strerror or error}); give --models a folder you "
                             "can write to, or fix its permissions.") from None

@@ -216,7 +216,8 @@ def test_disk_filling_up_mid_download_leaves_nothing_under_the_real_name(hub, tm
     fill_when_started = (f'timeout 60 sh -c \'until [ "$(stat -c %s "{models}"/{STAGING}/*.part 2>/dev/null)" -gt 0 ]; '
                          f'do sleep 0.05; done; cat /dev/zero > "{models}/filler" 2>/dev/null\' &')
     listing = tmp_path / "left_on_the_small_disk.txt"  # the tmpfs goes with its namespace: list it from inside
-    small_disk = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={len(data) + 10**6} tmpfs "{models}" && '
+    # (the mount ends its own list: joined by && to the background filler it would race the download)
+    small_disk = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={len(data) + 10**6} tmpfs "{models}" || exit 9; '
                   f'{fill_when_started} "$@"; status=$?; cd "{models}" && find . -type f ! -name filler > "{listing}"; '
                   'exit $status', "sh")
     result = run_fetch(file, models, hub_env(hub, tmp_path), prefix=small_disk)

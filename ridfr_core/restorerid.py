@@ -248,10 +248,6 @@ class LQBranch(nn.Module):
                                              config["context_dim"])
             for name, channels in config["blocks"].items()})
 
-    @property
-    def block_names(self) -> list[str]:
-        return list(self.config["blocks"])
-
     def modulation(self, name: str) -> BlockModulation:
         return self.modulations[block_key(name)]
 

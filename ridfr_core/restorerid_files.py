@@ -86,6 +86,10 @@ def convert_checkpoint(state: dict[str, torch.Tensor], path: Path, target: Path)
     check_complete(branch_state, path)
     metadata = {"format": RESTORERID_FORMAT, "format_version": str(RESTORERID_FORMAT_VERSION), "source": path.name,
                 "config": json.dumps(LQBranch.config_from_state(branch_state))}
+    groups = partition(state)
+    logger.info("RestorerID: kept the LQ branch of %s (%s tensors); left the rest (%s) to the SD1.5, FaceID and "
+                "CLIP files.", path.name, ", ".join(f"{group} {len(groups.get(group, []))}" for group in LQ_BRANCH_GROUPS),
+                ", ".join(f"{group} {len(keys)}" for group, keys in groups.items() if group not in LQ_BRANCH_GROUPS))
     try:
         save_safetensors_atomic(branch_state, target, metadata)
         logger.info("RestorerID: converted the LQ branch of %s once to %s; later loads read that file.", path, target)
@@ -96,6 +100,7 @@ def convert_checkpoint(state: dict[str, torch.Tensor], path: Path, target: Path)
 
 
 def partition(keys) -> dict[str, list[str]]:
+    """The checkpoint's keys by part (see :data:`KEY_GROUPS`)."""
     groups: dict[str, list[str]] = {}
     for key in keys:
         groups.setdefault(key_group(key), []).append(key)

@@ -121,14 +121,14 @@ def test_zero_idbalance_equals_the_spade_only_path(tiny_models):
     tokens = torch.randn(2, 4, 64)
     with torch.no_grad():
         features = branch.features(lq_latent, torch.tensor([500, 500]))
-        for name in branch.block_names:
+        for name in branch.config["blocks"]:
             width = branch.config["blocks"][name]
             side = {32: 8, 64: 4}[width]  # tiny UNet: 32 channels at latent width 8, 64 at width 4
             h, skip = torch.randn(2, width, side, side), torch.randn(2, width, side, side)
             assert torch.equal(modulate(branch.modulation(name), h, skip, features, tokens),
                                modulate(branch.modulation(name), h, skip, features, None))
         trained = tiny_branch(tiny_models.unet, seed=4)
-        name = trained.block_names[0]
+        name = next(iter(trained.config["blocks"]))
         h, skip = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
         features = trained.features(lq_latent, torch.tensor([500, 500]))
         assert not torch.equal(modulate(trained.modulation(name), h, skip, features, tokens),

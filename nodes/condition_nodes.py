@@ -56,6 +56,17 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str,
 
 
 
+def null_identity_tokens(ridfr) -> torch.Tensor:
+    """(1,4,C) tokens of FaceID-Plus' null identity: the uncond side of identity guidance, and what RestorerID's
+    IDBalance reads for faces without an identity (as in its training)."""
+    import comfy.model_management as mm
+    from ..ridfr_core.identity import null_identity
+
+    mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
+    with torch.no_grad():
+        return module_of(ridfr.adapter).identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
+
+
 def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
     """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
     posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
@@ -147,7 +158,8 @@ class ContentCondition(io.ComfyNode):
             faces = faces_in_photos(ridfr, image, face_size, on_no_face, track_faces)
         sigmas = SigmaRange(model, start_percent, end_percent)
         if restorerid:
-            patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas)
+            patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas,
+                                      null_identity_tokens(ridfr))
         else:
             patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
         latent = torch.zeros(faces.count, LATENT_CHANNELS, face_size // LATENT_FACTOR, face_size // LATENT_FACTOR)
@@ -184,13 +196,11 @@ class IdentityCondition(io.ComfyNode):
     def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
         import comfy.model_management as mm
         from ..ridfr_core.backends import RESTORERID
-        from ..ridfr_core.identity import null_identity
 
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
-        adapter = module_of(ridfr.adapter)
         with torch.no_grad():
-            tokens = adapter.identity_tokens(identity.adapter_input).float().cpu()
-            null_tokens = adapter.identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
+            tokens = module_of(ridfr.adapter).identity_tokens(identity.adapter_input).float().cpu()
+        null_tokens = null_identity_tokens(ridfr)
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)
         patched = apply_identity(model, ridfr, tokens, lora_strength)

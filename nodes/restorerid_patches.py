@@ -12,7 +12,8 @@
   ``transformer_options`` (nothing is stored on shared objects between calls).
 - :class:`BalanceTokensPatch` (added by IdentityCondition) puts the identity tokens IDBalance reads into
   the same copy, one row per batch row: the identity's for cond rows (the null identity's for faces that
-  matched nobody), the null identity's for uncond rows. Without it IDBalance is skipped.
+  matched nobody), the null identity's for uncond rows. Without it, StructurePatch gives IDBalance the null
+  identity's tokens (what RestorerID was trained with for faces without a reference), as ridfr_core does.
 """
 
 from __future__ import annotations
@@ -78,10 +79,12 @@ def modulated_forward(layer: ModulatedResBlock, x, emb, context, transformer_opt
 class StructurePatch:
     """DIFFUSION_MODEL wrapper: ``(executor, x, timesteps, context, y, control, transformer_options)``."""
 
-    def __init__(self, content, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange):
+    def __init__(self, content, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange,
+                 null_tokens: torch.Tensor):
         self.content = content            # ModelPatcher around ridfr_core.restorerid.LQBranch
         self.lq_latent = lq_latent        # (F,4,h,w): the LQ faces' VAE latent, scaled as the UNet's input
         self.strength, self.sigmas = strength, sigmas
+        self.null_tokens = null_tokens    # (1,4,C): IDBalance's tokens where no IdentityCondition gives any
 
     def __deepcopy__(self, memo):
         return self
@@ -99,6 +102,9 @@ class StructurePatch:
             with torch.no_grad():
                 features = branch.features(lq, timesteps.to(param.device))  # float32: t up to 999
             transformer_options = {**transformer_options, STRUCTURE_FEATURES: StructureStep(branch, features, strength)}
+            if BALANCE_TOKENS not in transformer_options:  # an IdentityCondition's wrapper may still set them
+                null = self.null_tokens.to(x.device).expand(x.shape[0], -1, -1)
+                transformer_options[BALANCE_TOKENS] = null
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
@@ -142,15 +148,17 @@ def modulated_blocks(model, branch) -> dict[str, ModulatedResBlock]:
     return replacements
 
 
-def apply_structure(model, ridfr, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange):
-    """A clone of ``model`` whose ResBlocks RestorerID's LQ branch modulates (``model`` itself is untouched)."""
+def apply_structure(model, ridfr, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange,
+                    null_tokens: torch.Tensor):
+    """A clone of ``model`` whose ResBlocks RestorerID's LQ branch modulates (``model`` itself is untouched);
+    IDBalance reads the null identity's ``null_tokens`` unless an IdentityCondition gives the faces' own."""
     import comfy.patcher_extension
 
     patched = model.clone()
     for path, replacement in modulated_blocks(model, module_of(ridfr.content)).items():
         patched.add_object_patch(path, replacement)
     patched.set_model_forward_timestep_embed_patch((ModulatedResBlock, modulated_forward))
-    patch = StructurePatch(ridfr.content, lq_latent, strength, sigmas)
+    patch = StructurePatch(ridfr.content, lq_latent, strength, sigmas, null_tokens)
     key = f"ridfr_restorerid_{id(patch)}"
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, patch)
     patched.set_additional_models(key, [ridfr.content])

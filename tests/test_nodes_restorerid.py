@@ -125,8 +125,11 @@ def test_unpatching_restores_the_unet_bit_for_bit_and_the_original_model_is_unto
 
 
 def test_idbalance_at_zero_equals_the_spade_only_path(env, ridfr):
-    """IDBalance (zero-initialised gamma'/beta' convs) adds nothing when zero; with trained weights it reads
-    the identity tokens IdentityCondition provides (here at weight 0, so only IDBalance sees the identity)."""
+    """IDBalance (zero-initialised gamma'/beta' convs) adds nothing when zero, whatever tokens it reads, so the
+    result is the spade-only path's; with trained weights it reads the identity IdentityCondition provides (here
+    at weight 0, so only IDBalance sees the identity), and without one the null identity, as RestorerID trained."""
+    from ridfr_core.identity import null_identity
+
     def zero_idbalance(branch):
         for name, param in branch.named_parameters():
             if ".IDBalance.mlp_gamma." in name or ".IDBalance.mlp_beta." in name:
@@ -134,13 +137,16 @@ def test_idbalance_at_zero_equals_the_spade_only_path(env, ridfr):
 
     x_d, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12)), torch.tensor([2.0])
     identity = face_identity(env, random_identity())
+    null = face_identity(env, null_identity(env.pack.nodes.sockets.module_of(ridfr.clip_vision)))
     results = {}
     for label, models in (("zero", with_branch(env, ridfr, zero_idbalance)), ("trained", ridfr)):
-        spade_only, _, _, _ = content(env, models, lq_faces(1))
-        balanced = identity_condition(env, models, spade_only, identity, weight=0.0, lora_strength=0.0)
-        results[label] = [comfy_eps(patched, x_d, sigma, env.text, [0]) for patched in (spade_only, balanced)]
+        content_only, _, _, _ = content(env, models, lq_faces(1))
+        balanced = identity_condition(env, models, content_only, identity, weight=0.0, lora_strength=0.0)
+        as_null = identity_condition(env, models, content_only, null, weight=0.0, lora_strength=0.0)
+        results[label] = [comfy_eps(patched, x_d, sigma, env.text, [0]) for patched in (content_only, balanced, as_null)]
     torch.testing.assert_close(results["zero"][1], results["zero"][0], atol=1e-6, rtol=0)
     assert (results["trained"][1] - results["trained"][0]).abs().max() > 1e-4
+    torch.testing.assert_close(results["trained"][2], results["trained"][0], atol=1e-6, rtol=0)
 
 
 def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalance(env, ridfr, denoiser):

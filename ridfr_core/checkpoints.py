@@ -76,14 +76,13 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
         if "weights only" in str(err).lower():
             raise CheckpointError(
                 f"{what}: {path} holds Python objects besides tensors; loading it would run code from the file, "
-                "which RIDFR never does. If you trust the file, convert it once, in a separate environment, to "
-                f"safetensors: python -c \"import torch, safetensors.torch as st; s = torch.load('{path}', "
-                "weights_only=False); s = s.get('state_dict', s); st.save_file({k: v.contiguous() for k, v in "
-                f"s.items() if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\" and use that file."
+                "which RIDFR never does. If you trust the file, open it once in a separate environment and save "
+                f"its state_dict's tensors with safetensors.torch.save_file as {path.with_suffix('.safetensors')}, "
+                "then use that file."
             ) from None
         raise CheckpointError(f"{what}: cannot read {path} ({err}). The file is truncated, corrupt or not a weight "
                               "file: download it again (compare its size with the source).") from err
-    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
+    except (SafetensorError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
         raise CheckpointError(
             f"{what}: cannot read {path} ({type(err).__name__}: {err}). The file is truncated, corrupt or not "
             "a weight file: download it again (compare its size with the source) or export it as .safetensors."

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ridfr_core.data import (AlignDataset, FaceDataset, IdentityGroup, NoiseSpec, StepBatchSampler, list_images,
+from ridfr_core.data.datasets import (AlignDataset, FaceDataset, IdentityGroup, NoiseSpec, StepBatchSampler, list_images,
                              make_loader)
-from ridfr_core.degrade import DegradationConfig
-from ridfr_core.identity_cache import IdentityCache
+from ridfr_core.data.degrade import DegradationConfig
+from ridfr_core.identity.cache import IdentityCache
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces" / "celebref-mini"
 NOISE = NoiseSpec(latent_channels=4, latent_size=64, num_train_timesteps=1000)

@@ -9,7 +9,7 @@ import time
 import cv2
 import numpy as np
 
-from ridfr_core.degrade import DegradationConfig, degrade, downsample_reference
+from ridfr_core.data.degrade import DegradationConfig, degrade, downsample_reference
 
 
 def main():

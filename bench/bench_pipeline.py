@@ -31,11 +31,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttn
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ridfr_core.checkpoints import load_config
-from ridfr_core.content import ContentControlNet, lq_to_latent_size
+from ridfr_core.weights.checkpoints import load_config
+from ridfr_core.backends.ridfr.controlnet import ContentControlNet, lq_to_latent_size
 from ridfr_core.faces.align import estimate_alignment, ffhq_template, paste_face
-from ridfr_core.identity import Identity, build_identity_adapter, encode_clip_features
-from ridfr_core.pipeline import PipelineModules, RIDFRPipeline, seeded_noise
+from ridfr_core.identity.adapter import Identity, build_identity_adapter, encode_clip_features
+from ridfr_core.pipeline import PipelineModules, RIDFRPipeline
+from ridfr_core.sampling.noise import seeded_noise
 
 SMALL = {  # SD1.5's block structure at a quarter of the width: CPU-sized
     "unet": {"block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 768, "attention_head_dim": 8},

@@ -60,7 +60,7 @@ def null_identity_tokens(ridfr) -> torch.Tensor:
     """(1,4,C) tokens of FaceID-Plus' null identity: the uncond side of identity guidance, and what RestorerID's
     IDBalance reads for faces without an identity (as in its training)."""
     import comfy.model_management as mm
-    from ..ridfr_core.identity import null_identity
+    from ..ridfr_core.identity.adapter import null_identity
 
     mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
     with torch.no_grad():

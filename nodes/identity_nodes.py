@@ -137,7 +137,7 @@ class MatchIdentities(io.ComfyNode):
     def execute(cls, ridfr, faces, identity_1, threshold, one_face_per_identity, **more) -> io.NodeOutput:
         from ..ridfr_core.faces import FaceError, ffhq_template, match_faces
         from ..ridfr_core.faces.images import tensor_to_rgb
-        from ..ridfr_core.identity import Identity
+        from ..ridfr_core.identity.adapter import Identity
 
         identities = [identity_1] + [more[f"identity_{n}"] for n in range(2, MAX_IDENTITIES + 1)
                                      if more.get(f"identity_{n}") is not None]

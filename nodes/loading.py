@@ -94,16 +94,6 @@ def compute_dtype(module):
     return mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
 
 
-def check_adapter_version(backend, adapter, file_name: str) -> None:
-    """RestorerID was trained with FaceID Plus v1 (no shortcut); its tokens differ from PlusV2's."""
-    from ..ridfr_core.backends import RESTORERID
-
-    if backend is RESTORERID and adapter.shortcut:
-        raise NodeError("LoadRIDFR", "ipadapter", f"'{file_name}' is IP-Adapter FaceID PlusV2, but the RestorerID "
-                        "weights were trained with FaceID Plus v1: choose ip-adapter-faceid-plus_sd15.bin "
-                        "(https://huggingface.co/h94/IP-Adapter-FaceID) in models/ipadapter.")
-
-
 class LoadRIDFR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -163,18 +153,21 @@ class LoadRIDFR(io.ComfyNode):
     @classmethod
     def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
         from diffusers import UNet2DConditionModel
-        from ..ridfr_core import adapter_files, checkpoints, content_files
-        from ..ridfr_core.backends import backend_of
+        from ..ridfr_core.backends import backend_of, load_content
+        from ..ridfr_core.weights import adapter_files, checkpoints
 
         configs = architecture_configs()
         try:
-            content = content_files.load_content(folder_paths.get_full_path_or_raise(CONTENT_FOLDER, content_weights))
+            content = load_content(folder_paths.get_full_path_or_raise(CONTENT_FOLDER, content_weights))
+            backend = backend_of(content)
+            adapter_path = Path(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, ipadapter))
+            try:
+                shortcut = backend.faceid_shortcut(adapter_path)
+            except checkpoints.CheckpointError as error:
+                raise NodeError("LoadRIDFR", "ipadapter", str(error)) from None
             unet_layout = checkpoints.on_meta(
                 lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
-            adapter, lora_deltas = adapter_files.load_identity_adapter(
-                folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, ipadapter), unet_layout)
-            backend = backend_of(content)
-            check_adapter_version(backend, adapter, ipadapter)
+            adapter, lora_deltas = adapter_files.load_identity_adapter(adapter_path, unet_layout, shortcut)
             clip = checkpoints.load_clip_vision(folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_vision), configs)
         except checkpoints.CheckpointError as error:
             raise NodeError("LoadRIDFR", None, str(error)) from None

@@ -90,7 +90,7 @@ class ContentPatch:
 
     def lq_input(self, latent_hw: tuple[int, int], repeats: int, device, dtype) -> torch.Tensor:
         """The LQ faces resized to the latent and repeated per cond/uncond chunk (computed once per shape)."""
-        from ..ridfr_core.content import lq_to_latent_size
+        from ..ridfr_core.backends.ridfr.controlnet import lq_to_latent_size
 
         key = (latent_hw, repeats, device, dtype)
         if key not in self._resized:
@@ -191,7 +191,7 @@ class IdentityAttentionPatch:
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention
-        from ..ridfr_core.identity import identity_attention
+        from ..ridfr_core.identity.adapter import identity_attention
 
         heads = extra_options["n_heads"]
         if self.wrapped is not None:

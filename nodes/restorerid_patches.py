@@ -29,7 +29,7 @@ BALANCE_TOKENS = "ridfr_balance_tokens"    # transformer_options key: (batch, 4,
 
 def block_path(name: str) -> str:
     """LDM ResBlock name -> the MODEL attribute path (``input_blocks.1`` -> ``diffusion_model.input_blocks.1.0``)."""
-    from ..ridfr_core.restorerid import resblock_path
+    from ..ridfr_core.backends.restorerid.lq_branch import resblock_path
 
     return f"diffusion_model.{resblock_path(name)}"
 
@@ -63,7 +63,7 @@ class StructureStep:
 
 def modulated_forward(layer: ModulatedResBlock, x, emb, context, transformer_options, *args):
     """``forward_timestep_embed_patch`` handler for :class:`ModulatedResBlock`."""
-    from ..ridfr_core.restorerid import modulate
+    from ..ridfr_core.backends.restorerid.lq_branch import modulate
 
     residual, skip = layer.branches(x, emb)
     step = transformer_options.get(STRUCTURE_FEATURES)

@@ -62,11 +62,11 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> to
     import comfy.sample
     import comfy.utils
     import latent_preview
-    from ..ridfr_core.pipeline import seeded_noise
+    from ..ridfr_core.sampling.noise import seeded_noise
 
     side = faces.size // LATENT_FACTOR
     latent = torch.zeros(faces.count, LATENT_CHANNELS, side, side)
-    seeds = [(seed + offset) % 2 ** 64 for offset in faces.seed_offsets()]  # the seed widget goes up to 2**64 - 1
+    seeds = [seed + offset for offset in faces.seed_offsets()]
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)
@@ -144,7 +144,7 @@ class RIDFRSample(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler,
                 settings) -> io.NodeOutput:
-        from ..ridfr_core.colorfix import wavelet_color_fix
+        from ..ridfr_core.sampling.colorfix import wavelet_color_fix
 
         verdict = cls.validate_inputs(sampler_name, scheduler, settings)  # linked inputs now known
         if verdict is not True:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .embeddings import l2_normalise
+from .identity.embeddings import l2_normalise
 
 if TYPE_CHECKING:  # metrics loads scikit-image and SciPy: only when a recogniser is loaded
     from .metrics import Recogniser
@@ -122,7 +122,7 @@ class BestOfN:
         in one call of ``restore_fn`` and returns the best-ranked sample of each.
 
         The batch is candidate-major: element ``k * F + f`` is candidate k of face f. The restorer samples
-        element i with seed ``seed + i`` (:func:`ridfr_core.pipeline.seeded_noise`), so candidate 0 of each
+        element i with seed ``seed + i`` (:func:`ridfr_core.sampling.noise.seeded_noise`), so candidate 0 of each
         face is exactly what a single sample gives, and every reported seed reproduces its sample.
         ``people``: each person's reference photos (uint8 RGB), indexed like ``identity_index``.
         """

@@ -29,9 +29,9 @@ import cv2
 import numpy as np
 
 from .constants import FACE_SIZE
-from .degrade import DegradationConfig, degrade
+from .data.degrade import DegradationConfig, degrade
 from .eval_scores import DEFAULT_IQA, DEFAULT_RECOGNISERS, evaluate, unique_stems
-from .imageio import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
+from .io.images import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
 
 
 

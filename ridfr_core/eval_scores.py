@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from . import metrics
-from .imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
+from .io.images import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
 
 DEFAULT_RECOGNISERS = ("dlib", "facenet", "arcface")
 DEFAULT_IQA = ("lpips", "musiq", "maniqa", "clipiqa")

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from .embeddings import l2_normalise
+from .identity.embeddings import l2_normalise
 
 PYIQA_VERSION = "0.1.16"
 # Our metric name -> pyiqa metric name. pyiqa's "maniqa" is the KonIQ-10k checkpoint since 2023

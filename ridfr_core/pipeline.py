@@ -1,10 +1,8 @@
-"""The diffusers sampling backend: SD1.5 + a content module + identity adapter.
+"""Restoring aligned faces with diffusers: SD1.5 + a content backend + the identity adapter.
 
-:class:`RIDFRDenoiser` is the one function RIDFR trains and samples with: noise prediction from the
-noisy latent, timestep, empty-prompt states, LQ image and identity tokens. The trainer calls it for
-the diffusion and alignment losses. :class:`RIDFRPipeline` restores aligned faces with either content
-backend (:mod:`ridfr_core.backends`): RIDFR (UniPC 20, empty prompt) or RestorerID (DDIM 50, its
-prompts, CFG 4, wavelet colour fix), each by default with its published settings.
+:func:`load_models` reads every weight file; :class:`RIDFRPipeline` samples with the denoiser the content
+backend builds (:mod:`ridfr_core.backends`), by default with that backend's published settings: RIDFR
+(UniPC 20, empty prompt) or RestorerID (DDIM 50, its prompts, CFG 4, wavelet colour fix).
 """
 
 from __future__ import annotations
@@ -13,55 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UniPCMultistepScheduler
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from .backends import RESTORERID, Backend, backend_of, content_input, make_denoiser
-from .colorfix import wavelet_color_fix
+from .backends import backend_of, load_content, sd15_part
+from .backends.interface import ContentBackend
 from .constants import FACE_SIZE
-from .content import ContentControlNet
-from .identity import ID_TOKENS, Identity, IdentityAdapter, identity_context, null_identity
+from .identity.adapter import Identity, IdentityAdapter, null_identity
+from .sampling.colorfix import wavelet_color_fix
+from .sampling.noise import face_seeds, seeded_noise
+from .sampling.schedulers import make_scheduler
+from .weights import adapter_files, checkpoints
 
 MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
-
-
-class RIDFRDenoiser(torch.nn.Module):
-    """eps(z_t, t, c_text, I_LQ, c_ID): the UNet with content residuals and decoupled identity attention.
-
-    Installing the adapter replaces the UNet's cross-attention processors with the adapter's own
-    modules (shared, not copied), so the UNet passed in belongs to this denoiser from then on.
-    """
-
-    def __init__(self, unet: UNet2DConditionModel, content: ContentControlNet, adapter: IdentityAdapter | None = None):
-        super().__init__()
-        self.unet, self.content, self.adapter = unet, content, adapter
-        if adapter is not None:
-            identity_processors = adapter.processors_by_unet_name()
-            unet.set_attn_processor({name: identity_processors.get(name, AttnProcessor2_0())
-                                     for name in unet.attn_processors})
-
-    def forward(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | int,
-        text_states: torch.Tensor,
-        lq_image: torch.Tensor,
-        id_tokens: torch.Tensor | None = None,
-        content_scale: float | torch.Tensor = 1.0,
-        identity_scale: float | torch.Tensor = 1.0,
-    ) -> torch.Tensor:
-        """``lq_image`` (B,3,H,W) in [-1,1] (any size; resized to the latent); ``id_tokens`` (B,4,C) or
-        None for no identity; scales are floats or per-face (B,) tensors. Returns eps (B,4,h,w)."""
-        down, mid = self.content(latents, timestep, text_states, lq_image, content_scale)
-        hidden = text_states
-        if self.adapter is not None:
-            if id_tokens is None:
-                id_tokens, identity_scale = text_states.new_zeros(latents.shape[0], ID_TOKENS, text_states.shape[-1]), 0.0
-            hidden = identity_context(text_states, id_tokens, identity_scale)
-        elif id_tokens is not None:
-            raise ValueError("RIDFRDenoiser: identity tokens given but no identity adapter is loaded.")
-        return self.unet(latents, timestep, hidden, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample
 
 
 @dataclass
@@ -71,7 +32,7 @@ class PipelineModules:
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    content: torch.nn.Module  # ContentControlNet or restorerid.LQBranch
+    content: torch.nn.Module  # the content module of one of the backends
     empty_prompt: torch.Tensor
     scheduler_config: dict
     adapter: IdentityAdapter | None = None
@@ -80,7 +41,7 @@ class PipelineModules:
     prompts: dict = field(default_factory=dict)
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> ContentBackend:
         return backend_of(self.content)
 
     def prompt(self, text: str) -> torch.Tensor:
@@ -93,34 +54,18 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
     ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
     is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
-    from . import adapter_files, checkpoints, content_files
-
-    content_module = content_files.load_content(content, cache_dir)
+    content_module = load_content(content, cache_dir)
     backend = backend_of(content_module)
-    sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=(backend.positive_prompt, backend.negative_prompt))
-    if backend is RESTORERID:
-        from .restorerid_unet import check_branch_fits
-
-        check_branch_fits(content_module, sd.unet, f"RestorerID weights {content}")
+    sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=backend.prompt_tokens, sd15_part=sd15_part)
+    backend.check_fits(content_module, sd.unet, f"{backend.label.partition(' (')[0]} weights {content}")
     models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
     if adapter is not None:
-        if backend is RESTORERID:
-            shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
+        shortcut = backend.faceid_shortcut(Path(adapter), shortcut)
         models.adapter, models.lora_deltas = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
         adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
     return models
-
-
-def restorerid_identity_shortcut(adapter: Path, shortcut: bool | None) -> bool:
-    """RestorerID was trained with FaceID Plus v1 (no shortcut); its v2 file has other weights."""
-    from .checkpoints import CheckpointError
-
-    if shortcut or (shortcut is None and "v2" in adapter.name.lower()):
-        raise CheckpointError(f"IP-Adapter FaceID Plus: {adapter} is the v2 model, but RestorerID was trained with "
-                              "v1: use ip-adapter-faceid-plus_sd15.bin (h94/IP-Adapter-FaceID) with RestorerID weights.")
-    return False
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
@@ -129,28 +74,6 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Modul
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
     return module
-
-
-def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -> torch.Tensor:
-    """Noise drawn on the CPU from a local generator (one seed per face, or seed+i), so results are the
-    same on every device and never touch the global RNG."""
-    seeds = seed if isinstance(seed, list) else [seed + i for i in range(shape[0])]
-    if len(seeds) != shape[0]:
-        raise ValueError(f"seed: {len(seeds)} seeds for {shape[0]} faces; give one int or one seed per face.")
-    seeds = [s % 2 ** 64 for s in seeds]  # any int is a seed, wrapped to 64 bits as the nodes' seed widget does
-    noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return torch.stack(noise).to(device, dtype)
-
-
-def make_scheduler(backend: Backend, sampler: str, scheduler_config: dict):
-    """UniPC or DDIM from the base model's noise schedule. RestorerID's DDIM starts at t=999 (its sampler
-    starts from pure noise at the last training step), hence trailing spacing."""
-    if sampler == "unipc":
-        return UniPCMultistepScheduler.from_config(scheduler_config)
-    if sampler == "ddim":
-        spacing = "trailing" if backend is RESTORERID else scheduler_config.get("timestep_spacing", "leading")
-        return DDIMScheduler.from_config({**scheduler_config, "timestep_spacing": spacing})
-    raise ValueError(f"sampler: '{sampler}' is not one of unipc, ddim.")
 
 
 class RIDFRPipeline:
@@ -165,7 +88,7 @@ class RIDFRPipeline:
             if module is not None:
                 place(module, self.device, self.dtype).requires_grad_(False).eval()
         self.backend = models.backend
-        self.denoiser = make_denoiser(models.unet, models.content, models.adapter)
+        self.denoiser = self.backend.make_denoiser(models.unet, models.content, models.adapter)
         self._null_tokens: torch.Tensor | None = None
 
     @classmethod
@@ -192,7 +115,7 @@ class RIDFRPipeline:
                 raise ValueError("RIDFRPipeline: an identity was given but no IP-Adapter FaceID Plus is loaded; "
                                  "pass adapter=<ip-adapter-faceid-plus(v2)_sd15.bin> to load_models/from_files.")
             id_tokens = self.identity_tokens(identity, batch).to(self.dtype)
-        if self.backend is RESTORERID and self.models.adapter is not None:
+        if self.backend.null_identity_tokens and self.models.adapter is not None:
             null = self.null_tokens(batch).to(self.dtype)
             if id_tokens is None:
                 id_tokens = null
@@ -220,10 +143,7 @@ class RIDFRPipeline:
         ``identity_scale`` may be a (B,) tensor (0 = restore without identity). ``steps``, ``guidance``,
         ``sampler`` and ``color_fix`` default to the backend's published settings."""
         backend = self.backend
-        steps = backend.steps if steps is None else steps
-        guidance = backend.guidance if guidance is None else guidance
-        sampler = sampler or backend.sampler
-        color_fix = backend.color_fix if color_fix is None else color_fix
+        steps, guidance, sampler, color_fix = backend.sampling_settings(steps, guidance, sampler, color_fix).values()
         if lq_faces.ndim != 4 or lq_faces.shape[1] != 3:
             raise ValueError(f"RIDFRPipeline: lq_faces must be (B,3,H,W) RGB, got {tuple(lq_faces.shape)}.")
         if lq_faces.shape[-1] % 8 or lq_faces.shape[-2] % 8:
@@ -235,7 +155,7 @@ class RIDFRPipeline:
         scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         latent_hw = (lq_faces.shape[-2] // scale_factor, lq_faces.shape[-1] // scale_factor)
 
-        lq = content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw)
+        lq = backend.content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw)
         text = models.prompt(backend.positive_prompt).to(self.device, self.dtype).expand(batch, -1, -1)
         if isinstance(identity_scale, torch.Tensor):
             identity_scale = identity_scale.to(self.device, self.dtype)
@@ -251,9 +171,9 @@ class RIDFRPipeline:
             if isinstance(content_scale, torch.Tensor):
                 content_scale = torch.cat([content_scale, content_scale])
 
-        scheduler = make_scheduler(backend, sampler, models.scheduler_config)
+        scheduler = make_scheduler(sampler, models.scheduler_config, backend.ddim_spacing)
         scheduler.set_timesteps(steps, device=self.device)
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(batch)]
+        seeds = seed if isinstance(seed, list) else face_seeds(seed, batch)
         step_options = {"eta": backend.ddim_eta, "generator": [torch.Generator().manual_seed(s + 1) for s in seeds]
                         } if sampler == "ddim" and backend.ddim_eta else {}  # per-face step noise, as the start noise
         latents = seeded_noise((batch, 4, *latent_hw), seed, self.device, self.dtype) * scheduler.init_noise_sigma

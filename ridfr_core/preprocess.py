@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import read_state_dict
+from .weights.checkpoints import read_state_dict
 
 logger = logging.getLogger(__name__)
 

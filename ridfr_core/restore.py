@@ -23,14 +23,17 @@ import torch
 from .archive.inputs import is_archive_input
 from .archive.run import reference_people, run_archive
 from .best_of_n import best_of_n
-from .checkpoints import WEIGHT_SUFFIXES, CheckpointError
+from .sampling.schedulers import SAMPLERS
+from .weights.adapter_files import is_faceid_v2_file
+from .weights.checkpoints import WEIGHT_SUFFIXES, CheckpointError
 from .faces.errors import FaceError
-from .backends import SAMPLERS
-from .imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
+from .backends import RIDFR, file_backend
+from .backends.interface import ContentBackend
+from .io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from .models import download_command
 from .constants import FACE_SIZE
 from .preprocess import load_preprocessor
-from .quality import parse_identity_scale
+from .backends.restorerid.identity_scale import parse_identity_scale
 from .restore_checks import check_restore_options
 
 
@@ -69,24 +72,22 @@ def option_name(slot: ModelSlot) -> str:
     return "--" + slot.option.replace("_", "-")
 
 
-def candidates(models: Path, slot: ModelSlot, backend: str | None) -> list[Path]:
+def candidates(models: Path, slot: ModelSlot, backend: ContentBackend | None) -> list[Path]:
     """The weight files in the slot's folder that fit, best first. Content: RIDFR's own weights are the first
-    choice wherever they exist. Adapter: FaceID Plus files, v1 for RestorerID and v2 for RIDFR first."""
-    from .content_files import content_backend
-
+    choice wherever they exist. Adapter: FaceID Plus files, the version the backend was trained with first."""
     folder = models / slot.folder
     found = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
     if slot.option == "content":
-        ridfr = [p for p in found if content_backend(p, quick=True) == "ridfr"]
+        ridfr = [p for p in found if file_backend(p, quick=True) is RIDFR]
         return ridfr or found
     if slot.option == "adapter":
         found = [p for p in found if "faceid-plus" in p.name.lower()] or found
-        wanted = [p for p in found if ("v2" in p.name.lower()) == (backend == "ridfr")]
+        wanted = [p for p in found if is_faceid_v2_file(p) == (backend is not None and backend.faceid_v2)]
         return wanted or found
     return found
 
 
-def pick_file(models: Path, slot: ModelSlot, explicit: str | None, backend: str | None = None) -> Path | None:
+def pick_file(models: Path, slot: ModelSlot, explicit: str | None, backend: ContentBackend | None = None) -> Path | None:
     """An explicit path or name in the slot's folder, else the best fitting file there."""
     folder = models / slot.folder
     if explicit:
@@ -104,15 +105,13 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
     SD1.5 checkpoint, the RestorerID file also serves as the base model. Missing files are listed all at once,
     with the command that downloads the public ones."""
-    from .content_files import content_backend
-
     paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}
     content = pick_file(models, slots["content"], choices.get("content"))
-    backend = content_backend(content) if content is not None else None
+    backend = file_backend(content) if content is not None else None
     for slot in MODEL_SLOTS:
         path = content if slot.option == "content" else pick_file(models, slot, choices.get(slot.option), backend)
-        if path is None and slot.option == "base" and backend == "restorerid" and not choices.get("base"):
+        if path is None and slot.option == "base" and backend is not None and backend.holds_base and not choices.get("base"):
             path = content
         if path is None:
             explicit = choices.get(slot.option)
@@ -132,8 +131,8 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     if missing:
         raise MissingModels("RIDFR needs these model files, which were not found:\n" + "\n".join(missing)
                             + f"\nPut them in {models} (or pass --models DIR, or a path for each --option)."
-                            + fetch_hint(backend or "restorerid", models, absent))  # RestorerID: the public one
-    paths["backend"], paths["models"] = backend, models
+                            + fetch_hint(backend.name if backend else "restorerid", models, absent))  # the public one
+    paths["backend"], paths["models"] = backend.name if backend else None, models
     return paths
 
 
@@ -154,7 +153,7 @@ class Restorer:
                  identity_scale: float | str | None = None, preprocess=None, best_of=None, **sampling):
         from .faces import load_face_analyzer
         from .pipeline import RIDFRPipeline
-        from .quality import IdentityScale
+        from .backends.restorerid.identity_scale import IdentityScale
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.pipeline = RIDFRPipeline.from_files(paths["base"], paths["content"], paths["adapter"],
@@ -179,7 +178,7 @@ class Restorer:
         sampling = self.sampling if seeds is None else {**self.sampling, "seed": list(seeds)}
 
         def run(faces: torch.Tensor, scales: torch.Tensor, identity_index: list) -> torch.Tensor:
-            from .identity import Identity
+            from .identity.adapter import Identity
 
             per_face = Identity.cat([identities[index or 0] for index in identity_index])
             scales = scales * self.identity_scale.for_faces(faces)  # already 0 for faces matched to nobody

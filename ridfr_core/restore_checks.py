@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .pipeline import MAX_STEPS
-from .quality import parse_identity_scale
+from .backends.restorerid.identity_scale import parse_identity_scale
 
 MAX_UPSCALE = 8.0
 DEVICES = ("auto", "cuda", "cpu")

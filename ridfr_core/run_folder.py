@@ -12,8 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
-from .atomic import TEMP_FILE, probe_writable
-from .checkpoints import CheckpointError, read_safetensors_metadata
+from .io.atomic import TEMP_FILE, probe_writable
+from .weights.checkpoints import CheckpointError, read_safetensors_metadata
 
 PARTIAL_CHECKPOINT = re.compile(r"^\.step-\d{8}\.partial$")
 CHECKPOINT_FILES = ("state.json", "config.json", "optimizer.json", "lr_scheduler.json", "content.safetensors",

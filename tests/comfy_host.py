@@ -98,7 +98,7 @@ def build_comfy_models(models: Path, insightface_pack: Path):
     from restorerid_layout import tiny_branch, write_restorerid_checkpoint
     from tiny_models import LORA_RANK, TINY_CONFIGS, build_tiny_models
 
-    from ridfr_core.checkpoints import load_config
+    from ridfr_core.weights.checkpoints import load_config
 
     tiny = build_tiny_models(models, comfy=True)
     unet_config = {**TINY_CONFIGS["unet"], "norm_num_groups": 32}

@@ -28,8 +28,8 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 
 def tiny_branch(unet: UNet2DConditionModel, seed: int, idbalance: bool = True):
     """An LQ branch for ``unet`` with random weights (IDBalance zero when ``idbalance`` is False)."""
-    from ridfr_core.restorerid import LQBranch
-    from ridfr_core.restorerid_unet import resnet_names
+    from ridfr_core.backends.restorerid.lq_branch import LQBranch
+    from ridfr_core.backends.restorerid.denoiser import resnet_names
 
     modules = dict(unet.named_modules())
     blocks = {ldm: modules[path].conv2.out_channels for path, ldm in resnet_names(unet).items()}
@@ -50,7 +50,7 @@ def tiny_branch(unet: UNet2DConditionModel, seed: int, idbalance: bool = True):
 
 def branch_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our LQ-branch keys -> RestorerID's checkpoint keys."""
-    from ridfr_core.restorerid import resblock_path
+    from ridfr_core.backends.restorerid.lq_branch import resblock_path
 
     out = {}
     for key, value in state.items():

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ridfr_core.colorfix import wavelet_color_fix, wavelet_split
-from ridfr_core.prompts import PROMPT_TOKENS, prompt_ids
-from ridfr_core.quality import AUTO, IdentityScale, parse_identity_scale, scale_from_musiq
+from ridfr_core.sampling.colorfix import wavelet_color_fix, wavelet_split
+from ridfr_core.backends.restorerid.prompts import PROMPT_TOKENS
+from ridfr_core.weights.checkpoints import token_ids
+from ridfr_core.backends.restorerid.identity_scale import AUTO, IdentityScale, parse_identity_scale, scale_from_musiq
 from ridfr_core.backends import RESTORERID, RIDFR
 
 
-def test_prompt_ids_match_sd15_tokenizer():
+def test_prompt_token_ids_match_sd15_tokenizer():
     """The listed ids are what SD1.5's CLIP tokenizer (as ComfyUI ships it) gives, padded with EOS to 77."""
     comfyui = os.environ.get("COMFYUI_PATH")
     vocab = Path(comfyui or "") / "comfy" / "sd1_tokenizer"
@@ -26,12 +27,7 @@ def test_prompt_ids_match_sd15_tokenizer():
     tokenizer = CLIPTokenizer.from_pretrained(str(vocab))
     for text in PROMPT_TOKENS:
         expected = tokenizer(text, padding="max_length", max_length=77).input_ids
-        assert prompt_ids(text).tolist() == [expected]
-
-
-def test_unknown_prompt_is_a_clear_error():
-    with pytest.raises(ValueError, match="CLIP Text Encode"):
-        prompt_ids("a photo of a cat")
+        assert token_ids(PROMPT_TOKENS[text]).tolist() == [expected]
 
 
 def test_wavelet_split_is_exact_and_colour_fix_takes_the_lq_colours():

@@ -13,7 +13,7 @@ from shared_data import FACES, needs_faces
 from ridfr_core import metrics
 from ridfr_core.best_of_n import (RankingError, best_of_n, load_ranking_recogniser, ranking_problem,
                                   reference_embedding, similarity)
-from ridfr_core.imageio import read_rgb, write_rgb
+from ridfr_core.io.images import read_rgb, write_rgb
 from ridfr_core.restore import main as restore_main
 
 AVAILABLE = {"dlib": metrics.dlib_unavailable_reason(), "facenet": metrics.facenet_unavailable_reason()}

@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from layouts import faceid_plus_state, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-from ridfr_core import adapter_files, checkpoints, content_files
-from ridfr_core.checkpoints import CheckpointError
-from ridfr_core.content import ContentControlNet
+from ridfr_core import backends
+from ridfr_core.backends.ridfr import files as content_files
+from ridfr_core.weights import adapter_files, checkpoints
+from ridfr_core.weights.checkpoints import CheckpointError
+from ridfr_core.backends.ridfr.controlnet import ContentControlNet
 
 SD15 = checkpoints.CONFIG_DIR
 
@@ -31,23 +33,23 @@ def test_single_file_base_loads_exactly(tiny_models, tmp_path, kind):
     base = checkpoints.load_base(getattr(tiny_models, kind), tiny_models.configs, cache_dir=tmp_path)
     assert same_state(base.unet, tiny_models.unet)
     assert same_state(base.vae, tiny_models.vae)
-    assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, ""))
+    assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, []))
     assert base.empty_prompt.shape == (1, 77, 64)
 
 
 def test_prompts_are_cached_per_file_and_text(tiny_models, tmp_path):
-    from ridfr_core.prompts import RESTORERID_NEGATIVE, RESTORERID_POSITIVE
+    from ridfr_core.backends.restorerid.prompts import PROMPT_TOKENS, RESTORERID_NEGATIVE, RESTORERID_POSITIVE
 
     checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
     cached = list(tmp_path.glob("prompt_*.safetensors"))
     assert len(cached) == 1
     save_file({"prompt": torch.full((1, 77, 64), 7.0)}, str(cached[0]))  # proves the cache is read
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path,
-                                 prompts=(RESTORERID_POSITIVE, RESTORERID_NEGATIVE))
+                                 prompts=PROMPT_TOKENS)
     assert torch.all(base.empty_prompt == 7.0)
     assert len(list(tmp_path.glob("prompt_*.safetensors"))) == 3
     for text in (RESTORERID_POSITIVE, RESTORERID_NEGATIVE):
-        assert torch.equal(base.prompts[text], checkpoints.encode_prompt(tiny_models.text_encoder, text))
+        assert torch.equal(base.prompts[text], checkpoints.encode_prompt(tiny_models.text_encoder, PROMPT_TOKENS[text]))
     assert not torch.equal(base.prompts[RESTORERID_POSITIVE], base.prompts[RESTORERID_NEGATIVE])
 
 
@@ -57,7 +59,7 @@ def test_diffusers_folder_loads(tiny_models, tmp_path):
     tiny_models.text_encoder.save_pretrained(tmp_path / "text_encoder")
     base = checkpoints.load_base(tmp_path, tiny_models.configs)
     assert same_state(base.unet, tiny_models.unet)
-    assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, ""))
+    assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, []))
 
 
 def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
@@ -79,7 +81,7 @@ def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
 
 def test_v2_shortcut_adds_the_normalised_id_tokens(tiny_models, tmp_path):
     """FaceID-Plus v2: tokens = norm(proj(ArcFace)) + perceiver output (shortcut scale 1); v1 has no shortcut."""
-    from ridfr_core.identity import Identity
+    from ridfr_core.identity.adapter import Identity
 
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
     v2, _ = adapter_files.load_identity_adapter(tiny_models.adapter_v2, base.unet)
@@ -99,7 +101,7 @@ def test_clip_vision_and_content_load(tiny_models):
     stored_clip = load_file(str(tiny_models.clip_vision))
     assert clip.state_dict().keys() == stored_clip.keys()
     assert all(torch.equal(stored_clip[k], v) for k, v in clip.state_dict().items())
-    content = content_files.load_content(tiny_models.content)
+    content = backends.load_content(tiny_models.content)
     assert isinstance(content, ContentControlNet)
     assert content.conv_in.in_channels == 7
     assert "controlnet_cond_embedding.conv_in.weight" not in content.state_dict()
@@ -219,24 +221,24 @@ def test_pickled_code_is_refused(tiny_models, tmp_path):
 
 def test_content_file_errors(tiny_models, tmp_path):
     with pytest.raises(CheckpointError, match="is neither RIDFR content weights"):
-        content_files.load_content(tiny_models.checkpoint)
+        backends.load_content(tiny_models.checkpoint)
     state = load_file(str(tiny_models.content))
-    config = json.dumps(content_files.content_config(content_files.load_content(tiny_models.content)))
+    config = json.dumps(content_files.content_config(backends.load_content(tiny_models.content)))
     future = write(tmp_path, "future.safetensors", state,
                    {"format": "ridfr-content", "format_version": "99", "config": config})
     with pytest.raises(CheckpointError, match="update the RIDFR node pack"):
-        content_files.load_content(future)
+        backends.load_content(future)
     extra = write(tmp_path, "extra.safetensors", {**state, "surprise.weight": torch.zeros(1)},
                   {"format": "ridfr-content", "format_version": "1", "config": config})
     with pytest.raises(CheckpointError, match="unexpected keys: surprise.weight"):
-        content_files.load_content(extra)
+        backends.load_content(extra)
     with pytest.raises(CheckpointError, match="python -m ridfr_core.train"):
-        content_files.load_content(tmp_path / "nothing.safetensors")
+        backends.load_content(tmp_path / "nothing.safetensors")
     for name, bad_config in (("no_config", None), ("four_channels", json.dumps({**json.loads(config), "in_channels": 4}))):
         metadata = {"format": "ridfr-content", "format_version": "1", **({"config": bad_config} if bad_config else {})}
         bad = write(tmp_path, f"{name}.safetensors", state, metadata)
         with pytest.raises(CheckpointError, match="no usable architecture") as info:
-            content_files.load_content(bad)
+            backends.load_content(bad)
         assert str(bad) in str(info.value)
 
 

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from shared_data import FACE_DATA
-from ridfr_core.checkpoints import load_clip_vision
-from ridfr_core.data import (AlignDataset, DataError, FaceDataset, NoiseSpec, StepBatchSampler, scan_faces,
+from ridfr_core.weights.checkpoints import load_clip_vision
+from ridfr_core.data.streams import DataError
+from ridfr_core.data.datasets import (AlignDataset, FaceDataset, NoiseSpec, StepBatchSampler, scan_faces,
                              scan_identities)
-from ridfr_core.degrade import DegradationConfig
-from ridfr_core.identity_cache import IdentityCache, IdentityEncoder
+from ridfr_core.data.degrade import DegradationConfig
+from ridfr_core.identity.cache import IdentityCache, IdentityEncoder
 
 SIZE = 64
 NOISE = NoiseSpec(latent_channels=4, latent_size=8, num_train_timesteps=1000)

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ridfr_core.degrade import (
+from ridfr_core.data.degrade import (
     DegradationConfig,
     DegradationParams,
     apply_degradation,

@@ -9,8 +9,8 @@ import pytest
 
 from ridfr_core import eval as evaluation
 from ridfr_core.eval_scores import image_with_stem
-from ridfr_core.degrade import jpeg_roundtrip
-from ridfr_core.imageio import list_images, read_rgb, write_rgb
+from ridfr_core.data.degrade import jpeg_roundtrip
+from ridfr_core.io.images import list_images, read_rgb, write_rgb
 from shared_data import FACES, needs_faces
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from ridfr_core import eval as evaluation
 from ridfr_core import restore
-from ridfr_core.imageio import write_rgb
+from ridfr_core.io.images import write_rgb
 from test_eval import synthetic_celebref  # noqa: F401 (fixture)
 
 NO_METRICS = ["--recognisers", "", "--iqa", ""]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from ridfr_core.imageio import ImageReadError, read_metadata, read_rgb, write_rgb
+from ridfr_core.io.images import ImageReadError, read_metadata, read_rgb, write_rgb
 
 
 def gradient(height: int = 48, width: int = 64) -> np.ndarray:

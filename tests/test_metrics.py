@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ridfr_core import metrics
-from ridfr_core.embeddings import l2_normalise
+from ridfr_core.identity.embeddings import l2_normalise
 from shared_data import FACES, needs_faces
 
 

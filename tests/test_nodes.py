@@ -63,7 +63,7 @@ def content_condition(env, image, **options):
 
 
 def random_identity(count: int = 1, seed: int = 0):
-    from ridfr_core.identity import Identity
+    from ridfr_core.identity.adapter import Identity
 
     generator = torch.Generator().manual_seed(seed)
     return Identity(F.normalize(torch.randn(count, 512, generator=generator), dim=-1),
@@ -79,13 +79,15 @@ def lq_faces(count: int, seed: int = 1) -> torch.Tensor:
 
 
 def diffusers_denoiser(env):
-    from ridfr_core import adapter_files, content_files
-    from ridfr_core.pipeline import RIDFRDenoiser
+    from ridfr_core import backends
+    from ridfr_core.backends.ridfr import files as content_files
+    from ridfr_core.weights import adapter_files
+    from ridfr_core.backends.ridfr.denoiser import RIDFRDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
     adapter, deltas = adapter_files.load_identity_adapter(env.tiny.adapter_v2, unet)
     adapter_files.apply_weight_deltas(unet, deltas, 1.0)
-    return RIDFRDenoiser(unet, content_files.load_content(env.tiny.content), adapter).eval()
+    return RIDFRDenoiser(unet, backends.load_content(env.tiny.content), adapter).eval()
 
 
 def comfy_eps(model, x_d, sigma, text, cond_or_uncond):
@@ -119,20 +121,21 @@ def test_every_input_and_output_has_a_tooltip(env):
 def test_backend_prompts_match_ridfr_core(env, prompt):
     """ComfyUI's CLIP encoding of each backend prompt is the embedding ridfr_core conditions on (its token id
     tables against ComfyUI's SD1.5 tokenizer; up to ComfyUI keeping CLIP in fp16)."""
-    from ridfr_core import prompts
-    from ridfr_core.checkpoints import encode_prompt
+    from ridfr_core.backends.restorerid import prompts
+    from ridfr_core.weights.checkpoints import encode_prompt
 
     text = getattr(prompts, prompt) if prompt else ""
     comfy = env.clip.encode_from_tokens_scheduled(env.clip.tokenize(text))[0][0]
     assert env.clip.tokenize(text)["l"][0][1:len(prompts.PROMPT_TOKENS[text]) + 1] == [
         (token, 1.0) for token in prompts.PROMPT_TOKENS[text]]
-    torch.testing.assert_close(comfy.float(), encode_prompt(env.tiny.text_encoder, text), atol=3e-3, rtol=0)
+    torch.testing.assert_close(comfy.float(), encode_prompt(env.tiny.text_encoder, prompts.PROMPT_TOKENS[text]), atol=3e-3,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("cfg_batch", [False, True], ids=["cond", "cond+uncond"])
 def test_one_step_matches_the_diffusers_backend(env, cfg_batch):
     """Same tiny weights and inputs: ComfyUI's patched MODEL and ridfr_core.RIDFRDenoiser agree."""
-    from ridfr_core.identity import null_identity
+    from ridfr_core.identity.adapter import null_identity
 
     faces_in = lq_faces(2)
     identity = random_identity(2)

@@ -59,13 +59,15 @@ def rounded_vae(env):
 @pytest.fixture(scope="module")
 def denoiser(env):
     """ridfr_core's diffusers backend over the same files: RestorerIDDenoiser with FaceID Plus v1 and its LoRA."""
-    from ridfr_core import adapter_files, content_files
-    from ridfr_core.restorerid_unet import RestorerIDDenoiser
+    from ridfr_core import backends
+    from ridfr_core.backends.ridfr import files as content_files
+    from ridfr_core.weights import adapter_files
+    from ridfr_core.backends.restorerid.denoiser import RestorerIDDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
     adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
     adapter_files.apply_weight_deltas(unet, deltas, 1.0)
-    branch = content_files.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
+    branch = backends.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
     return RestorerIDDenoiser(unet, branch, adapter).eval()
 
 
@@ -76,7 +78,7 @@ def test_load_ridfr_tells_the_backends_apart_and_wants_faceid_plus_v1(env, ridfr
     backends = pack_core("backends")
 
     assert ridfr.backend is backends.RESTORERID and env.ridfr.backend is backends.RIDFR
-    assert isinstance(env.pack.nodes.sockets.module_of(ridfr.content), pack_core("restorerid").LQBranch)
+    assert isinstance(env.pack.nodes.sockets.module_of(ridfr.content), pack_core("backends.restorerid.lq_branch").LQBranch)
     with pytest.raises(ValueError, match=r"LoadRIDFR \(ipadapter\): 'ip-adapter-faceid-plusv2_sd15.bin' is IP-Adapter "
                                          r"FaceID PlusV2.*choose ip-adapter-faceid-plus_sd15.bin"):
         run(env, "LoadRIDFR", content_weights=RESTORERID_FILE, ipadapter=env.tiny.adapter_v2.name,
@@ -90,7 +92,7 @@ def test_content_condition_needs_the_vae_for_restorerid(env, ridfr):
 
 
 def test_lq_latent_is_the_scaled_posterior_mean_ridfr_core_uses(env, ridfr):
-    content_input = pack_core("backends").content_input
+    content_input = pack_core("backends").RESTORERID.content_input
 
     faces = lq_faces(2).permute(0, 3, 1, 2)
     got = env.pack.nodes.condition_nodes.lq_latent(env.model, env.vae, faces)
@@ -128,7 +130,7 @@ def test_idbalance_at_zero_equals_the_spade_only_path(env, ridfr):
     """IDBalance (zero-initialised gamma'/beta' convs) adds nothing when zero, whatever tokens it reads, so the
     result is the spade-only path's; with trained weights it reads the identity IdentityCondition provides (here
     at weight 0, so only IDBalance sees the identity), and without one the null identity, as RestorerID trained."""
-    from ridfr_core.identity import null_identity
+    from ridfr_core.identity.adapter import null_identity
 
     def zero_idbalance(branch):
         for name, param in branch.named_parameters():
@@ -152,7 +154,7 @@ def test_idbalance_at_zero_equals_the_spade_only_path(env, ridfr):
 def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalance(env, ridfr, denoiser):
     """Under CFG the uncond rows see the null identity (identity attention and IDBalance), the cond rows the
     person's, except faces that matched nobody; checked against ridfr_core's diffusers backend."""
-    from ridfr_core.identity import null_identity
+    from ridfr_core.identity.adapter import null_identity
 
     module_of = env.pack.nodes.sockets.module_of
     model, faces, _, _ = content(env, ridfr, lq_faces(2), strength=0.9)
@@ -180,7 +182,7 @@ def test_cond_and_uncond_rows_get_their_identity_tokens_in_attention_and_idbalan
 
 
 def content_latent(env, ridfr, faces):
-    content_input = pack_core("backends").content_input
+    content_input = pack_core("backends").RESTORERID.content_input
 
     return content_input(env.pack.nodes.sockets.module_of(ridfr.content), faces.lq * 2 - 1, rounded_vae(env),
                          (FACE // 8, FACE // 8))
@@ -196,8 +198,8 @@ def test_comfyui_sampler_follows_the_diffusers_trajectory(env, ridfr, denoiser, 
     import comfy.sample
     import comfy.samplers
     from diffusers import DDIMScheduler
-    from ridfr_core.identity import null_identity
-    from ridfr_core.pipeline import seeded_noise
+    from ridfr_core.identity.adapter import null_identity
+    from ridfr_core.sampling.noise import seeded_noise
 
     steps, guidance = 4, 4.0
     model, faces, latent, _ = content(env, ridfr, lq_faces(2, seed=4))

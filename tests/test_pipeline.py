@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ridfr_core import checkpoints, content_files
-from ridfr_core.content import ContentControlNet, lq_to_latent_size
-from ridfr_core.identity import Identity, encode_clip_features
-from ridfr_core.pipeline import PipelineModules, RIDFRDenoiser, RIDFRPipeline, load_models
+from ridfr_core import backends
+
+from ridfr_core.backends.ridfr import files as content_files
+
+from ridfr_core.weights import checkpoints
+from ridfr_core.backends.ridfr.controlnet import ContentControlNet, lq_to_latent_size
+from ridfr_core.identity.adapter import Identity, encode_clip_features
+from ridfr_core.backends.ridfr.denoiser import RIDFRDenoiser
+from ridfr_core.pipeline import PipelineModules, RIDFRPipeline, load_models
 
 STEPS = 3
 
@@ -47,7 +52,7 @@ def test_fresh_content_module_leaves_the_unet_prediction_unchanged(tiny_models):
 
 
 def test_trained_content_module_uses_the_lq_image(tiny_models):
-    content = content_files.load_content(tiny_models.content)
+    content = backends.load_content(tiny_models.content)
     denoiser = RIDFRDenoiser(tiny_models.unet, content)
     latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
     a = denoiser(latents, 500, text, torch.zeros(1, 3, 64, 64))
@@ -95,7 +100,7 @@ def test_without_adapter_and_lora_equals_identity_scale_zero_without_lora(tiny_m
     no_lora = RIDFRPipeline(load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,
                                         config_dir=tiny_models.configs, cache_dir=tmp_path, lora_strength=0.0))
     base = checkpoints.load_base(tiny_models.checkpoint, tiny_models.configs, cache_dir=tmp_path)
-    bare = RIDFRPipeline(PipelineModules(base.unet, base.vae, content_files.load_content(tiny_models.content),
+    bare = RIDFRPipeline(PipelineModules(base.unet, base.vae, backends.load_content(tiny_models.content),
                                      base.empty_prompt, base.scheduler_config))
     assert torch.equal(no_lora(lq, None, steps=STEPS, seed=5), bare(lq, None, steps=STEPS, seed=5))
     with_lora = RIDFRPipeline(load_models(tiny_models.checkpoint, tiny_models.content, tiny_models.adapter_v2,
@@ -137,7 +142,7 @@ def test_content_module_matches_diffusers_controlnet(tiny_models):
     diffusers' own forward, whose hint encoder is the LQ third of conv_in, gives the same residuals."""
     from diffusers import ControlNetModel
 
-    content = content_files.load_content(tiny_models.content)
+    content = backends.load_content(tiny_models.content)
     reference = ControlNetModel(**{**content_files.content_config(content), "in_channels": 4}).eval()
     weight = content.conv_in.weight
     reference.load_state_dict({**content.state_dict(), "conv_in.weight": weight[:, :4]}, strict=False)
@@ -164,7 +169,7 @@ def test_identity_processor_matches_diffusers_ip_adapter_processor():
     """The per-face-scale processor is diffusers' IPAdapterAttnProcessor2_0 at each face's scale."""
     from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
-    from ridfr_core.identity import IdentityAttnProcessor
+    from ridfr_core.identity.adapter import IdentityAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=32, cross_attention_dim=64, heads=2, dim_head=16).eval()

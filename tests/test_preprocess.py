@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from shared_data import FACES, needs_faces
 from ridfr_core import eval as evaluation
-from ridfr_core.checkpoints import CheckpointError
-from ridfr_core.imageio import list_images, read_rgb, write_rgb
+from ridfr_core.weights.checkpoints import CheckpointError
+from ridfr_core.io.images import list_images, read_rgb, write_rgb
 from ridfr_core.preprocess import PreprocessError, load_preprocessor, tiled
 from ridfr_core.restore import main as restore_main
 from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2, write_realesrgan_compact_x2

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from comfy_host import import_comfy, requires_comfyui
 from shared_data import FACES, needs_faces
 from ridfr_core import metrics
-from ridfr_core.imageio import read_rgb
+from ridfr_core.io.images import read_rgb
 from tiny_upscale_models import write_diffbir_swinir, write_official_swinir_x2
 
 pytestmark = requires_comfyui

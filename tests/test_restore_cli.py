@@ -187,7 +187,8 @@ def test_a_jpeg_result_keeps_quality_profile_exif_and_is_upright(tiny_models, ri
 
 def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models, ridfr_models_dir, face_data,
                                                                       tmp_path, capsys):
-    from ridfr_core.content_files import load_content, save_content
+    from ridfr_core.backends import load_content
+    from ridfr_core.backends.ridfr.files import save_content
 
     models = tmp_path / "models"
     models.mkdir()

@@ -13,14 +13,16 @@ from safetensors.torch import save_file
 
 from shared_data import SHARED
 from restorerid_layout import tiny_branch
-from ridfr_core import checkpoints, content_files
+from ridfr_core import backends
+from ridfr_core.backends.ridfr import files as content_files
+from ridfr_core.weights import checkpoints
 from ridfr_core.backends import RESTORERID
-from ridfr_core.checkpoints import CheckpointError
-from ridfr_core.identity import Identity
+from ridfr_core.weights.checkpoints import CheckpointError
+from ridfr_core.identity.adapter import Identity
 from ridfr_core.pipeline import RIDFRPipeline
-from ridfr_core.restorerid import LQBranch, branch_state_from_checkpoint, modulate
-from ridfr_core.restorerid_files import LQ_BRANCH_GROUPS, partition
-from ridfr_core.restorerid_unet import RestorerIDDenoiser
+from ridfr_core.backends.restorerid.lq_branch import LQBranch, branch_state_from_checkpoint, modulate
+from ridfr_core.backends.restorerid.files import LQ_BRANCH_GROUPS, partition
+from ridfr_core.backends.restorerid.denoiser import RestorerIDDenoiser
 
 LAYOUT = SHARED / "notes" / "restorerid-layout.json"
 
@@ -53,20 +55,20 @@ def test_full_size_key_partition_matches_the_published_layout():
 
 def test_checkpoint_gives_only_the_lq_branch_and_is_converted_once(restorerid_checkpoint, tiny_models, tmp_path):
     expected = tiny_branch(tiny_models.unet, seed=11).state_dict()
-    branch = content_files.load_content(restorerid_checkpoint, cache_dir=tmp_path)
-    assert isinstance(branch, LQBranch) and content_files.content_backend(restorerid_checkpoint) == "restorerid"
+    branch = backends.load_content(restorerid_checkpoint, cache_dir=tmp_path)
+    assert isinstance(branch, LQBranch) and backends.file_backend(restorerid_checkpoint).name == "restorerid"
     assert branch.state_dict().keys() == expected.keys()
     assert all(torch.equal(branch.state_dict()[k], v) for k, v in expected.items())
     converted = list(tmp_path.glob("restorerid_lq_*.safetensors"))
     assert len(converted) == 1
     assert checkpoints.read_safetensors_metadata(converted[0], "x")["format"] == "restorerid-lq-branch"
     # the converted file loads on its own (e.g. moved into models/ridfr) and is what later loads read
-    again = content_files.load_content(converted[0])
+    again = backends.load_content(converted[0])
     assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
-    assert content_files.content_backend(converted[0], quick=True) == "restorerid"
+    assert backends.file_backend(converted[0], quick=True).name == "restorerid"
     save_file({k: torch.zeros_like(v) for k, v in again.state_dict().items()}, str(converted[0]),
               metadata=checkpoints.read_safetensors_metadata(converted[0], "x"))
-    cached = content_files.load_content(restorerid_checkpoint, cache_dir=tmp_path)
+    cached = backends.load_content(restorerid_checkpoint, cache_dir=tmp_path)
     assert all(not v.any() for v in cached.state_dict().values())  # proves the cache is read
 
 
@@ -75,12 +77,12 @@ def test_bad_restorerid_files_are_clear_errors(restorerid_checkpoint, tmp_path):
     no_encoder = tmp_path / "no_encoder.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("structcond_stage_model.")}, no_encoder)
     with pytest.raises(CheckpointError, match="neither RIDFR content weights") as info:
-        content_files.load_content(no_encoder, cache_dir=tmp_path)
+        backends.load_content(no_encoder, cache_dir=tmp_path)
     assert str(no_encoder) in str(info.value)
     half = tmp_path / "half.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if ".input_blocks.1.0.IDBalance." not in k}, half)
     with pytest.raises(CheckpointError, match="input_blocks.1 have spade or IDBalance but not both"):
-        content_files.load_content(half, cache_dir=tmp_path)
+        backends.load_content(half, cache_dir=tmp_path)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -90,7 +92,7 @@ def test_bad_restorerid_files_are_clear_errors(restorerid_checkpoint, tmp_path):
     evil = tmp_path / "RestorerIDFull.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": Payload()}, evil)
     with pytest.raises(CheckpointError, match="would run code"):
-        content_files.load_content(evil, cache_dir=tmp_path)
+        backends.load_content(evil, cache_dir=tmp_path)
     assert not marker.exists()
 
 
@@ -136,7 +138,8 @@ def test_zero_idbalance_equals_the_spade_only_path(tiny_models):
 
 
 def test_the_restorerid_file_serves_as_the_base_model(restorerid_checkpoint, tiny_models, tmp_path):
-    base = checkpoints.load_base(restorerid_checkpoint, tiny_models.configs, cache_dir=tmp_path)
+    base = checkpoints.load_base(restorerid_checkpoint, tiny_models.configs, cache_dir=tmp_path,
+                                 sd15_part=backends.sd15_part)
     for ours, theirs in ((base.unet, tiny_models.unet), (base.vae, tiny_models.vae)):
         assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
 
@@ -186,7 +189,7 @@ def test_pipeline_routes_prompts_and_identities_under_cfg(restorerid_pipeline):
 
 
 def test_pipeline_defaults_seeds_and_colour_fix(restorerid_pipeline):
-    from ridfr_core.colorfix import wavelet_split
+    from ridfr_core.sampling.colorfix import wavelet_split
 
     faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     identity = face_identity(3)
@@ -233,8 +236,8 @@ def test_weights_for_another_unet_are_refused_naming_the_file(tiny_models, tmp_p
     from diffusers import UNet2DConditionModel
     from tiny_models import TINY_CONFIGS
 
-    from ridfr_core.checkpoints import save_safetensors_atomic
-    from ridfr_core.restorerid_files import RESTORERID_FORMAT
+    from ridfr_core.weights.checkpoints import save_safetensors_atomic
+    from ridfr_core.backends.restorerid.files import RESTORERID_FORMAT
 
     wider = UNet2DConditionModel(**{**TINY_CONFIGS["unet"], "block_out_channels": [32, 96]})
     branch = tiny_branch(wider, seed=5)

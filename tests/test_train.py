@@ -19,9 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ridfr_core import checkpoints, content_files, train
-from ridfr_core.identity_cache import IdentityCache
-from ridfr_core.identity import Identity
+from ridfr_core import backends, train
+
+from ridfr_core.backends.ridfr import files as content_files
+
+from ridfr_core.weights import checkpoints
+from ridfr_core.identity.cache import IdentityCache
+from ridfr_core.identity.adapter import Identity
 from ridfr_core.pipeline import RIDFRPipeline
 from ridfr_core.train import ConfigError, Trainer, TrainConfig, complete_checkpoints
 from test_data import build_cache, identity_encoder, small_faces  # noqa: F401 (fixtures)
@@ -147,7 +151,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_weights(tiny_models, small
         run_cli("align", killed, tiny_models, small_faces, cache_folder, "--max-steps", "4", *options)
     monkeypatch.setattr(checkpoints, "save_safetensors_atomic", real_save)
     assert [p.name for p in complete_checkpoints(killed / "checkpoints")] == ["step-00000002"]
-    assert content_files.load_content(killed / "ridfr-align.safetensors") is not None  # last export intact
+    assert backends.load_content(killed / "ridfr-align.safetensors") is not None  # last export intact
     assert run_cli("align", killed, tiny_models, small_faces, cache_folder, "--max-steps", "4", *options) == 0
     state = training_state(killed / "checkpoints" / "step-00000004")
     assert all(torch.equal(state[k], reference[k]) for k in reference), "resume after a kill is not bit-exact"
@@ -189,7 +193,7 @@ def test_content_cli_writes_samples_logs_and_weights_the_pipeline_restores_with(
     weights = out / "ridfr-content.safetensors"
     metadata = checkpoints.read_safetensors_metadata(weights, "test")
     assert metadata["stage"] == "content" and metadata["step"] == "2"
-    assert isinstance(content_files.load_content(weights), content_files.ContentControlNet)
+    assert isinstance(backends.load_content(weights), content_files.ContentControlNet)
 
     pipeline = RIDFRPipeline.from_files(tiny_models.checkpoint, weights, tiny_models.adapter_v2,
                                         tiny_models.clip_vision, config_dir=tiny_models.configs,

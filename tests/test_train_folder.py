@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ridfr_core import content_files, train
+from ridfr_core import backends, train
+
+from ridfr_core.backends.ridfr import files as content_files
 from ridfr_core.run_folder import checkpoint_problem
 from ridfr_core.train import complete_checkpoints
 from test_data import small_faces  # noqa: F401 (fixture)
@@ -95,7 +97,7 @@ def test_an_unwritable_out_is_one_clear_line(tiny_models, small_faces, tmp_path,
 
 
 def test_a_nan_loss_is_one_clear_line(tiny_models, small_faces, tmp_path, capsys):  # noqa: F811
-    content = content_files.load_content(tiny_models.content)
+    content = backends.load_content(tiny_models.content)
     with torch.no_grad():
         next(content.parameters()).fill_(float("nan"))
     content_files.save_content(content, tmp_path / "nan.safetensors")

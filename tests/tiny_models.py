@@ -85,9 +85,9 @@ def build_tiny_models(root: Path, comfy: bool = False) -> TinyModels:
     ComfyUI's fixed SD1.5 building blocks need: the UNet uses 32 GroupNorm groups (ComfyUI's
     ``normalization`` is GroupNorm(32)) and the VAE has the SD1.5 architecture (random weights, stored as
     fp16); its configs go to ``ridfr/configs``, where LoadRIDFR reads architectures other than SD1.5's."""
-    from ridfr_core.checkpoints import load_config
-    from ridfr_core.content import ContentControlNet
-    from ridfr_core.content_files import save_content
+    from ridfr_core.weights.checkpoints import load_config
+    from ridfr_core.backends.ridfr.controlnet import ContentControlNet
+    from ridfr_core.backends.ridfr.files import save_content
 
     configs = {**TINY_CONFIGS, "scheduler": SCHEDULER}
     if comfy:

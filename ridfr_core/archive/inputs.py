@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..imageio import IMAGE_SUFFIXES
+from ..io.images import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"}
 LIST_SUFFIXES = {".txt", ".lst"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..imageio import list_images
+from ..io.images import list_images
 
 
 def people_folders(folder: Path | str) -> list[tuple[str, list[Path]]]:

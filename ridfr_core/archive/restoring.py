@@ -21,7 +21,7 @@ import torch
 
 from ..faces import FaceError, align_photo, detect_and_align, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
-from ..imageio import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
+from ..io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from ..preprocess import preprocess_before
 from .inputs import ArchiveInput
 from .manifest import append_record

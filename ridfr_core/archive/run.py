@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..imageio import read_rgb
+from ..io.images import read_rgb
 from ..restore_checks import same_file
 from .inputs import ArchiveInput, collect_inputs
 from .manifest import finished_inputs, latest_records, manifest_path, merge_parts, part_path
@@ -50,12 +50,10 @@ def settings_record(args, restorer) -> dict:
     backend = restorer.pipeline.backend
     sampling = restorer.sampling
     scale = restorer.identity_scale
-    return {"backend": backend.name, "steps": sampling.get("steps") or backend.steps,
-            "sampler": sampling.get("sampler") or backend.sampler,
-            "guidance": sampling["guidance"] if sampling.get("guidance") is not None else backend.guidance,
-            "identity_scale": "auto" if scale.metric is not None else scale.fixed,
+    chosen = backend.sampling_settings(sampling.get("steps"), sampling.get("guidance"), sampling.get("sampler"),
+                                       sampling.get("color_fix"))
+    return {"backend": backend.name, **chosen, "identity_scale": "auto" if scale.metric is not None else scale.fixed,
             "content_scale": sampling.get("content_scale"),
-            "color_fix": sampling["color_fix"] if sampling.get("color_fix") is not None else backend.color_fix,
             "seed": args.seed, "unmatched": args.unmatched, "upscale": args.upscale, "preprocess": args.preprocess}
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ..embeddings import has_zero_vector, l2_normalise
+from ..identity.embeddings import has_zero_vector, l2_normalise
 from .errors import FaceInputError
 
 # Degraded faces score lower against clean references than two clean photos do; 0.2 still

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..embeddings import has_zero_vector, l2_normalise
+from ..identity.embeddings import has_zero_vector, l2_normalise
 from .analysis import ALIGNED_MODE_HINT, FaceAnalyzer, clip_face_crop
 from .align import ffhq_template
 from .errors import FaceInputError, NoFaceError
@@ -165,7 +165,7 @@ def combine_identity(embeddings, clip_features: torch.Tensor, weights=None):
     ``embeddings`` (N,512): normalised, weighted-averaged, re-normalised (a direction, like each
     input). ``clip_features`` (N,257,C): weighted average. ``weights`` (N,) >= 0, default equal.
     """
-    from ..identity import Identity  # diffusers is heavy: only load it when an identity is built
+    from ..identity.adapter import Identity  # diffusers is heavy: only load it when an identity is built
 
     embeddings = np.asarray(embeddings, np.float64)
     embeddings = embeddings.reshape(1, -1) if embeddings.ndim == 1 else embeddings
@@ -190,7 +190,7 @@ def combine_identity(embeddings, clip_features: torch.Tensor, weights=None):
 def build_identity(references: list[ReferenceFace], clip_vision):
     """(Identity with B=1, ConsistencyReport) for one person's references: CLIP-encodes the 224 crops
     with ``clip_vision`` and combines everything with the references' quality weights."""
-    from ..identity import encode_clip_features
+    from ..identity.adapter import encode_clip_features
 
     if not references:
         raise FaceInputError(f"references: none given. {ALIGNED_MODE_HINT}")

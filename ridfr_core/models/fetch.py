@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from ..atomic import probe_writable, write_json_atomic
+from ..io.atomic import probe_writable, write_json_atomic
 from .registry import ModelFile
 
 STAGING = ".ridfr-downloads"

@@ -6,8 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .. import checkpoints
-from ..data import DataError
+from ..weights import checkpoints
+from ..data.streams import DataError
 from ..run_folder import RunFolderError, check_new_run, require_writable
 from .options import ConfigError, build_parser, config_from_args
 from .prepare import prepare_data

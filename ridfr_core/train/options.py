@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..degrade import DegradationConfig
+from ..data.degrade import DegradationConfig
 
 
 STAGES = ("content", "align")

@@ -6,10 +6,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import checkpoints
-from ..atomic import write_json_atomic
-from ..data import DataError, IdentityGroup, SkipReport, exclude_small_identities, scan_faces, scan_identities
-from ..identity_cache import IdentityCache, IdentityEncoder
+from ..weights import checkpoints
+from ..io.atomic import write_json_atomic
+from ..data.datasets import IdentityGroup, SkipReport, exclude_small_identities, scan_faces, scan_identities
+from ..data.streams import DataError
+from ..identity.cache import IdentityCache, IdentityEncoder
 from .options import IDENTITY_VARIANT_SEED, ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)

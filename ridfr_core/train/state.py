@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoints
-from ..atomic import fsync_folder, write_json_atomic
+from ..weights import checkpoints
+from ..io.atomic import fsync_folder, write_json_atomic
 from ..run_folder import checkpoint_problem
 from .options import RESUMABLE_CHANGES, ConfigError
 

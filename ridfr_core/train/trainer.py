@@ -13,10 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import adapter_files, checkpoints, content_files
-from ..content import ContentControlNet, lq_to_latent_size
-from ..data import STREAM_VALIDATION, AlignDataset, FaceDataset, NoiseSpec, StepBatchSampler, make_loader, sample_rng
-from ..degrade import DegradationConfig
+from ..backends import load_content
+from ..backends.ridfr import files as content_files
+from ..backends.ridfr.denoiser import RIDFRDenoiser
+from ..weights import adapter_files, checkpoints
+from ..backends.ridfr.controlnet import ContentControlNet, lq_to_latent_size
+from ..data.datasets import AlignDataset, FaceDataset, NoiseSpec, StepBatchSampler, make_loader
+from ..data.streams import STREAM_VALIDATION, sample_rng
+from ..data.degrade import DegradationConfig
 from ..pipeline import place
 from ..run_folder import clear_previous_run, remove_leftovers
 from .options import ConfigError, TrainConfig
@@ -72,7 +76,7 @@ class Trainer(TrainingState):
             raise ConfigError(f"base: {c.base} has prediction_type={self.noise_scheduler.config.prediction_type!r}; "
                               "RIDFR trains eps-prediction on Stable Diffusion 1.5 (prediction_type 'epsilon').")
         # The content module starts from the plain UNet (stage 1 never sees the FaceID LoRA).
-        content = content_files.load_content(c.init_content) if c.init_content else ContentControlNet.from_unet(base.unet)
+        content = load_content(c.init_content) if c.init_content else ContentControlNet.from_unet(base.unet)
         if c.stage == "align" and not c.init_content:
             logger.warning("init_content is not set: alignment starts from a fresh content module. The paper "
                            "finetunes the weights of stage 'content' (pass --init-content <out>/ridfr-content.safetensors).")
@@ -119,8 +123,6 @@ class Trainer(TrainingState):
         self.lr_scheduler = get_scheduler(c.lr_scheduler, optimiser, num_warmup_steps=c.lr_warmup_steps,
                                           num_training_steps=c.max_steps)
         self.model, self.optimiser = self.accelerator.prepare(self.content, optimiser)
-        from ..pipeline import RIDFRDenoiser
-
         self.denoiser = RIDFRDenoiser(self.unet, self.model, self.adapter)
 
     # -- losses
@@ -140,7 +142,7 @@ class Trainer(TrainingState):
             eps = self.denoiser(noisy, timesteps, text, lq).float()
             diffusion = F.mse_loss(eps, noise)
             return {"loss": diffusion, "diffusion": diffusion}
-        from ..identity import Identity
+        from ..identity.adapter import Identity
 
         with torch.no_grad():
             identity = Identity(torch.cat([batch["id1_embed"], batch["id2_embed"]]).to(device),
@@ -197,7 +199,7 @@ class Trainer(TrainingState):
 
     def dataset_validation_sample(self, number: int) -> dict:
         """Fixed samples spread over the data, with their own fixed degradation and ID photos."""
-        from ..data import read_face
+        from ..data.datasets import read_face
 
         dataset = self.dataset
         index = number * len(dataset) // max(self.config.validation_count, 1)
@@ -211,7 +213,7 @@ class Trainer(TrainingState):
             return
         from PIL import Image
 
-        from ..identity import Identity
+        from ..identity.adapter import Identity
         from ..pipeline import PipelineModules, RIDFRPipeline
 
         if not hasattr(self, "_validation"):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (CheckpointError, cache_folder, cache_key, load_strict, on_meta, read_safetensors_metadata,
+from ...weights.checkpoints import (CheckpointError, cache_folder, cache_key, load_strict, on_meta, read_safetensors_metadata,
                           read_state_dict, save_safetensors_atomic)
-from .restorerid import ENCODER_PREFIX, MODULATION_KEY, LQBranch, branch_state_from_checkpoint
+from .lq_branch import ENCODER_PREFIX, MODULATION_KEY, LQBranch, branch_state_from_checkpoint
 
 RESTORERID_FORMAT = "restorerid-lq-branch"
 RESTORERID_FORMAT_VERSION = 1

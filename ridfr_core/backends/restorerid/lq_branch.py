@@ -11,7 +11,7 @@ RestorerID (Ying et al., 2024) keeps SD1.5 and IP-Adapter-FaceID-Plus frozen and
 
 Module and parameter names follow the published LDM layout so checkpoints map one-to-one; every width is
 read from tensor shapes (:meth:`LQBranch.from_state`). The modulation math lives in :func:`modulate` so
-that the diffusers backend (:mod:`ridfr_core.restorerid_unet`) and the ComfyUI patch compute the same
+that the diffusers backend (:mod:`.denoiser`) and the ComfyUI patch compute the same
 thing; ``strength`` blends from the plain UNet (0) to the trained modulation (1).
 """
 
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
+
+from ...identity.adapter import identity_attention
 
 ENCODER_PREFIX = "structcond_stage_model."
 # input/output ResBlocks are sub-module 0 of their block (input_blocks.1.0); the middle ones are the block's
@@ -168,8 +170,6 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        from .identity import identity_attention
-
         return self.to_out(identity_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
@@ -236,8 +236,6 @@ def block_key(name: str) -> str:
 class LQBranch(nn.Module):
     """RestorerID's trained LQ branch: the structure encoder plus one modulation per modulated ResBlock,
     keyed by the ResBlock's LDM name (``input_blocks.1`` ... ``middle_block.2`` ... ``output_blocks.11``)."""
-
-    backend = "restorerid"
 
     def __init__(self, config: dict):
         super().__init__()

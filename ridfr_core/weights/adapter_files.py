@@ -11,9 +11,15 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .checkpoints import CheckpointError, load_strict, read_state_dict
-from .identity import IdentityAdapter, identity_processor_slots
+from ..identity.adapter import IdentityAdapter, identity_processor_slots
 
 FACEID_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+
+
+def is_faceid_v2_file(path: Path | str) -> bool:
+    """FaceID Plus v1 and v2 files are laid out identically; the published names tell them apart (``...plusv2...``),
+    as in the IP-Adapter pack."""
+    return "v2" in Path(path).name.lower()
 
 
 def split_ip_adapter_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
@@ -48,7 +54,7 @@ def load_identity_adapter(path: Path | str, unet: UNet2DConditionModel, shortcut
     path = Path(path)
     image_proj_state, attn_state = split_ip_adapter_state(read_state_dict(path, "IP-Adapter FaceID Plus"), path)
     if shortcut is None:
-        shortcut = "v2" in path.name.lower()
+        shortcut = is_faceid_v2_file(path)
     return identity_adapter_from_state(image_proj_state, attn_state, unet, path, shortcut)
 
 

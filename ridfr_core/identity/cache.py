@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_json_atomic
-from .data import STREAM_ID_VARIANT, DataError, sample_rng
-from .degrade import downsample_reference
-from .imageio import ImageReadError, read_rgb
+from ..io.atomic import write_json_atomic
+from ..data.streams import STREAM_ID_VARIANT, DataError, sample_rng
+from ..data.degrade import downsample_reference
+from ..io.images import ImageReadError, read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class IdentityCache:
             self.write_shard(root, todo[start:start + shard_size], encoder, progress)
 
     def write_shard(self, root: Path, paths: list[Path], encoder: "IdentityEncoder", progress) -> None:
-        from .checkpoints import save_safetensors_atomic
+        from ..weights.checkpoints import save_safetensors_atomic
 
         variants, embeds, clips, keys = self.variants, [], [], []
         for path in paths:
@@ -151,9 +151,9 @@ class IdentityEncoder:
 
     def __call__(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,512) ArcFace embeddings and (K,257,C) CLIP features of K versions of one aligned face."""
-        from .faces.images import rgb_to_tensor
-        from .faces.references import encode_references
-        from .identity import encode_clip_features
+        from ..faces.images import rgb_to_tensor
+        from ..faces.references import encode_references
+        from .adapter import encode_clip_features
 
         references = encode_references(self.analyzer, images, aligned=True)
         embeds = torch.from_numpy(np.stack([reference.embedding for reference in references]))

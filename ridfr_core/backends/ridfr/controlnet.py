@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from .constants import LATENT_CHANNELS
+from ...constants import LATENT_CHANNELS
 
 LQ_CHANNELS = 3
 

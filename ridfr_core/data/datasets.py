@@ -35,20 +35,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .degrade import DegradationConfig, degrade
-from .imageio import IMAGE_SUFFIXES, UNREADABLE, ImageReadError, list_images, read_rgb
+from ..io.images import IMAGE_SUFFIXES, UNREADABLE, ImageReadError, list_images, read_rgb
+
+from .streams import STREAM_ORDER, STREAM_SAMPLE, DataError, sample_rng
 
 if TYPE_CHECKING:
-    from .identity_cache import IdentityCache
+    from ..identity.cache import IdentityCache
 
 logger = logging.getLogger(__name__)
 
-# Independent random streams per sample: adding a draw to one never shifts the others.
-STREAM_ORDER, STREAM_SAMPLE, STREAM_ID_VARIANT, STREAM_VALIDATION = 1, 2, 3, 4
 LOAD_RETRIES = 16
-
-
-class DataError(ValueError):
-    """Training data that cannot be used, with the option and the fix in the message."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,10 +179,6 @@ def read_face(path: Path, resolution: int) -> np.ndarray:
         interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
         image = cv2.resize(image, (resolution, resolution), interpolation=interpolation)
     return np.ascontiguousarray(image)
-
-
-def sample_rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream, *keys])
 
 
 def to_signed_tensor(image: np.ndarray) -> torch.Tensor:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .checkpoints import CheckpointError
-from .identity import IdentityAdapter, identity_context
-from .restorerid import LQBranch, modulate
+from ...weights.checkpoints import CheckpointError
+from ...identity.adapter import IdentityAdapter, identity_context, install_identity_processors
+from .lq_branch import LQBranch, modulate
 
 
 def resnet_names(unet: UNet2DConditionModel) -> dict[str, str]:
@@ -69,9 +68,7 @@ class RestorerIDDenoiser(torch.nn.Module):
         self.unet, self.content, self.adapter = unet, content, adapter
         self.modulated = resnet_names(unet)
         if adapter is not None:
-            identity_processors = adapter.processors_by_unet_name()
-            unet.set_attn_processor({name: identity_processors.get(name, AttnProcessor2_0())
-                                     for name in unet.attn_processors})
+            install_identity_processors(unet, adapter)
 
     def forward(self, latents: torch.Tensor, timestep, text_states: torch.Tensor, lq_latent: torch.Tensor,
                 id_tokens: torch.Tensor | None = None, content_scale: float | torch.Tensor = 1.0,

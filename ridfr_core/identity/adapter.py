@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
-from .constants import CLIP_SIZE
+from ..constants import CLIP_SIZE
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -210,3 +210,10 @@ def build_identity_adapter(unet, clip_hidden: int = 1280, shortcut: bool = True)
                                                     heads=cross // 64)
     processors = {name: processor for _, name, processor in identity_processor_slots(unet)}
     return IdentityAdapter(image_proj, processors, shortcut).requires_grad_(False)
+
+
+def install_identity_processors(unet, adapter: IdentityAdapter) -> None:
+    """Make the adapter's attention modules the UNet's cross-attention processors (shared, not copied), and
+    plain attention everywhere else: the UNet belongs to the denoiser built around it from then on."""
+    identity_processors = adapter.processors_by_unet_name()
+    unet.set_attn_processor({name: identity_processors.get(name, AttnProcessor2_0()) for name in unet.attn_processors})

@@ -28,12 +28,13 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
-from .prompts import prompt_ids
+from ..io.atomic import atomic_path
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "sd15"
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+CLIP_BOS, CLIP_EOS = 49406, 49407  # SD1.5's tokenizer pads with EOS
+EMPTY_PROMPT = {"": []}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # what read_state_dict reads
 
@@ -175,25 +176,26 @@ def check_base_family(state: dict[str, torch.Tensor], path: Path, unet_config: d
 
 
 def load_base(path: Path | str, config_dir: Path | str | None = None, cache_dir: Path | str | None = None,
-              dtype: torch.dtype = torch.float32, prompts: tuple[str, ...] = ()) -> BaseModel:
-    """SD1.5 from a single file or a diffusers folder (or a RestorerID checkpoint, which holds one), with the
-    text states of the empty prompt and of ``prompts`` (cached per file)."""
+              dtype: torch.dtype = torch.float32, prompts: dict[str, list[int]] | None = None,
+              sd15_part=None) -> BaseModel:
+    """SD1.5 from a single file or a diffusers folder, with the text states of the empty prompt and of
+    ``prompts`` ({text: CLIP token ids}, cached per file). ``sd15_part`` reduces a single-file checkpoint that
+    holds more than SD1.5 (a RestorerID checkpoint) to its SD1.5 tensors."""
     path = Path(path)
-    texts = tuple(dict.fromkeys(("", *prompts)))
-    base = (load_base_folder(path, config_dir, texts) if path.is_dir()
-            else load_base_single_file(path, config_dir, cache_dir, texts))
+    prompts = {**EMPTY_PROMPT, **(prompts or {})}
+    base = (load_base_folder(path, config_dir, prompts) if path.is_dir()
+            else load_base_single_file(path, config_dir, cache_dir, prompts, sd15_part))
     if dtype != torch.float32:
         base.unet.to(dtype=dtype)
         base.vae.to(dtype=dtype)
     return base
 
 
-def load_base_single_file(path: Path, config_dir=None, cache_dir=None, texts: tuple[str, ...] = ("",)) -> BaseModel:
-    from .restorerid_files import is_restorerid_state, without_restorerid_extras
-
+def load_base_single_file(path: Path, config_dir=None, cache_dir=None, prompts: dict[str, list[int]] = EMPTY_PROMPT,
+                          sd15_part=None) -> BaseModel:
     state = read_state_dict(path, "SD1.5 checkpoint")
-    if is_restorerid_state(state):
-        state = without_restorerid_extras(state)
+    if sd15_part is not None:
+        state = sd15_part(state)
     unet_config = load_config("unet", config_dir)
     check_base_family(state, path, unet_config)
     unet = on_meta(lambda: UNet2DConditionModel(**unet_config))
@@ -201,11 +203,12 @@ def load_base_single_file(path: Path, config_dir=None, cache_dir=None, texts: tu
     vae_config = load_config("vae", config_dir)
     vae = on_meta(lambda: AutoencoderKL(**vae_config))
     load_strict(vae, convert_ldm_vae_checkpoint(state, vae_config), path, "SD1.5 checkpoint (VAE)")
-    prompts = cached_prompts(path, cache_dir, texts, lambda missing: prompts_from_state(state, path, missing, config_dir))
-    return BaseModel(unet.eval(), vae.eval(), prompts, load_config("scheduler", config_dir))
+    states = cached_prompts(path, cache_dir, prompts,
+                            lambda missing: prompts_from_state(state, path, missing, config_dir))
+    return BaseModel(unet.eval(), vae.eval(), states, load_config("scheduler", config_dir))
 
 
-def load_base_folder(path: Path, config_dir=None, texts: tuple[str, ...] = ("",)) -> BaseModel:
+def load_base_folder(path: Path, config_dir=None, prompts: dict[str, list[int]] = EMPTY_PROMPT) -> BaseModel:
     from transformers import CLIPTextModel
 
     for part in ("unet", "vae", "text_encoder"):
@@ -226,10 +229,11 @@ def load_base_folder(path: Path, config_dir=None, texts: tuple[str, ...] = ("",)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = (json.loads(scheduler_file.read_text()) if scheduler_file.is_file()
                  else load_config("scheduler", config_dir))
-    return BaseModel(unet.eval(), vae.eval(), {text: encode_prompt(text_encoder, text) for text in texts}, scheduler)
+    return BaseModel(unet.eval(), vae.eval(), {text: encode_prompt(text_encoder, ids) for text, ids in prompts.items()}, scheduler)
 
 
-def prompts_from_state(state: dict[str, torch.Tensor], path: Path, texts, config_dir=None) -> dict[str, torch.Tensor]:
+def prompts_from_state(state: dict[str, torch.Tensor], path: Path, prompts: dict[str, list[int]],
+                       config_dir=None) -> dict[str, torch.Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_state = {k[len(LDM_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_TEXT_PREFIX)}
@@ -239,13 +243,20 @@ def prompts_from_state(state: dict[str, torch.Tensor], path: Path, texts, config
     text_encoder = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**load_config("text_encoder", config_dir))))
     load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
                 ignore=("text_model.embeddings.position_ids",))
-    return {text: encode_prompt(text_encoder, text) for text in texts}
+    return {text: encode_prompt(text_encoder, ids) for text, ids in prompts.items()}
+
+
+def token_ids(tokens: list[int], length: int = 77) -> torch.Tensor:
+    """(1, length) CLIP input: BOS, a prompt's tokens, EOS, padded with EOS. The standalone core carries no
+    tokenizer files (they would come from a hub); each backend lists the ids of its fixed prompts."""
+    ids = [CLIP_BOS, *tokens, CLIP_EOS]
+    return torch.tensor([ids + [CLIP_EOS] * (length - len(ids))])
 
 
 @torch.no_grad()
-def encode_prompt(text_encoder, text: str) -> torch.Tensor:
-    """CLIP's last hidden state (1, 77, C) of one of the backends' prompts (see :mod:`ridfr_core.prompts`)."""
-    ids = prompt_ids(text, text_encoder.config.max_position_embeddings)
+def encode_prompt(text_encoder, tokens: list[int]) -> torch.Tensor:
+    """CLIP's last hidden state (1, 77, C) of a prompt given as token ids."""
+    ids = token_ids(tokens, text_encoder.config.max_position_embeddings)
     return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state.float().cpu()
 
 
@@ -259,17 +270,17 @@ def cache_folder(cache_dir) -> Path:
     return Path(cache_dir or os.environ.get("RIDFR_CACHE") or Path.home() / ".cache" / "ridfr")
 
 
-def cached_prompts(path: Path, cache_dir, texts, compute) -> dict[str, torch.Tensor]:
+def cached_prompts(path: Path, cache_dir, prompts: dict[str, list[int]], compute) -> dict[str, torch.Tensor]:
     """Prompt states depend only on the checkpoint and the text: computed once, then read from the cache."""
     key, found = cache_key(path), {}
     files = {text: cache_folder(cache_dir) / f"prompt_{key}_{hashlib.sha1(text.encode()).hexdigest()[:8]}.safetensors"
-             for text in texts}
+             for text in prompts}
     for text, cached in files.items():
         try:
             found[text] = load_file(str(cached))["prompt"]
         except (SafetensorError, KeyError, OSError):
             pass  # absent or damaged: computed below
-    missing = [text for text in texts if text not in found]
+    missing = {text: ids for text, ids in prompts.items() if text not in found}
     if missing:
         for text, states in compute(missing).items():
             found[text] = states

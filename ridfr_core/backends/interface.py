@@ -1,0 +1,86 @@
+"""What the core asks of a content backend: one class, one instance per backend (see :mod:`ridfr_core.backends`).
+
+A content backend is the trained module that brings the low-quality face into SD1.5 (RIDFR's 7-channel
+ControlNet, RestorerID's LQ branch). Everything that differs between backends is answered here: which
+files are its own, how they load, the denoiser built around the UNet, the form of the LQ input, the
+settings it was published with, which FaceID Plus file it was trained with and what fine-tuning trains.
+The pipeline, the CLI, evaluation, the trainer and the ComfyUI nodes ask these questions instead of
+testing which backend they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..weights.adapter_files import is_faceid_v2_file
+
+
+@dataclass(frozen=True)
+class ContentBackend:
+    """A content backend and the sampling settings it was published with. Subclasses implement the methods."""
+
+    name: str
+    label: str
+    sampler: str                  # a name of ridfr_core.sampling.schedulers.SAMPLERS
+    steps: int
+    guidance: float               # classifier-free guidance; the uncond side has the null identity
+    positive_prompt: str
+    negative_prompt: str
+    color_fix: bool               # wavelet colour fix against the LQ face
+    identity_scale: float         # the fixed scale ("auto" rules live with the backend that has one)
+    file_format: str              # the "format" metadata of its .safetensors files
+    faceid_v2: bool               # trained with FaceID Plus v2 (the shortcut design) or v1
+    ddim_eta: float = 0.0
+    ddim_spacing: str | None = None     # None: the base model's timestep spacing
+    prompt_tokens: dict[str, list[int]] = field(default_factory=lambda: {"": []})  # CLIP ids of its prompts
+    null_identity_tokens: bool = False  # faces without an identity still read the null identity's tokens
+    holds_base: bool = False            # its published file also holds the SD1.5 base it was trained on
+
+    # --- files ------------------------------------------------------------------------------------------
+    def recognises_keys(self, keys: list[str]) -> bool:
+        """Whether a file that is not in our format (a publisher's checkpoint) holds this backend's weights."""
+        return False
+
+    def load(self, path: Path, cache_dir=None, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """The content module of a file this backend recognised (``state``: its tensors, when already read)."""
+        raise NotImplementedError
+
+    def sd15_part(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint of this backend reduced to plain SD1.5, so it can serve as the base (default: as is)."""
+        return state
+
+    def owns(self, content: torch.nn.Module) -> bool:
+        raise NotImplementedError
+
+    # --- sampling ---------------------------------------------------------------------------------------
+    def sampling_settings(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                          color_fix: bool | None = None) -> dict:
+        """The settings of a restoration: each one given, or (None) the backend's published one."""
+        given = {"steps": steps, "guidance": guidance, "sampler": sampler, "color_fix": color_fix}
+        return {name: getattr(self, name) if value is None else value for name, value in given.items()}
+
+    def check_fits(self, content: torch.nn.Module, unet, source: str) -> None:
+        """Raise a CheckpointError naming ``source`` when ``content`` cannot drive this UNet."""
+
+    def make_denoiser(self, unet, content: torch.nn.Module, adapter=None) -> torch.nn.Module:
+        """eps(latents, t, text, content_input, id_tokens, content_scale, identity_scale)."""
+        raise NotImplementedError
+
+    def content_input(self, content: torch.nn.Module, lq: torch.Tensor, vae, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The LQ faces (B,3,H,W) in [-1,1] as the content module reads them, computed once per restoration."""
+        raise NotImplementedError
+
+    def faceid_shortcut(self, adapter: Path, shortcut: bool | None = None) -> bool:
+        """The FaceID Plus design to load ``adapter`` with (v2 = shortcut; the file name tells, as in the
+        IP-Adapter pack), refused when it is not the version this backend was trained with."""
+        return is_faceid_v2_file(adapter) if shortcut is None else shortcut
+
+    # --- training ---------------------------------------------------------------------------------------
+    def trainable_parameters(self, content: torch.nn.Module, parts: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+        """The parameters fine-tuning trains (``parts``: a backend's named subsets; empty = its default)."""
+        if parts:
+            raise ValueError(f"{self.label}: trains as a whole; it has no parts to choose ({', '.join(parts)}).")
+        return list(content.parameters())

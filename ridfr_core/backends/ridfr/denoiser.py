@@ -1,0 +1,46 @@
+"""RIDFR's denoiser: the UNet with the content ControlNet's residuals and decoupled identity attention."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ...identity.adapter import ID_TOKENS, IdentityAdapter, identity_context, install_identity_processors
+from .controlnet import ContentControlNet
+
+
+class RIDFRDenoiser(torch.nn.Module):
+    """eps(z_t, t, c_text, I_LQ, c_ID): the UNet with content residuals and decoupled identity attention.
+
+    Installing the adapter replaces the UNet's cross-attention processors with the adapter's own
+    modules (shared, not copied), so the UNet passed in belongs to this denoiser from then on.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, content: ContentControlNet, adapter: IdentityAdapter | None = None):
+        super().__init__()
+        self.unet, self.content, self.adapter = unet, content, adapter
+        if adapter is not None:
+            install_identity_processors(unet, adapter)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | int,
+        text_states: torch.Tensor,
+        lq_image: torch.Tensor,
+        id_tokens: torch.Tensor | None = None,
+        content_scale: float | torch.Tensor = 1.0,
+        identity_scale: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
+        """``lq_image`` (B,3,H,W) in [-1,1] (any size; resized to the latent); ``id_tokens`` (B,4,C) or
+        None for no identity; scales are floats or per-face (B,) tensors. Returns eps (B,4,h,w)."""
+        down, mid = self.content(latents, timestep, text_states, lq_image, content_scale)
+        hidden = text_states
+        if self.adapter is not None:
+            if id_tokens is None:
+                id_tokens, identity_scale = text_states.new_zeros(latents.shape[0], ID_TOKENS, text_states.shape[-1]), 0.0
+            hidden = identity_context(text_states, id_tokens, identity_scale)
+        elif id_tokens is not None:
+            raise ValueError("RIDFRDenoiser: identity tokens given but no identity adapter is loaded.")
+        return self.unet(latents, timestep, hidden, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample

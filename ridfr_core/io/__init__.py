@@ -1,0 +1,1 @@
+"""Files in and out: images (orientation, colour profile, metadata) and atomic writes."""

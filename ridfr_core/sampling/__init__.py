@@ -1,0 +1,1 @@
+"""Sampling pieces shared by every backend: schedulers, seeded noise, the colour fix."""

@@ -221,7 +221,8 @@ class Musiq(nn.Module):
             patches, spatial, scale = multiscale_tokens((images.to(self.head.weight.device).float() - 0.5) * 2)
             tokens = self.embed_patches(patches.to(dtype))
             encoded = self.transformer_encoder(tokens, spatial.to(tokens.device), scale.to(tokens.device))
-            return self.head(encoded[:, 0])[:, 0].float()
+            # the head in float32: a bfloat16 score near 50 would be rounded to steps of 0.25
+            return F.linear(encoded[:, 0].float(), self.head.weight.float(), self.head.bias.float())[:, 0]
 
 
 def check_images(images: torch.Tensor) -> None:

@@ -34,8 +34,8 @@ DIFFBIR_LICENCE = Licence("DiffBIR model card", "https://huggingface.co/lxq007/D
                           "check the model card before use (DiffBIR's code is Apache-2.0)")
 MUSIQ_LICENCE = Licence("MUSIQ checkpoints: Apache-2.0 (Google Research)",
                         "https://github.com/google-research/google-research/tree/master/musiq",
-                        "free use with attribution; converted and distributed by IQA-PyTorch, whose code licence "
-                        "(PolyForm Noncommercial 1.0.0) does not cover Google's weights")
+                        "free use, keep the notice; the .pth is IQA-PyTorch's conversion of Google's release "
+                        "(IQA-PyTorch's own code is PolyForm Noncommercial 1.0.0)")
 RESTORERID_LICENCE = Licence("RestorerID weights", "https://huggingface.co/YingJiacheng/RestorerID",
                              "non-commercial research use only (built on IP-Adapter-FaceID and insightface)")
 

@@ -270,7 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID ddim)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", help="strength of the identity (0 = none), or 'auto' (RestorerID's "
-                        "MUSIQ-based scale; needs pyiqa and models/pyiqa/musiq*.pth). Default: RIDFR 1, RestorerID auto")
+                        "MUSIQ-based scale, from models/pyiqa/musiq_koniq_ckpt-e95806b9.pth, else 0.75). "
+                        "Default: RIDFR 1, RestorerID auto")
     parser.add_argument("--content-scale", type=float, default=1.0, help="strength of the LQ content condition")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance against the null identity (and "
                         "RestorerID's negative prompt); 1 = off. Default: RIDFR 1, RestorerID 4")

@@ -32,6 +32,10 @@ INSIGHTFACE_LICENCE = Licence("insightface pretrained models", "https://github.c
                               "non-commercial research use only")
 DIFFBIR_LICENCE = Licence("DiffBIR model card", "https://huggingface.co/lxq007/DiffBIR",
                           "check the model card before use (DiffBIR's code is Apache-2.0)")
+MUSIQ_LICENCE = Licence("MUSIQ checkpoints: Apache-2.0 (Google Research)",
+                        "https://github.com/google-research/google-research/tree/master/musiq",
+                        "free use, keep the notice; the .pth is IQA-PyTorch's conversion of Google's release "
+                        "(IQA-PyTorch's own code is PolyForm Noncommercial 1.0.0)")
 RESTORERID_LICENCE = Licence("RestorerID weights", "https://huggingface.co/YingJiacheng/RestorerID",
                              "non-commercial research use only (built on IP-Adapter-FaceID and insightface)")
 
@@ -111,13 +115,21 @@ RESTORERID = ModelFile(
     "ridfr", "RestorerIDFull.ckpt", "RestorerID weights", RESTORERID_LICENCE,
     repo="YingJiacheng/RestorerID", path="RestorerIDFull.ckpt")
 
+# RestorerID's adaptive identity scale scores each LQ face with pyiqa's MUSIQ (KonIQ-10k); ridfr_core.musiq
+# reads this file. The name's suffix is torch.hub's sha256 prefix.
+MUSIQ_KONIQ = ModelFile(
+    "pyiqa", "musiq_koniq_ckpt-e95806b9.pth", "MUSIQ KonIQ-10k quality model (RestorerID's `auto` identity scale)",
+    MUSIQ_LICENCE,
+    url="https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.1-weights/musiq_koniq_ckpt-e95806b9.pth",
+    sha256="e95806b9eae5f3814c410f574ba8e552362bd5bc63d758ed5b97860f5d6185aa", size=108_610_983)
+
 FACE_SWINIR = ModelFile(
     "upscale_models", "face_swinir_v1.ckpt", "DiffBIR's stage-1 face SwinIR (the paper's pre-processing, optional)",
     DIFFBIR_LICENCE, repo="lxq007/DiffBIR", path="face_swinir_v1.ckpt")
 
 BACKENDS: dict[str, tuple[ModelFile, ...]] = {
     "ridfr": (SD15, RIDFR_CONTENT, FACEID_PLUS_V2, CLIP_VIT_H, BUFFALO_L),
-    "restorerid": (SD15, RESTORERID, FACEID_PLUS_V1, CLIP_VIT_H, BUFFALO_L),
+    "restorerid": (SD15, RESTORERID, FACEID_PLUS_V1, CLIP_VIT_H, BUFFALO_L, MUSIQ_KONIQ),
 }
 LICENCE_FLAG = "--accept-licences"
 

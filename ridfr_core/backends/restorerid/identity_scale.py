@@ -1,9 +1,11 @@
 """RestorerID's adaptive identity scale: the worse the LQ face, the more the reference's identity counts.
 
 RestorerID sets the identity attention's scale per face from a no-reference quality score of the LQ
-face, ``exp(0.1 * (9.5 - MUSIQ))``. MUSIQ comes from pyiqa when it is installed and its weights
-(``musiq_koniq_ckpt*.pth``) are in ``<models>/pyiqa``; otherwise the backend's fixed scale is used.
-Either way the value used is logged.
+face, ``exp(0.1 * (9.5 - MUSIQ))``, with pyiqa's MUSIQ (KonIQ-10k). :mod:`ridfr_core.musiq` computes the
+same score from the same published weights (``<models>/pyiqa/musiq_koniq_ckpt-e95806b9.pth``, fetched by
+``python -m ridfr_core.models download --backend restorerid``) with torch alone. Without that file the
+backend's fixed scale is used; a file that is there but unusable is an error. Either way the value used
+is logged.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .models.registry import MUSIQ_KONIQ
+
 AUTO = "auto"
-MUSIQ_FOLDER = "pyiqa"
-MUSIQ_PATTERN = "musiq*.pth"
 logger = logging.getLogger(__name__)
 
 
@@ -42,15 +44,15 @@ def parse_identity_scale(text: str) -> float | str:
 
 
 def load_musiq(models: Path):
-    """(pyiqa MUSIQ metric, None) or (None, why it is not available)."""
-    try:
-        import pyiqa
-    except ImportError:
-        return None, "pyiqa is not installed (pip install pyiqa)"
-    weights = sorted((models / MUSIQ_FOLDER).glob(MUSIQ_PATTERN))
-    if not weights:
-        return None, f"no MUSIQ weights ({MUSIQ_PATTERN}) in {models / MUSIQ_FOLDER}"
-    return pyiqa.create_metric("musiq", pretrained_model_path=str(weights[0]), device="cpu", as_loss=False), None
+    """(MUSIQ model, None), or (None, why it is not available) when its weights file is absent. A file that is
+    there but cannot be used raises :class:`~ridfr_core.checkpoints.CheckpointError`."""
+    from .musiq import load_musiq as load_weights
+
+    path = models / MUSIQ_KONIQ.relative
+    if not path.is_file():
+        return None, (f"no MUSIQ weights at {path}; python -m ridfr_core.models download --backend restorerid "
+                      f"--models {models} --accept-licences fetches them")
+    return load_weights(path), None
 
 
 @dataclass
@@ -71,14 +73,16 @@ class IdentityScale:
         metric, why = load_musiq(Path(models))
         if metric is None:
             logger.info("identity scale: auto -> %.3g, the fixed default (%s)", backend.identity_scale, why)
+        else:
+            logger.info("identity scale: auto, from each LQ face's MUSIQ score")
         return cls(backend.identity_scale, metric)
 
     def for_faces(self, faces: torch.Tensor) -> torch.Tensor:
         """(B,) scales for LQ faces (B,3,H,W) in [0,1]."""
         if self.metric is None:
             return torch.full((faces.shape[0],), self.fixed)
-        with torch.no_grad():
-            scores = [float(self.metric(face[None].float().cpu())) for face in faces]
+        # clamped: a pre-processing model may overshoot [0, 1] by a little, which MUSIQ refuses
+        scores = self.metric(faces.float().clamp(0, 1)).tolist()
         scales = [scale_from_musiq(score) for score in scores]
         for index, (score, scale) in enumerate(zip(scores, scales)):
             logger.info("identity scale: auto -> %.3g for face %d (MUSIQ %.1f)", scale, index, score)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, load_strict, read_state_dict
+from .weights.checkpoints import CheckpointError, load_strict, read_state_dict
 
 PATCH = 32
 HASH_GRID = 10                # hash-based spatial embedding: a 10x10 grid

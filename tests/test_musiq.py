@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from ridfr_core.backends import RESTORERID
-from ridfr_core.checkpoints import CheckpointError
+from ridfr_core.weights.checkpoints import CheckpointError
 from ridfr_core.models.registry import BACKENDS, MUSIQ_KONIQ
 from ridfr_core.musiq import load_musiq
-from ridfr_core.quality import AUTO, IdentityScale, scale_from_musiq
+from ridfr_core.backends.restorerid.identity_scale import AUTO, IdentityScale, scale_from_musiq
 from shared_data import FACE_DATA, FACES, needs_faces
 
 # scores of 45-56 here; measured: equal to the bit for one image per call, at most 2.3e-5 (4.5e-7 relative)
@@ -137,7 +137,7 @@ def test_auto_identity_scale_uses_musiq_from_the_models_folder(weights, caplog):
     (models / MUSIQ_KONIQ.folder).mkdir(parents=True)
     (models / MUSIQ_KONIQ.relative).symlink_to(weights)
     faces = torch.cat([read_rgb(path, (96, 96)) for path in sorted(FACES.glob("*/lq_*.png"))[:2]])
-    with caplog.at_level(logging.INFO, logger="ridfr_core.quality"):
+    with caplog.at_level(logging.INFO, logger="ridfr_core.backends.restorerid.identity_scale"):
         scale = IdentityScale.choose(AUTO, RESTORERID, models)
         scales = scale.for_faces(faces)
     expected = [scale_from_musiq(float(score)) for score in load_musiq(weights)(faces)]
@@ -153,7 +153,7 @@ def test_registry_lists_musiq_for_restorerid():
 
 
 def test_missing_weights_fall_back_to_the_fixed_scale_and_say_how_to_get_them(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="ridfr_core.quality"):
+    with caplog.at_level(logging.INFO, logger="ridfr_core.backends.restorerid.identity_scale"):
         scale = IdentityScale.choose(AUTO, RESTORERID, tmp_path)
     assert scale.metric is None and scale.fixed == RESTORERID.identity_scale
     assert "ridfr_core.models download --backend restorerid" in caplog.text

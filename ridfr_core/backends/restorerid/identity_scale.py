@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .models.registry import MUSIQ_KONIQ
+from ...models.registry import MUSIQ_KONIQ
 
 AUTO = "auto"
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def parse_identity_scale(text: str) -> float | str:
 def load_musiq(models: Path):
     """(MUSIQ model, None), or (None, why it is not available) when its weights file is absent. A file that is
     there but cannot be used raises :class:`~ridfr_core.checkpoints.CheckpointError`."""
-    from .musiq import load_musiq as load_weights
+    from ...musiq import load_musiq as load_weights
 
     path = models / MUSIQ_KONIQ.relative
     if not path.is_file():

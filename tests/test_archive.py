@@ -134,3 +134,28 @@ def test_video_keeps_rate_timestamps_and_audio(tmp_path):
     assert [time for _, time in out] == pytest.approx(times, abs=1e-3)
     assert np.abs(out[3][0].astype(int) - (255 - decoded[3][0]).astype(int)).mean() < 20  # lossy, but these frames
     assert audio_packets(target) == audio_packets(source)  # copied packet for packet, not re-encoded
+
+
+def test_a_glob_visits_each_real_file_once_through_a_link_loop(tmp_path):
+    """A folder link back to its parent: 3 photos stay 3 inputs (glob.glob followed the loop 40 levels deep)."""
+    arc = tmp_path / "arc"
+    for name in ("a.jpg", "sub/b.jpg", "sub/deeper/c.jpg"):
+        touch(arc / name)
+    (arc / "sub" / "deeper" / "back").symlink_to(arc, target_is_directory=True)
+    (arc / "dead.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link still gets its manifest line
+    expected = ["a.jpg", "dead.jpg", "sub/b.jpg", "sub/deeper/c.jpg"]
+    assert [i.relative for i in collect_inputs(str(arc / "**" / "*.jpg"))] == expected
+    assert [i.relative for i in collect_inputs(str(arc))] == expected
+    assert [i.relative for i in collect_inputs(str(arc / "sub" / "**"))] == ["b.jpg", "deeper/c.jpg"]
+    # One level of wildcard through the link finds each real file once too, under its shortest name.
+    assert [i.relative for i in collect_inputs(str(arc / "sub" / "deeper" / "*" / "*.jpg"))] == ["back/a.jpg",
+                                                                                                  "back/dead.jpg"]
+
+
+def test_a_list_file_that_is_not_utf8_names_the_option_and_the_file(tmp_path):
+    listing = touch(tmp_path / "list.txt", "photos/é.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--lq .*list.txt: the list file is not UTF-8 text"):
+        collect_inputs(str(listing))
+    touch(tmp_path / "photos" / "a.jpg")
+    listing.write_bytes("\ufeffphotos/a.jpg\r\n".encode("utf-8"))  # Notepad's BOM and line ends
+    assert [i.source for i in collect_inputs(str(listing))] == [tmp_path / "photos" / "a.jpg"]

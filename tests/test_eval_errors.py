@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -77,3 +79,38 @@ def test_run_with_missing_models_is_a_clear_error(degraded_at, tmp_path, capsys)
     assert "RIDFR needs these model files" in err and str(tmp_path / "no_models" / "checkpoints") in err
     assert "Traceback" not in err
     assert not list((tmp_path / "run").rglob("*.png"))
+
+
+def degrade_with(split_value, tmp_path, out=None):
+    split = tmp_path / "edited_split.json"
+    split.write_text(json.dumps(split_value))
+    out = out or tmp_path / "data"
+    return evaluation.main(["degrade", "--split", str(split), "--size", "32", "--out", str(out)])
+
+
+@pytest.mark.parametrize("name", ["../../../escaped_case", "/abs/escaped_case", "sub/case", "..", ""])
+def test_a_case_name_of_an_edited_split_never_writes_outside_out(synthetic_celebref, tmp_path, capsys, name):  # noqa: F811
+    split = evaluation.build_split(synthetic_celebref, num_test_ids=1, seed=0)
+    split["cases"][0]["case"] = name
+    victim = tmp_path / "escaped_case.png"
+    victim.write_text("a user's file")
+    assert degrade_with(split, tmp_path, out=tmp_path / "deep" / "data") == 2  # data/gt/../../.. is tmp_path
+    assert "is not a plain file name" in capsys.readouterr().err
+    assert victim.read_text() == "a user's file"
+    assert [path.name for path in tmp_path.rglob("*escaped_case*")] == ["escaped_case.png"]
+    split["cases"][0]["case"] = "fine"
+    split["cases"][0]["refs"] = ["id1/.."]
+    assert degrade_with(split, tmp_path) == 2
+    assert "reference '..' is not a plain file name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "holds a JSON list, not the object"), ({"cases": []}, "field 'celebref_root' is missing"),
+    ({"celebref_root": "x", "cases": {}}, "field 'cases' is not a list"),
+    ({"celebref_root": "x", "cases": []}, "'cases' is empty"),
+    ({"celebref_root": "x", "cases": [{"case": "a", "gt": "a.png"}]}, "case 0 has no valid refs")])
+def test_a_malformed_split_names_the_field(tmp_path, capsys, value, message):
+    assert degrade_with(value, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: --split:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()

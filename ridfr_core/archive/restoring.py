@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from .tracking import match_tracks, track_faces
 from .video import decode_frames, probe, write_video
 
 logger = logging.getLogger(__name__)
+PARTIAL_VIDEO = re.compile(r"^\..+\.partial\.[^.]+$")  # what write_atomically writes to (a killed run's is removed)
 # Frames held while their faces fill a sampler batch (frames showing nobody must not pile up in memory).
 MAX_PENDING_FRAMES = 32
 

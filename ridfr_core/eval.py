@@ -337,20 +337,24 @@ def main(argv: Sequence[str] | None = None, config_dir=None) -> int:
         if args.command == "score":
             evaluate(args.restored, args.gt, args.out, refs_dir=args.refs, lq_dir=args.lq, **score_options)
             return 0
+        data_dir = args.data
+        if data_dir is not None:
+            check_face_size(data_dir, args.size)
         if args.restorer:
             restore = load_restorer(args.restorer)
-        else:
-            from .restore import AlignedFaceRestorer
+        else:  # RIDFR's restorer: its options and model files checked before the split, the degradation or a load
+            from .restore import AlignedFaceRestorer, architecture_dir, resolve_models
+            from .restore_checks import check_steps
 
-            restore = AlignedFaceRestorer(args.models, args.steps, config_dir)
+            if args.steps is not None:
+                check_steps(args.steps)
+            resolve_models(args.models, {}, need_insightface=True)
+            restore = AlignedFaceRestorer(args.models, args.steps, config_dir or architecture_dir(args.models))
         if args.preprocess:
             from .preprocess import preprocessed_restorer
 
             restore = preprocessed_restorer(restore, args.preprocess, args.device, args.out)
-        data_dir = args.data
-        if data_dir is not None:
-            check_face_size(data_dir, args.size)
-        else:
+        if data_dir is None:
             split = build_split(args.celebref, args.num_test_ids, args.split_seed, args.glob, args.max_images_per_id)
             write_split(split, args.out / "split")
             data_dir = args.out / "data"

@@ -206,7 +206,8 @@ class Restorer:
             identities.append(identity)
         restore_fn = self.restore_fn(identities)
         if self.best_of is not None:
-            restore_fn = self.best_of.around(restore_fn, people, self.sampling.get("seed", 0))
+            restore_fn = self.best_of.around(lambda seeds: self.restore_fn(identities, seeds), people,
+                                             self.sampling.get("seed", 0))
         if self.preprocess is not None:
             logging.getLogger(__name__).info("pre-processing: %s", self.preprocess.summary())
             restore_fn = preprocess_before(restore_fn, self.preprocess)
@@ -248,8 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "of the photo is restored as the person it resembles")
     parser.add_argument("--people", metavar="DIR", help="one sub-folder of reference photos per person "
                         "(DIR/<name>/*.jpg); each face is restored as the person it resembles")
-    parser.add_argument("--batch-size", type=int, default=8, help="archives: faces per sampler call, gathered "
-                        "from several photos or frames (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="faces per sampler call (default 8): in archives "
+                        "gathered from several photos or frames, with --candidates the samples of a photo's faces")
     parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
                         default="restore_without_identity",
                         help="faces that resemble none of the people: restored without identity, or left as they are")
@@ -282,8 +283,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preprocess", metavar="FILE", help="restoration/upscale model run on each aligned LQ face "
                         "before RIDFR (the paper pre-cleans with SwinIR, as DiffBIR does): a path or a file in "
                         "MODELS/upscale_models; any model spandrel reads (SwinIR, Real-ESRGAN, ...)")
-    parser.add_argument("--candidates", type=int, default=1, metavar="N", help="sample N seeds per face in one batch "
-                        "and keep the one most like the references, ranked by --rank-with (default 1)")
+    parser.add_argument("--candidates", type=int, default=1, metavar="N", help="sample N seeds per face (1..16, in "
+                        "--batch-size batches) and keep the one most like the references, ranked by --rank-with "
+                        "(default 1)")
     parser.add_argument("--rank-with", default="dlib", metavar="RECOGNISER", help="recogniser that ranks the "
                         "candidates: dlib (default) or facenet, never the ArcFace RIDFR is conditioned on")
     return parser.parse_args(argv)
@@ -312,7 +314,7 @@ def main(argv=None, config_dir=None) -> int:
     try:
         archive = is_archive_input(args.lq)
         check_restore_options(args, archive)
-        best_of = best_of_n(args.candidates, args.rank_with)
+        best_of = best_of_n(args.candidates, args.rank_with, args.batch_size)
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
         if archive:

@@ -84,6 +84,8 @@ def check_restore_options(args, archive: bool = False) -> None:
     if not archive:
         check_output(args.out, [args.lq, *references])
     check_quality(args.quality)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is not a number of faces; give 1 or more (default 8).")
     if args.steps is not None:  # None: the backend's default
         check_steps(args.steps)
     check_upscale(args.upscale)

@@ -219,6 +219,16 @@ def test_pickled_code_is_refused(tiny_models, tmp_path):
     assert not marker.exists()
 
 
+def test_a_safetensors_file_under_a_ckpt_name_is_said_to_be_one(tiny_models, tmp_path):
+    """A RIDFR .safetensors renamed RestorerIDFull.ckpt: torch would call it a pickle holding Python objects."""
+    renamed = tmp_path / "RestorerIDFull.ckpt"
+    renamed.write_bytes(tiny_models.content.read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        content_files.load_content(renamed)
+    assert str(info.value) == (f"content weights: {renamed} is a safetensors file (format 'ridfr-content') with a "
+                               "'.ckpt' name; rename it to RestorerIDFull.safetensors and use that name.")
+
+
 def test_content_file_errors(tiny_models, tmp_path):
     with pytest.raises(CheckpointError, match="is neither RIDFR content weights"):
         backends.load_content(tiny_models.checkpoint)

@@ -22,7 +22,7 @@ from ..data.datasets import AlignDataset, FaceDataset, NoiseSpec, StepBatchSampl
 from ..data.streams import STREAM_VALIDATION, sample_rng
 from ..data.degrade import DegradationConfig
 from ..pipeline import place
-from ..run_folder import clear_previous_run, remove_leftovers
+from ..run_folder import check_new_run, clear_previous_run, remove_leftovers
 from .options import ConfigError, TrainConfig
 from .prepare import prepare_data
 from .state import TrainingState
@@ -242,8 +242,10 @@ class Trainer(TrainingState):
 
     # -- the loop
     def run(self, resume: str = "auto", overwrite: bool = False) -> Path:
-        """Train to max_steps; ``overwrite`` (with ``resume='none'``) first deletes the run already in ``out``."""
+        """Train to max_steps; ``overwrite`` (with ``resume='none'``) first deletes the run already in ``out``.
+        A new run over an earlier one is refused here too (the CLI checks before loading the models)."""
         c, acc = self.config, self.accelerator
+        check_new_run(self.out, c.stage, resume, overwrite, c.init_content)
         if acc.is_main_process:
             remove_leftovers(self.out)
             if overwrite:

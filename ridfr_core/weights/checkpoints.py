@@ -64,6 +64,7 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         if path.suffix in PICKLE_SUFFIXES:
+            check_pickle_container(path, what)
             # memory-mapped where the format allows: a multi-GB checkpoint of which a part is kept
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -90,6 +91,35 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
         ) from err
     raise CheckpointError(f"{what}: {path} has unknown extension '{path.suffix}'; use one of "
                           f"{', '.join(WEIGHT_SUFFIXES)}.")
+
+
+def file_kind(path: Path) -> str:
+    """What a weight file is by its first bytes, whatever its name: 'zip' (torch.save), 'pickle' (older
+    torch.save), 'safetensors' (an 8-byte header length, then a JSON object) or 'other'."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2 and later
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    return "other"
+
+
+def check_pickle_container(path: Path, what: str) -> None:
+    """A ``.ckpt/.pt/.pth/.bin`` is a torch file: a renamed safetensors or a text file is said to be what it is
+    (torch's own messages would call it a pickle with Python objects, or an IndexError)."""
+    kind = file_kind(path)
+    if kind == "safetensors":
+        described = read_safetensors_metadata(path, what).get("format")
+        what_it_is = f"a safetensors file (format '{described}')" if described else "a safetensors file"
+        raise CheckpointError(f"{what}: {path} is {what_it_is} with a '{path.suffix}' name; rename it to "
+                              f"{path.with_suffix('.safetensors').name} and use that name.")
+    if kind == "other":
+        raise CheckpointError(f"{what}: {path} is no weight file: neither a PyTorch file nor safetensors (text, an "
+                              "HTML error page saved under this name, or a corrupt download); give the model file "
+                              "itself, or download it again.")
 
 
 def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:

@@ -261,7 +261,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_stale_temp_files_go(tiny_mo
     for number in range(6):
         save(albums / f"photo{number}.png", smooth_image(20 + number, 320))
     out = tmp_path / "out"
-    stale = [out / ".photo4.png.tmp-16296", out / "sub" / ".talk.partial.mp4"]  # what kill -9 left behind
+    stale = [out / ".photo4.png.tmp-16296", out / "sub" / ".talk.mp4.tmp-16297.mp4"]  # what kill -9 left behind
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")

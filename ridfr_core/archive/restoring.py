@@ -8,8 +8,6 @@ faces of video track t get ``seed + t`` in every frame.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -22,6 +20,7 @@ import torch
 
 from ..faces import FaceError, align_photo, detect_and_align, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
+from ..io.atomic import atomic_path
 from ..io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from ..preprocess import preprocess_before
 from .inputs import ArchiveInput
@@ -30,7 +29,6 @@ from .tracking import match_tracks, track_faces
 from .video import VideoSource, write_video
 
 logger = logging.getLogger(__name__)
-PARTIAL_VIDEO = re.compile(r"^\..+\.partial\.[^.]+$")  # what write_atomically writes to (a killed run's is removed)
 # Frames held while their faces fill a sampler batch (frames showing nobody must not pile up in memory).
 MAX_PENDING_FRAMES = 32
 
@@ -100,18 +98,6 @@ class ArchiveJob:
     def fail(self, item: ArchiveInput, started: float, error: BaseException) -> None:
         self.record(item, "error", started, error=f"{type(error).__name__}: {error}")
         self.progress(1, 0)
-
-
-def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    """``write`` to a hidden file beside ``target`` (same suffix, so PyAV picks the container from it), then
-    rename: a crash never leaves a half-written video under the output's name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def face_similarities(faces, embeddings: np.ndarray) -> np.ndarray:
@@ -214,7 +200,8 @@ def restore_video(job: ArchiveJob, item: ArchiveInput) -> None:
             tracks = track_faces([np.array([face.bbox for face in faces]).reshape(-1, 4) for faces in detections])
             people = identify_tracks(job, detections, tracks)
             with closing(restored_frames(job, video, detections, tracks, people)) as frames, job.timings.measure("io"):
-                write_atomically(job.out / item.relative, lambda path: write_video(video, path, frames))
+                with atomic_path(job.out / item.relative) as partial:
+                    write_video(video, partial, frames)
     except Exception as error:
         job.fail(item, started, error)
         return

@@ -20,7 +20,7 @@ from ..restore_checks import same_file
 from .inputs import VIDEO_SUFFIXES, ArchiveInput, collect_inputs
 from .manifest import finished_inputs, latest_records, manifest_path, merge_parts, part_path
 from .people import people_folders
-from .restoring import PARTIAL_VIDEO, ArchiveJob, PhotoBatches, Timings, restore_video
+from .restoring import ArchiveJob, PhotoBatches, Timings, restore_video
 
 logger = logging.getLogger(__name__)
 INTERRUPTED = 130
@@ -123,7 +123,7 @@ def take_output_folder(out: Path):
                          "finish, or give another --out.") from None
     merge_parts(out)  # the parts of a run that crashed
     for path in out.rglob(".*"):
-        if (TEMP_FILE.match(path.name) or PARTIAL_VIDEO.match(path.name)) and path.is_file():
+        if TEMP_FILE.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
     return lock
 

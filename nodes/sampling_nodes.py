@@ -62,11 +62,11 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> to
     import comfy.sample
     import comfy.utils
     import latent_preview
-    from ..ridfr_core.sampling.noise import seeded_noise
+    from ..ridfr_core.sampling.noise import face_seed, seeded_noise
 
     side = faces.size // LATENT_FACTOR
     latent = torch.zeros(faces.count, LATENT_CHANNELS, side, side)
-    seeds = [seed + offset for offset in faces.seed_offsets()]
+    seeds = [face_seed(seed, offset) for offset in faces.seed_offsets()]
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .identity.embeddings import l2_normalise
+from .sampling.noise import face_seed
 
 if TYPE_CHECKING:  # metrics loads scikit-image and SciPy: only when a recogniser is loaded
     from .metrics import Recogniser
@@ -145,12 +146,12 @@ class BestOfN:
             parts = []
             for start in range(0, count * total, self.batch_size):
                 part = slice(start, start + self.batch_size)
-                seeds = list(range(seed + start, seed + min(start + self.batch_size, count * total)))
+                seeds = [face_seed(seed, index) for index in range(start, min(start + self.batch_size, count * total))]
                 parts.append(restore_fn_with_seeds(seeds)(faces[part], scales[part], everyone[part]))
             restored = torch.cat(parts).reshape(count, total, *parts[0].shape[1:])
             kept, rows = [], []
             for face, person in enumerate(identity_index):
-                seeds = [seed + candidate * total + face for candidate in range(count)]
+                seeds = [face_seed(seed, candidate * total + face) for candidate in range(count)]
                 scores = None
                 if person is not None:
                     scores = similarity(self.recogniser, tensor_to_rgb(restored[:, face]), references[person]).tolist()

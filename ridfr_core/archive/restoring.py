@@ -23,6 +23,7 @@ from ..faces.matching import MATCH_SIMILARITY
 from ..io.atomic import atomic_path
 from ..io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from ..preprocess import preprocess_before
+from ..sampling.noise import face_seed
 from .inputs import ArchiveInput
 from .manifest import append_record
 from .tracking import match_tracks, track_faces
@@ -151,7 +152,7 @@ class PhotoBatches:
         job = self.job
         crops = torch.cat([entry.photo.crops[entry.chosen] for entry in pending])
         identity_index = [entry.photo.identity_index[face] for entry in pending for face in entry.chosen]
-        seeds = [job.seed + face for entry in pending for face in entry.chosen]
+        seeds = [face_seed(job.seed, face) for entry in pending for face in entry.chosen]
         try:
             restored = job.sample(crops, identity_index, seeds)
         except Exception as error:
@@ -175,7 +176,7 @@ class PhotoBatches:
             return
         similarity = face_similarities(photo.faces, job.embeddings)
         faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], similarity[face], job,
-                             restored=face in entry.chosen, seed=job.seed + face) for face in range(len(photo.faces))]
+                             restored=face in entry.chosen, seed=face_seed(job.seed, face)) for face in range(len(photo.faces))]
         job.record(entry.item, "no_face" if photo.skipped else "done", entry.started, output=entry.item.relative,
                    faces=faces)
         job.progress(1, len(entry.chosen))
@@ -207,7 +208,7 @@ def restore_video(job: ArchiveJob, item: ArchiveInput) -> None:
         return
     report = [{"track": track, "person": job.names[who.identity] if who.identity is not None else None,
                "votes": round(who.votes, 3), "similarity": round(who.similarity, 3), "frames": who.frames,
-               "seed": job.seed + track} for track, who in people.items()]
+               "seed": face_seed(job.seed, track)} for track, who in people.items()]
     job.record(item, "done" if people else "no_face", started, output=item.relative, frames=len(video.pts),
                fps=float(video.rate), audio_streams=len(video.audio_streams), rotation=video.rotation, tracks=report)
     job.progress(1, 0)
@@ -247,7 +248,7 @@ def restored_frames(job: ArchiveJob, video: VideoSource, detections, tracks, peo
             identity_index = [people[track].identity for track in tracks[number]]
             photo = align_photo(frame, detections[number], identity_index, name=f"{video.path} frame {number}")
             chosen = photo.to_restore(job.unmatched)
-            pending.append((photo, chosen, [job.seed + tracks[number][face] for face in chosen]))
+            pending.append((photo, chosen, [face_seed(job.seed, tracks[number][face]) for face in chosen]))
             faces += len(chosen)
             if faces >= job.batch_size or len(pending) >= MAX_PENDING_FRAMES:
                 yield from restore_frames(job, pending)

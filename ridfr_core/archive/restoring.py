@@ -101,15 +101,6 @@ class ArchiveJob:
         self.progress(1, 0)
 
 
-def face_similarities(faces, embeddings: np.ndarray) -> np.ndarray:
-    """(F,K) ArcFace cosine of each detected face to each person."""
-    if not faces:
-        return np.zeros((0, len(embeddings)))
-    faces = np.stack([face.embedding for face in faces]).astype(np.float64)
-    people = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return faces / np.linalg.norm(faces, axis=1, keepdims=True) @ people.T
-
-
 @dataclass
 class PendingPhoto:
     item: ArchiveInput
@@ -174,8 +165,7 @@ class PhotoBatches:
         except Exception as error:
             job.fail(entry.item, entry.started, error)
             return
-        similarity = face_similarities(photo.faces, job.embeddings)
-        faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], similarity[face], job,
+        faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], photo.similarity[face], job,
                              restored=face in entry.chosen, seed=face_seed(job.seed, face)) for face in range(len(photo.faces))]
         job.record(entry.item, "no_face" if photo.skipped else "done", entry.started, output=entry.item.relative,
                    faces=faces)

@@ -89,9 +89,15 @@ def model_patcher(module):
 
 
 def compute_dtype(module):
+    """The dtype ComfyUI computes an SD1.5 UNet in, chosen the way ComfyUI chooses it for its own: the
+    weight dtype (``--fp16-unet`` and the like, or what the device does best), unless ComfyUI
+    casts those weights for compute (``unet_manual_cast``: always for float8, which is storage only, and
+    for half precision on devices without it, e.g. the CPU). RIDFR's modules are small, so they are kept
+    in that compute dtype instead of being stored in float8."""
     import comfy.model_management as mm
 
-    return mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
+    weight = mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
+    return mm.unet_manual_cast(weight, mm.get_torch_device()) or weight
 
 
 def check_adapter_version(backend, adapter, file_name: str) -> None:

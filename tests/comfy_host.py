@@ -130,9 +130,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory; stop() ends it."""
+    """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory (and ``extra_args``, e.g. a
+    precision flag, as a user would start it); stop() ends it."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = ()):
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
@@ -140,7 +141,7 @@ class ComfyServer:
                "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", str(base)],
+             "--disable-auto-launch", "--base-directory", str(base), *extra_args],
             cwd=COMFYUI_PATH, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         self.wait_ready()
 

@@ -16,6 +16,7 @@ from .identity_nodes import FaceIDEncode, MatchIdentities
 from .loading import LoadRIDFR, register_model_folders
 from .ranking_nodes import RankByIdentity
 from .sampling_nodes import PasteFaces, RIDFRSample
+from .validation import register as register_validation
 
 NODES = [LoadRIDFR, FaceIDEncode, MatchIdentities, ContentCondition, IdentityCondition, RIDFRSample, PasteFaces,
          RankByIdentity]
@@ -28,4 +29,5 @@ class RIDFRExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> RIDFRExtension:
     register_model_folders()
+    register_validation(node.__name__ for node in NODES)
     return RIDFRExtension()

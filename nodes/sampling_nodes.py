@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR
 from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
+from .validation import node_inputs
 
 SETTINGS = ("backend defaults", "custom")
 # ComfyUI's sampler for each backend's published one. RestorerID samples with DDIM, eta 1, over 50 "trailing"
@@ -42,6 +43,20 @@ def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, 
 
 def encode_prompt(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sampling_problems(sampler_name, scheduler, settings) -> str | None:
+    """What is wrong with RIDFRSample's choices; None = linked (e.g. a sampler selector node), known when it runs."""
+    import comfy.samplers
+
+    error = invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
+    if error:
+        return error
+    if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
+    if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
+    return None
 
 
 class SamplerSettings:
@@ -128,27 +143,19 @@ class RIDFRSample(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name, scheduler, settings) -> bool | str:
-        import comfy.samplers
-
-        error = invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
-        if error:
-            return error
-        # None: linked (e.g. from a sampler selector node); ComfyUI checks the link's type instead.
-        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-            return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
-        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
-        return True
+    def validate_inputs(cls, settings) -> bool | str:
+        # One parameter, so that ComfyUI shows a message once; the other inputs come from the prompt.
+        values = node_inputs(settings=settings)
+        return sampling_problems(values.get("sampler_name"), values.get("scheduler"), settings) or True
 
     @classmethod
     def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler,
                 settings) -> io.NodeOutput:
         from ..ridfr_core.colorfix import wavelet_color_fix
 
-        verdict = cls.validate_inputs(sampler_name, scheduler, settings)  # linked inputs now known
-        if verdict is not True:
-            raise ValueError(verdict)
+        problem = sampling_problems(sampler_name, scheduler, settings)  # linked inputs now known
+        if problem:
+            raise ValueError(problem)
         chosen = SamplerSettings(faces.backend, settings, steps, guidance, sampler_name, scheduler)
         samples = sample_faces(model, clip, faces, seed, chosen)
         restored = image_to_nchw(vae.decode(samples))

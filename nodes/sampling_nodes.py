@@ -69,6 +69,14 @@ class SamplerSettings:
             sampler_name, scheduler = COMFY_SAMPLERS[backend.sampler]
         self.steps, self.guidance = steps, guidance
         self.sampler_name, self.scheduler = sampler_name, scheduler
+        self.source = f"{backend.label}'s published settings" if settings == "backend defaults" else "the widgets"
+
+    def describe(self, faces, seed: int) -> str:
+        """What was sampled with, for the report output (shown on the canvas by a preview node)."""
+        offsets = "seed + its track" if faces.tracks is not None else "seed + its index"
+        return (f"{faces.count} face(s) sampled with {self.source}: {self.sampler_name} / {self.scheduler}, "
+                f"{self.steps} steps, CFG {self.guidance:g}; seed {seed} (each face: {offsets}); prompts and "
+                f"colour fix of {faces.backend.label}{' (wavelet colour fix on)' if faces.backend.color_fix else ''}.")
 
 
 def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> torch.Tensor:
@@ -131,14 +139,16 @@ class RIDFRSample(io.ComfyNode):
                                        "normal, RestorerID simple)."),
                 io.Combo.Input("settings", options=list(SETTINGS), default="backend defaults",
                                tooltip="'backend defaults': steps, guidance, sampler and scheduler as the content "
-                                       "module was published (the widgets above are ignored); "
-                                       "'custom': the widgets above."),
+                                       "module was published (the four widgets above are greyed out and unused; "
+                                       "the report output says what was used); 'custom': the widgets above."),
             ],
             outputs=[
                 io.Image.Output(display_name="restored_faces", tooltip="The restored aligned faces."),
                 io.Image.Output(display_name="photo", tooltip="Whole-photo mode: the photos with the restored faces "
                                                               "pasted back; aligned mode: the restored faces."),
                 io.Mask.Output(display_name="masks", tooltip="Where each face was pasted (one mask per face)."),
+                io.String.Output(display_name="report", tooltip="The settings the faces were sampled with (with "
+                                                                "'backend defaults': the backend's, not the widgets)."),
             ],
         )
 
@@ -162,7 +172,7 @@ class RIDFRSample(io.ComfyNode):
         if faces.backend.color_fix:
             restored = wavelet_color_fix(restored, faces.lq)
         photos, masks = paste_back(faces, restored, "RIDFRSample")
-        return io.NodeOutput(nchw_to_image(restored), photos, masks)
+        return io.NodeOutput(nchw_to_image(restored), photos, masks, chosen.describe(faces, seed))
 
 
 class PasteFaces(io.ComfyNode):

@@ -275,7 +275,7 @@ def test_whole_photo_mode_restores_and_pastes_back(env):
     photo = photo_with_scripted_face()
     model, faces, latent, lq = content_condition(env, photo, input_mode="whole photo")
     assert faces.count == 1 and latent["samples"].shape == (1, 4, 8, 8) and lq.shape == (1, FACE, FACE, 3)
-    restored, pasted, masks = sample(env, model, faces)
+    restored, pasted, masks, _ = sample(env, model, faces)
     assert pasted.shape == photo.shape and masks.shape == (1, 640, 640)
     outside = masks[0] == 0
     assert outside.float().mean() > 0.5 and (masks[0] > 0.99).any()

@@ -179,8 +179,9 @@ def ensure_writable(folder: Path) -> None:
                             "can write to, or fix its permissions.") from None
 
 
-def transfer(source: Source, part: Path, label: str, extra_space: int = 0) -> None:
-    """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar."""
+def transfer(source: Source, part: Path, label: str, extra_space: int = 0, tqdm_class=None) -> None:
+    """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar
+    (``tqdm_class``: huggingface_hub's by default; ComfyUI's download route passes one that reports)."""
     from huggingface_hub.file_download import http_get
 
     have = part.stat().st_size if part.is_file() else 0
@@ -197,7 +198,7 @@ def transfer(source: Source, part: Path, label: str, extra_space: int = 0) -> No
     with open(part, "ab") as handle:
         try:
             http_get(source.url, handle, resume_size=have, headers=source.headers, expected_size=source.size,
-                     displayed_filename=label.rsplit("/", 1)[-1])
+                     displayed_filename=label.rsplit("/", 1)[-1], tqdm_class=tqdm_class)
         except Exception as error:  # network, server or disk (ENOSPC): keep what arrived, resume next time
             handle.flush()
             got = part.stat().st_size
@@ -247,9 +248,10 @@ def unpack(archive: Path, file: ModelFile, models: Path) -> None:
         _remember(models, f"{file.relative}/{name}", sha)
 
 
-def fetch(file: ModelFile, models: Path) -> str:
+def fetch(file: ModelFile, models: Path, tqdm_class=None) -> str:
     """Make ``file`` present and intact under its real name; returns what was done. Never overwrites a file
-    that is there: one that differs from the published file is reported and left alone."""
+    that is there: one that differs from the published file is reported and left alone. ``tqdm_class``:
+    the progress bar of the transfer (see :func:`transfer`)."""
     current = state(file, models)
     if current == "intact":
         return "already there, intact"
@@ -270,7 +272,7 @@ def fetch(file: ModelFile, models: Path) -> str:
         return "already there, now verified"
     part = staging / f"{source.sha256}.part"
     unpacked = sum(size for size, _ in file.members.values())
-    transfer(source, part, file.relative, extra_space=unpacked)
+    transfer(source, part, file.relative, extra_space=unpacked, tqdm_class=tqdm_class)
     verify(part, source, file.relative)
     if file.members:
         unpack(part, file, models)

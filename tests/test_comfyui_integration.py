@@ -66,6 +66,21 @@ def test_restorerid_workflow_lists_its_models_for_the_missing_models_dialog():
     assert "non-commercial" in note and all(name in note for name in listed)
 
 
+def test_every_report_of_a_shipped_workflow_is_shown_on_the_canvas(server):
+    """Each STRING output of a RIDFR node (reference consistency, who is who, settings, scores) is connected
+    to one of ComfyUI's display nodes."""
+    info = server.get("/object_info")
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        shown = {(link[1], link[2]) for link in workflow["links"]
+                 if next(node for node in workflow["nodes"] if node["id"] == link[3])["type"] == "PreviewAny"}
+        for node in workflow["nodes"]:
+            if node["type"] in PACK_NODES:
+                for slot, kind in enumerate(info[node["type"]]["output"]):
+                    if kind == "STRING":
+                        assert (node["id"], slot) in shown, (path.name, node["type"], slot)
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
 def test_example_workflow_runs_and_is_deterministic(server, workflow):
     prompt = api_prompt(server, workflow)
@@ -77,8 +92,12 @@ def test_example_workflow_runs_and_is_deterministic(server, workflow):
     for image, again in zip(first, second):
         assert image.std() > 2, "blank output"
         np.testing.assert_array_equal(image, again)
+    previews = [str(node["id"]) for node in json.loads(workflow.read_text())["nodes"] if node["type"] == "PreviewAny"]
+    for node in previews:  # every report reaches the canvas
+        assert entry["outputs"][node]["text"][0].strip(), node
     if "best_of_n" in workflow.stem:  # four candidates saved best first, every score shown
-        report = next(output["text"][0] for output in entry["outputs"].values() if "text" in output)
+        report = next(output["text"][0] for output in entry["outputs"].values()
+                      if output.get("text", [""])[0].startswith("ranked by"))
         assert len(first) == 4 and report.startswith("ranked by dlib") and len(report.splitlines()) == 5
     if "group_photo" in workflow.stem:
         photo = np.asarray(Image.open(server.base / "input" / "group_photo.jpg").convert("RGB"))

@@ -59,13 +59,17 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str,
 
 def null_identity_tokens(ridfr) -> torch.Tensor:
     """(1,4,C) tokens of FaceID-Plus' null identity: the uncond side of identity guidance, and what RestorerID's
-    IDBalance reads for faces without an identity (as in its training)."""
+    IDBalance reads for faces without an identity (as in its training). Computed once per loaded model (it
+    depends only on the frozen adapter and CLIP), then shared by Content and Identity Condition."""
     import comfy.model_management as mm
     from ..ridfr_core.identity import null_identity
 
-    mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
-    with torch.no_grad():
-        return module_of(ridfr.adapter).identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
+    if "null_tokens" not in ridfr.derived:
+        mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
+        with torch.no_grad():
+            clip = module_of(ridfr.clip_vision)
+            ridfr.derived["null_tokens"] = module_of(ridfr.adapter).identity_tokens(null_identity(clip)).float().cpu()
+    return ridfr.derived["null_tokens"]
 
 
 def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ SETTINGS = ("backend defaults", "custom")
 # timesteps (999, 979, ...): ComfyUI's "ddpm" step is DDIM with eta 1, and its "simple" schedule gives
 # exactly those timesteps (its "ddim" sampler is eta 0).
 COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
+STEP_NOISE_OFFSET = 0x5DEECE66D  # per-face step noise: a generator stream apart from the start noise's
 
 
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +80,37 @@ class SamplerSettings:
                 f"colour fix of {faces.backend.label}{' (wavelet colour fix on)' if faces.backend.color_fix else ''}.")
 
 
+def per_face_noise_sampler(seeds: list[int], shape: tuple[int, ...], device):
+    """k-diffusion ``noise_sampler(sigma, sigma_next)`` drawing each step's noise per face, from a generator of
+    its own (seed + a fixed offset, so it differs from the start noise): ComfyUI's default draws a batch
+    from one generator, so a face would restore differently alone than beside others."""
+    generators = [torch.Generator().manual_seed((seed + STEP_NOISE_OFFSET) % 2 ** 64) for seed in seeds]
+
+    def noise(sigma, sigma_next):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=generator) for generator in generators]).to(device)
+
+    return noise
+
+
+def comfy_sampler(name: str, noise_sampler):
+    """ComfyUI's sampler ``name``, given the per-face noise wherever its function draws noise each step."""
+    import inspect
+
+    import comfy.k_diffusion.sampling as k_diffusion
+    import comfy.samplers
+
+    function = getattr(k_diffusion, f"sample_{name}", None)
+    if function is not None and "noise_sampler" in inspect.signature(function).parameters:
+        return comfy.samplers.ksampler(name, {"noise_sampler": noise_sampler})
+    return comfy.samplers.sampler_object(name)  # no noise after the start (or none we can give per face)
+
+
 def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> torch.Tensor:
-    """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with a local generator
-    (face i uses seed + i, as ridfr_core's pipeline does; tracked video faces seed + their track)."""
+    """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with local generators, per face
+    for the start noise and for each step's (face i uses seed + i, as ridfr_core's pipeline does; tracked video
+    faces seed + their track), so a face restores the same alone as in a batch with every sampler."""
     import comfy.sample
+    import comfy.samplers
     import comfy.utils
     import latent_preview
     from ..ridfr_core.pipeline import seeded_noise
@@ -94,9 +122,12 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> to
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)
     callback = latent_preview.prepare_callback(model, settings.steps)
-    return comfy.sample.sample(model, noise, settings.steps, settings.guidance, settings.sampler_name,
-                               settings.scheduler, positive, negative, latent, denoise=1.0, callback=callback,
-                               seed=seed, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+    sigmas = comfy.samplers.KSampler(model, steps=settings.steps, device=model.load_device,
+                                     sampler=settings.sampler_name, scheduler=settings.scheduler, denoise=1.0,
+                                     model_options=model.model_options).sigmas
+    sampler = comfy_sampler(settings.sampler_name, per_face_noise_sampler(seeds, tuple(latent.shape), model.load_device))
+    return comfy.sample.sample_custom(model, noise, settings.guidance, sampler, sigmas, positive, negative, latent,
+                                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
 
 
 class RIDFRSample(io.ComfyNode):

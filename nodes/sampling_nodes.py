@@ -100,7 +100,8 @@ def comfy_sampler(name: str, noise_sampler):
     import comfy.samplers
 
     function = getattr(k_diffusion, f"sample_{name}", None)
-    if function is not None and "noise_sampler" in inspect.signature(function).parameters:
+    takes_options = name != "dpm_fast"  # ComfyUI's dpm_fast wrapper passes no options (and it runs with eta 0)
+    if takes_options and function is not None and "noise_sampler" in inspect.signature(function).parameters:
         return comfy.samplers.ksampler(name, {"noise_sampler": noise_sampler})
     return comfy.samplers.sampler_object(name)  # no noise after the start (or none we can give per face)
 

@@ -72,8 +72,15 @@ def test_every_report_of_a_shipped_workflow_is_shown_on_the_canvas(server):
     info = server.get("/object_info")
     for path in WORKFLOWS:
         workflow = json.loads(path.read_text())
-        shown = {(link[1], link[2]) for link in workflow["links"]
-                 if next(node for node in workflow["nodes"] if node["id"] == link[3])["type"] == "PreviewAny"}
+        kinds = {node["id"]: node["type"] for node in workflow["nodes"]}
+        shown, reached = set(), {node for node, kind in kinds.items() if kind == "PreviewAny"}
+        while True:  # back from the previews, through ComfyUI's string joins
+            feeding = {(link[1], link[2]) for link in workflow["links"] if link[3] in reached}
+            joins = {node for node, _ in feeding if kinds[node] == "StringConcatenate"} - reached
+            shown |= feeding
+            if not joins:
+                break
+            reached |= joins
         for node in workflow["nodes"]:
             if node["type"] in PACK_NODES:
                 for slot, kind in enumerate(info[node["type"]]["output"]):
@@ -98,7 +105,9 @@ def test_example_workflow_runs_and_is_deterministic(server, workflow):
     if "best_of_n" in workflow.stem:  # four candidates saved best first, every score shown
         report = next(output["text"][0] for output in entry["outputs"].values()
                       if output.get("text", [""])[0].startswith("ranked by"))
-        assert len(first) == 4 and report.startswith("ranked by dlib") and len(report.splitlines()) == 5
+        scores = report.split("\n\n")[0].splitlines()
+        assert len(first) == 4 and scores[0].startswith("ranked by dlib") and len(scores) == 5
+        assert "sampled with" in report and "reference" in report.lower()
     if "group_photo" in workflow.stem:
         photo = np.asarray(Image.open(server.base / "input" / "group_photo.jpg").convert("RGB"))
         assert first[0].shape == photo.shape

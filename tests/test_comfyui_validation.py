@@ -88,3 +88,43 @@ def test_rank_by_identity_without_dlib_is_refused_before_sampling(tmp_path_facto
         assert server.get("/history") == {}
     finally:
         server.stop()
+
+
+def own_address() -> str | None:
+    """This machine's address on its network (not loopback), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_downloads_from_another_machine_need_the_users_consent(tmp_path, allowed):
+    """With --listen the download route answers other machines only when RIDFR_ALLOW_REMOTE_DOWNLOADS=1."""
+    import urllib.error
+    import urllib.request
+
+    address = own_address()
+    if address is None:
+        pytest.skip("no network address other than loopback")
+    (tmp_path / "custom_nodes").mkdir()
+    os.symlink(REPO_ROOT, tmp_path / "custom_nodes" / "ridfr")
+    server = ComfyServer(tmp_path, extra_args=("--listen", "0.0.0.0"),
+                         extra_env={"RIDFR_ALLOW_REMOTE_DOWNLOADS": "1"} if allowed else None)
+    try:
+        request = urllib.request.Request(f"http://{address}:{server.port}/ridfr/models/download", data=b'{"files": []}',
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        answer = json.loads(refused.value.read())
+        if allowed:  # past the gate: refused only for naming no file
+            assert refused.value.code == 400 and "name the registered files" in answer["error"]
+        else:
+            assert refused.value.code == 403 and "RIDFR_ALLOW_REMOTE_DOWNLOADS=1" in answer["error"]
+    finally:
+        server.stop()

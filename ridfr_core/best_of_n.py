@@ -45,6 +45,15 @@ def ranking_problem(name: str, where: str) -> str | None:
     return None
 
 
+def recogniser_unavailable(name: str, where: str) -> str | None:
+    """Why the installed packages cannot run ``name`` (a RANKING_RECOGNISERS entry), with the install
+    command; None when they can. Cheap: nothing is loaded."""
+    from . import metrics
+
+    reason = {"dlib": metrics.dlib_unavailable_reason, "facenet": metrics.facenet_unavailable_reason}[name]()
+    return f"{where}: {name} cannot be used: {reason}." if reason else None
+
+
 def load_ranking_recogniser(name: str, where: str) -> Recogniser:
     from . import metrics
 

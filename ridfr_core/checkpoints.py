@@ -127,6 +127,15 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every floating parameter and buffer in ``dtype``. Files keep their own dtypes (h94's fp16 FaceID .bin,
+    fp16 SD1.5 files) and ``assign=True`` loading keeps them, so a loaded module may hold several; compute needs
+    one. Casts only when something differs (diffusers warns on every cast)."""
+    if any(t.is_floating_point() and t.dtype != dtype for t in (*module.parameters(), *module.buffers())):
+        module.to(dtype=dtype)
+    return module
+
+
 def on_meta(factory):
     from accelerate import init_empty_weights
 
@@ -183,9 +192,8 @@ def load_base(path: Path | str, config_dir: Path | str | None = None, cache_dir:
     texts = tuple(dict.fromkeys(("", *prompts)))
     base = (load_base_folder(path, config_dir, texts) if path.is_dir()
             else load_base_single_file(path, config_dir, cache_dir, texts))
-    if dtype != torch.float32:
-        base.unet.to(dtype=dtype)
-        base.vae.to(dtype=dtype)
+    cast(base.unet, dtype)
+    cast(base.vae, dtype)
     return base
 
 
@@ -242,6 +250,7 @@ def prompts_from_state(state: dict[str, torch.Tensor], path: Path, texts, config
         text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
                 ignore=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    cast(text_encoder, torch.float32)  # computed once and cached: in full precision whatever the file holds
     return {text: encode_prompt(text_encoder, text) for text in texts}
 
 

@@ -28,7 +28,9 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("kind", ["checkpoint", "checkpoint_ckpt"])
 def test_single_file_base_loads_exactly(tiny_models, tmp_path, kind):
+    """The fp16 .safetensors (as the registry's SD1.5 file) and the fp32 .ckpt both give float32 modules."""
     base = checkpoints.load_base(getattr(tiny_models, kind), tiny_models.configs, cache_dir=tmp_path)
+    assert {p.dtype for p in (*base.unet.parameters(), *base.vae.parameters())} == {torch.float32}
     assert same_state(base.unet, tiny_models.unet)
     assert same_state(base.vae, tiny_models.vae)
     assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, ""))
@@ -67,12 +69,14 @@ def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
     assert v2.shortcut and not v1.shortcut
     assert same_state(v1, v2)
     published = torch.load(tiny_models.adapter_v2, weights_only=True)
+    assert published["ip_adapter"]["1.to_k_ip.weight"].dtype == torch.float16  # as h94 publishes them
+    assert {p.dtype for p in v2.parameters()} == {torch.float32}  # one dtype, not fp16 K/V beside an fp32 projection
     names = list(base.unet.attn_processors)
     assert torch.equal(v2.attn_processors[names[1].replace(".", "__")].to_k_ip[0].weight,
-                       published["ip_adapter"]["1.to_k_ip.weight"])
+                       published["ip_adapter"]["1.to_k_ip.weight"].float())
     # the LoRA delta of attention #0's query is up @ down
     delta = lora_v2[names[0].removesuffix(".processor") + ".to_q.weight"]
-    ip = published["ip_adapter"]
+    ip = {k: v.float() for k, v in published["ip_adapter"].items()}
     assert torch.allclose(delta, ip["0.to_q_lora.up.weight"] @ ip["0.to_q_lora.down.weight"])
     assert len(lora_v2) == 4 * len(names)
 

@@ -167,7 +167,6 @@ OPS = {
     "Reshape": lambda x, shape, attrs: x.reshape(shape.tolist()), "MatMul": _matmul,
     "FusedBatchNorm": _batch_norm, "Square": lambda x, attrs: x * x, "Rsqrt": lambda x, attrs: torch.rsqrt(x),
     "Sum": lambda x, axes, attrs: x.sum(dim=axes.reshape(-1).tolist(), keepdim=bool(attrs.get("keep_dims"))),
-    "Identity": lambda x, attrs: x,
 }
 
 

@@ -1,9 +1,9 @@
 """Tiny RIDFR models with the real architectures, written to disk in the real file formats.
 
 ``tiny_models`` (session fixture) gives a folder laid out like ComfyUI's ``models/`` with:
-an SD1.5-style single-file checkpoint in the LDM key layout (``checkpoints/tiny-sd15.safetensors``),
-the same as ``.ckpt``, IP-Adapter FaceID PlusV2 as ``.bin`` (torch pickle of tensors) and Plus as
-``.safetensors``, a CLIP vision file in the transformers layout, RIDFR content weights in our format,
+an SD1.5-style single-file checkpoint in the LDM key layout (``checkpoints/tiny-sd15.safetensors``, fp16 as the
+registry's SD1.5 file), the same as ``.ckpt`` (fp32), IP-Adapter FaceID PlusV2 as ``.bin`` (torch pickle of fp16
+tensors, as h94 publishes them) and Plus as ``.safetensors``, a CLIP vision file in the transformers layout, RIDFR content weights in our format,
 and the config set (``configs/``) that describes these small architectures.
 """
 

@@ -34,7 +34,7 @@ from .models import download_command
 from .constants import FACE_SIZE
 from .preprocess import load_preprocessor
 from .backends.restorerid.identity_scale import parse_identity_scale
-from .restore_checks import check_restore_options
+from .restore_checks import DTYPES, check_restore_options
 
 
 @dataclass(frozen=True)
@@ -147,17 +147,20 @@ class Restorer:
 
     ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.quality`) or None for the
     backend's default; ``preprocess``: a model run on each aligned LQ face first; ``best_of``: best-of-N
-    ranking; ``sampling``: the pipeline's options (None = the backend's published setting)."""
+    ranking; ``dtype``: the compute dtype (None: float16 on CUDA, float32 on the CPU); ``sampling``: the
+    pipeline's options (None = the backend's published setting)."""
 
     def __init__(self, paths: dict[str, Path], device: str = "auto", config_dir=None,
-                 identity_scale: float | str | None = None, preprocess=None, best_of=None, **sampling):
+                 identity_scale: float | str | None = None, preprocess=None, best_of=None,
+                 dtype: torch.dtype | None = None, **sampling):
         from .faces import load_face_analyzer
         from .pipeline import RIDFRPipeline
         from .backends.restorerid.identity_scale import IdentityScale
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.pipeline = RIDFRPipeline.from_files(paths["base"], paths["content"], paths["adapter"],
-                                                 paths["clip_vision"], device=device, config_dir=config_dir)
+                                                 paths["clip_vision"], device=device, dtype=dtype,
+                                                 config_dir=config_dir)
         backend = self.pipeline.backend
         logging.getLogger(__name__).info("content backend: %s (%s)", backend.label, paths["content"].name)
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
@@ -280,6 +283,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wavelet colour fix against the LQ face (default: on for RestorerID, off for RIDFR)")
     parser.add_argument("--upscale", type=float, default=1.0, help="upsample the whole photo before pasting")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--dtype", default="auto", help="compute dtype: auto (float16 on CUDA, float32 on the CPU), "
+                        "float32, float16 or bfloat16")
     parser.add_argument("--preprocess", metavar="FILE", help="restoration/upscale model run on each aligned LQ face "
                         "before RIDFR (the paper pre-cleans with SwinIR, as DiffBIR does): a path or a file in "
                         "MODELS/upscale_models; any model spandrel reads (SwinIR, Real-ESRGAN, ...)")
@@ -295,8 +300,8 @@ def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path], best_of
     identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
     preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
     return Restorer(paths, args.device, config_dir, identity_scale, preprocess=preprocess, best_of=best_of,
-                    steps=args.steps, seed=args.seed, content_scale=args.content_scale, guidance=args.guidance,
-                    sampler=args.sampler, color_fix=args.color_fix)
+                    dtype=DTYPES.get(args.dtype), steps=args.steps, seed=args.seed, content_scale=args.content_scale,
+                    guidance=args.guidance, sampler=args.sampler, color_fix=args.color_fix)
 
 
 def architecture_dir(models: Path) -> Path | None:

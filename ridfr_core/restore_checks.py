@@ -18,6 +18,7 @@ from .backends.restorerid.identity_scale import parse_identity_scale
 
 MAX_UPSCALE = 8.0
 DEVICES = ("auto", "cuda", "cpu")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # and "auto"
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # formats that keep the ICC profile and EXIF
 
 
@@ -48,6 +49,11 @@ def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU; install a CUDA build of torch "
                          "(see README), or use --device auto or cpu.")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}.")
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -90,6 +96,7 @@ def check_restore_options(args, archive: bool = False) -> None:
         check_steps(args.steps)
     check_upscale(args.upscale)
     check_device(args.device)
+    check_dtype(args.dtype)
     if args.identity_scale is not None:
         parse_identity_scale(args.identity_scale)
     for option in ("content_scale", "guidance"):

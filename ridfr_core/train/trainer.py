@@ -36,7 +36,8 @@ def make_accelerator(config: TrainConfig):
     has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
     if config.mixed_precision != "no" and not has_gpu:
-        # CPU autocast leaves GroupNorm alone, so the bf16 UNet would get the fp32 content residuals and fail.
+        # Half-precision training is for GPUs: CPU half kernels are slow (fp16 several times slower than fp32).
+        # The tests still drive CPU training steps in fp16/bf16 with their own Accelerator, to catch dtype bugs.
         raise ConfigError(f"mixed_precision: '{config.mixed_precision}' needs a GPU; on CPU use "
                           "--set mixed_precision=no.")
     return Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out)
@@ -145,8 +146,9 @@ class Trainer(TrainingState):
         from ..identity.adapter import Identity
 
         with torch.no_grad():
-            identity = Identity(torch.cat([batch["id1_embed"], batch["id2_embed"]]).to(device),
-                                torch.cat([batch["id1_clip"], batch["id2_clip"]]).to(device).float())
+            # float32 before cat: CPU autocast refuses float64 inputs to the ops it promotes
+            identity = Identity(torch.cat([batch["id1_embed"].float(), batch["id2_embed"].float()]).to(device),
+                                torch.cat([batch["id1_clip"].float(), batch["id2_clip"].float()]).to(device))
             id_tokens = self.adapter.identity_tokens(identity)
         twice = lambda x: torch.cat([x, x])  # noqa: E731 - one forward for both references
         eps_id1, eps_id2 = self.denoiser(twice(noisy), twice(timesteps), twice(text), twice(lq), id_tokens).float().chunk(2)

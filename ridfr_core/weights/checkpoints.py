@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                convert_ldm_vae_checkpoint)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -157,6 +158,15 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every floating parameter and buffer in ``dtype``. Files keep their own dtypes (h94's fp16 FaceID .bin,
+    fp16 SD1.5 files) and ``assign=True`` loading keeps them, so a loaded module may hold several; compute needs
+    one. Casts only when something differs (diffusers warns on every cast)."""
+    if any(t.is_floating_point() and t.dtype != dtype for t in (*module.parameters(), *module.buffers())):
+        module.to(dtype=dtype)
+    return module
+
+
 def on_meta(factory):
     from accelerate import init_empty_weights
 
@@ -215,9 +225,8 @@ def load_base(path: Path | str, config_dir: Path | str | None = None, cache_dir:
     prompts = {**EMPTY_PROMPT, **(prompts or {})}
     base = (load_base_folder(path, config_dir, prompts) if path.is_dir()
             else load_base_single_file(path, config_dir, cache_dir, prompts, sd15_part))
-    if dtype != torch.float32:
-        base.unet.to(dtype=dtype)
-        base.vae.to(dtype=dtype)
+    cast(base.unet, dtype)
+    cast(base.vae, dtype)
     return base
 
 
@@ -266,13 +275,16 @@ def prompts_from_state(state: dict[str, torch.Tensor], path: Path, prompts: dict
                        config_dir=None) -> dict[str, torch.Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_state = {k[len(LDM_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_TEXT_PREFIX)}
+    text_state = convert_ldm_clip_checkpoint(state)
     if not text_state:
         raise CheckpointError(f"SD1.5 checkpoint: {path} has no text encoder ({LDM_TEXT_PREFIX}*); use a full "
                               "checkpoint, not a UNet-only or pruned-of-CLIP file.")
     text_encoder = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**load_config("text_encoder", config_dir))))
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (as diffusers does)
+        text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
-                ignore=("text_model.embeddings.position_ids",))
+                ignore=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    cast(text_encoder, torch.float32)  # computed once and cached: in full precision whatever the file holds
     return {text: encode_prompt(text_encoder, ids) for text, ids in prompts.items()}
 
 

@@ -37,17 +37,14 @@ GROUPS = 32
 
 
 class GroupNorm32(nn.GroupNorm):
-    """LDM's ``normalization``: GroupNorm over 32 groups, computed in float32."""
+    """LDM's ``normalization``: GroupNorm over 32 groups, computed in float32 (its weights too, which a
+    half-precision model holds in fp16/bf16), returned in the input's dtype."""
 
     def __init__(self, channels: int):
         super().__init__(GROUPS, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 input and weights whatever the module's dtype (half weights beside a float32 input fail
-        on the CPU); the result in the input's dtype."""
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):

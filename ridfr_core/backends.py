@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .content import ContentControlNet, lq_to_latent_size
+from .ddim_plan import RESTORERID_DDIM
 from .prompts import RESTORERID_NEGATIVE, RESTORERID_POSITIVE
 from .restorerid import LQBranch
 
@@ -23,21 +24,25 @@ class Backend:
 
     name: str
     label: str
-    sampler: str                  # "unipc" or "ddim"
+    sampler: str                  # one of SAMPLERS
     steps: int
     guidance: float               # classifier-free guidance; the uncond side has the null identity
     positive_prompt: str
     negative_prompt: str
     color_fix: bool               # wavelet colour fix against the LQ face
-    identity_scale: float         # fixed default; RestorerID also offers "auto" (MUSIQ)
+    identity_scale: float         # fixed fallback; RestorerID's default is "auto" (MUSIQ, see quality.py)
     ddim_eta: float = 0.0
+    clip_bgr: bool = False        # CLIP sees the reference crop in BGR order (RestorerID: cv2 images throughout)
+    sample_posterior: bool = False  # the LQ latent is a sample of the VAE posterior (RestorerID), not its mode
+    color_fix_unclamped: bool = False  # colour fix on the unclamped decode, then clamp (RestorerID's order)
 
 
 RIDFR = Backend("ridfr", "RIDFR (content ControlNet)", "unipc", 20, 1.0, "", "", False, 1.0)
-RESTORERID = Backend("restorerid", "RestorerID (LQ branch)", "ddim", 50, 4.0, RESTORERID_POSITIVE,
-                     RESTORERID_NEGATIVE, True, 0.75, ddim_eta=1.0)
+RESTORERID = Backend("restorerid", "RestorerID (LQ branch)", RESTORERID_DDIM, 50, 4.0, RESTORERID_POSITIVE,
+                     RESTORERID_NEGATIVE, True, 0.75, ddim_eta=1.0, clip_bgr=True, sample_posterior=True,
+                     color_fix_unclamped=True)
 BACKENDS = {backend.name: backend for backend in (RIDFR, RESTORERID)}
-SAMPLERS = ("unipc", "ddim")
+SAMPLERS = ("unipc", "ddim", RESTORERID_DDIM)  # the last: RestorerID's own DDIM plan (ddim_plan.py)
 
 
 def backend_of(content: torch.nn.Module) -> Backend:
@@ -60,11 +65,16 @@ def make_denoiser(unet, content: torch.nn.Module, adapter=None) -> torch.nn.Modu
 
 
 @torch.no_grad()
-def content_input(content: torch.nn.Module, lq: torch.Tensor, vae, latent_hw: tuple[int, int]) -> torch.Tensor:
+def content_input(content: torch.nn.Module, lq: torch.Tensor, vae, latent_hw: tuple[int, int],
+                  posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
     """The LQ faces (B,3,H,W) in [-1,1] as the backend reads them, computed once per restoration: RIDFR
-    takes the image resized to the latent size; RestorerID the VAE latent (mean of the posterior, scaled)."""
+    takes the image resized to the latent size; RestorerID the scaled VAE latent: ``mean + std * eps`` with
+    ``posterior_noise`` eps (a posterior sample, as RestorerID's ``get_first_stage_encoding``), else the mean."""
     if backend_of(content) is RIDFR:
         return lq_to_latent_size(lq, latent_hw)
     param = next(vae.parameters())
     posterior = vae.encode(lq.to(param.device, param.dtype)).latent_dist
-    return posterior.mode() * vae.config.scaling_factor
+    latent = posterior.mode()
+    if posterior_noise is not None:
+        latent = latent + posterior.std * posterior_noise.to(latent.device, latent.dtype)
+    return latent * vae.config.scaling_factor

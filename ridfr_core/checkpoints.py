@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                convert_ldm_vae_checkpoint)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -232,13 +233,15 @@ def load_base_folder(path: Path, config_dir=None, texts: tuple[str, ...] = ("",)
 def prompts_from_state(state: dict[str, torch.Tensor], path: Path, texts, config_dir=None) -> dict[str, torch.Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_state = {k[len(LDM_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_TEXT_PREFIX)}
+    text_state = convert_ldm_clip_checkpoint(state)
     if not text_state:
         raise CheckpointError(f"SD1.5 checkpoint: {path} has no text encoder ({LDM_TEXT_PREFIX}*); use a full "
                               "checkpoint, not a UNet-only or pruned-of-CLIP file.")
     text_encoder = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**load_config("text_encoder", config_dir))))
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (as diffusers does)
+        text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
-                ignore=("text_model.embeddings.position_ids",))
+                ignore=("text_model.embeddings.position_ids", "embeddings.position_ids"))
     return {text: encode_prompt(text_encoder, text) for text in texts}
 
 

@@ -16,10 +16,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UniPCMultistepScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .backends import RESTORERID, Backend, backend_of, content_input, make_denoiser
+from .backends import RESTORERID, SAMPLERS, Backend, backend_of, content_input, make_denoiser
 from .colorfix import wavelet_color_fix
 from .constants import FACE_SIZE
 from .content import ContentControlNet
+from .ddim_plan import RESTORERID_DDIM, RunNoise, ddim_update, restorerid_plan
 from .identity import ID_TOKENS, Identity, IdentityAdapter, identity_context, null_identity
 
 MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
@@ -92,7 +93,8 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
                 lora_strength: float = 1.0, shortcut: bool | None = None) -> PipelineModules:
     """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
     ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
-    is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
+    is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``).
+    With a RestorerID checkpoint, ``adapter``/``clip_vision`` None mean the checkpoint's own copies."""
     from . import adapter_files, checkpoints, content_files
 
     content_module = content_files.load_content(content, cache_dir)
@@ -103,14 +105,38 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
 
         check_branch_fits(content_module, sd.unet, f"RestorerID weights {content}")
     models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
+    own = restorerid_own_parts(Path(content)) if backend is RESTORERID and None in (adapter, clip_vision) else {}
     if adapter is not None:
         if backend is RESTORERID:
             shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
         models.adapter, models.lora_deltas = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
-        adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
+    elif "adapter" in own:
+        from .restorerid_adapter import identity_adapter_from_checkpoint
+
+        models.adapter, models.lora_deltas = identity_adapter_from_checkpoint(own["state"], sd.unet, Path(content))
+    adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
+    elif "clip_vision" in own:
+        from .restorerid_adapter import clip_vision_from_checkpoint
+
+        models.clip_vision = clip_vision_from_checkpoint(own["state"], Path(content), config_dir)
     return models
+
+
+def restorerid_own_parts(path: Path) -> dict:
+    """{"state": tensors (memory-mapped), "adapter"/"clip_vision": True} for the identity parts a full
+    RestorerID checkpoint holds itself (checked by keys); {} for our converted LQ-branch file."""
+    from .checkpoints import read_safetensors_metadata, read_state_dict
+    from .restorerid_adapter import has_clip_vision, has_identity_adapter
+    from .restorerid_files import RESTORERID_FORMAT
+
+    if path.suffix == ".safetensors" and read_safetensors_metadata(path, "RestorerID weights").get(
+            "format") == RESTORERID_FORMAT:
+        return {}
+    state = read_state_dict(path, "RestorerID weights")
+    return {"state": state, **({"adapter": True} if has_identity_adapter(state) else {}),
+            **({"clip_vision": True} if has_clip_vision(state) else {})}
 
 
 def restorerid_identity_shortcut(adapter: Path, shortcut: bool | None) -> bool:
@@ -143,14 +169,14 @@ def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -
 
 
 def make_scheduler(backend: Backend, sampler: str, scheduler_config: dict):
-    """UniPC or DDIM from the base model's noise schedule. RestorerID's DDIM starts at t=999 (its sampler
-    starts from pure noise at the last training step), hence trailing spacing."""
+    """UniPC or diffusers' DDIM from the base model's noise schedule (RestorerID's own plan is
+    :mod:`ridfr_core.ddim_plan`). With RestorerID, diffusers' DDIM starts at t=999 (trailing spacing)."""
     if sampler == "unipc":
         return UniPCMultistepScheduler.from_config(scheduler_config)
     if sampler == "ddim":
         spacing = "trailing" if backend is RESTORERID else scheduler_config.get("timestep_spacing", "leading")
         return DDIMScheduler.from_config({**scheduler_config, "timestep_spacing": spacing})
-    raise ValueError(f"sampler: '{sampler}' is not one of unipc, ddim.")
+    raise ValueError(f"sampler: '{sampler}' is not one of {', '.join(SAMPLERS)}.")
 
 
 class RIDFRPipeline:
@@ -213,17 +239,22 @@ class RIDFRPipeline:
         sampler: str | None = None,
         color_fix: bool | None = None,
         progress=None,
+        noise: RunNoise | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """``lq_faces`` (B,3,H,W) RGB in [0,1], H and W multiples of 8 (512 for the paper's setting);
         returns restored faces of the same shape in [0,1]. ``guidance`` > 1 is classifier-free guidance
         whose negative side has the null identity (and, for RestorerID, its negative prompt);
         ``identity_scale`` may be a (B,) tensor (0 = restore without identity). ``steps``, ``guidance``,
-        ``sampler`` and ``color_fix`` default to the backend's published settings."""
+        ``sampler`` and ``color_fix`` default to the backend's published settings. Every random draw
+        comes from ``noise`` (default: :class:`~ridfr_core.ddim_plan.RunNoise` of the faces' seeds); ``eta``:
+        DDIM's (default the backend's: RestorerID 1)."""
         backend = self.backend
         steps = backend.steps if steps is None else steps
         guidance = backend.guidance if guidance is None else guidance
         sampler = sampler or backend.sampler
         color_fix = backend.color_fix if color_fix is None else color_fix
+        eta = backend.ddim_eta if eta is None else eta
         if lq_faces.ndim != 4 or lq_faces.shape[1] != 3:
             raise ValueError(f"RIDFRPipeline: lq_faces must be (B,3,H,W) RGB, got {tuple(lq_faces.shape)}.")
         if lq_faces.shape[-1] % 8 or lq_faces.shape[-2] % 8:
@@ -231,11 +262,19 @@ class RIDFRPipeline:
                              f"align faces to {FACE_SIZE}x{FACE_SIZE}.")
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"RIDFRPipeline: steps must be between 1 and {MAX_STEPS}, got {steps}.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"RIDFRPipeline: sampler '{sampler}' is not one of {', '.join(SAMPLERS)}.")
         models, batch = self.models, lq_faces.shape[0]
         scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         latent_hw = (lq_faces.shape[-2] // scale_factor, lq_faces.shape[-1] // scale_factor)
+        shape = (batch, 4, *latent_hw)
+        noise = noise or RunNoise(seed if isinstance(seed, list) else [seed + i for i in range(batch)])
+        if len(noise.seeds) != batch:
+            raise ValueError(f"seed: {len(noise.seeds)} seeds for {batch} faces; give one int or one seed per face.")
 
-        lq = content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw)
+        posterior_noise = noise.next(shape) if backend.sample_posterior else None
+        lq = content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw,
+                           posterior_noise)
         text = models.prompt(backend.positive_prompt).to(self.device, self.dtype).expand(batch, -1, -1)
         if isinstance(identity_scale, torch.Tensor):
             identity_scale = identity_scale.to(self.device, self.dtype)
@@ -251,28 +290,42 @@ class RIDFRPipeline:
             if isinstance(content_scale, torch.Tensor):
                 content_scale = torch.cat([content_scale, content_scale])
 
-        scheduler = make_scheduler(backend, sampler, models.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(batch)]
-        step_options = {"eta": backend.ddim_eta, "generator": [torch.Generator().manual_seed(s + 1) for s in seeds]
-                        } if sampler == "ddim" and backend.ddim_eta else {}  # per-face step noise, as the start noise
-        latents = seeded_noise((batch, 4, *latent_hw), seed, self.device, self.dtype) * scheduler.init_noise_sigma
-        for index, t in enumerate(scheduler.timesteps):
+        def guided_eps(latents, t):
             model_in = torch.cat([latents, latents]) if use_guidance else latents
-            eps = self.denoiser(model_in, t, text, lq, id_tokens, content_scale, identity_scale)
+            eps = self.denoiser(model_in.to(self.dtype), t, text, lq, id_tokens, content_scale, identity_scale)
             if use_guidance:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(eps, t, latents, **step_options).prev_sample
-            if progress is not None:
-                progress(index + 1, steps)
-        restored = require_finite(self.decode(latents), models)
+            return eps
+
+        latents = noise.start(shape).to(self.device)
+        if sampler == RESTORERID_DDIM:  # latents stay float32 between steps, as in RestorerID's sampler
+            plan = restorerid_plan(steps, eta, models.scheduler_config)
+            for index, t in enumerate(plan.model_t):
+                eps = guided_eps(latents, torch.tensor(t, device=self.device)).float()
+                latents = ddim_update(latents, eps, plan, index, noise.next(shape).to(self.device))
+                if progress is not None:
+                    progress(index + 1, steps)
+        else:
+            scheduler = make_scheduler(backend, sampler, models.scheduler_config)
+            scheduler.set_timesteps(steps, device=self.device)
+            step_options = {"eta": eta, "generator": noise.steps} if sampler == "ddim" and eta else {}
+            latents = latents.to(self.dtype) * scheduler.init_noise_sigma
+            for index, t in enumerate(scheduler.timesteps):
+                latents = scheduler.step(guided_eps(latents, t), t, latents, **step_options).prev_sample
+                if progress is not None:
+                    progress(index + 1, steps)
+        decoded = require_finite(self.decode(latents), models)
+        if color_fix and backend.color_fix_unclamped:  # RestorerID: fix the raw decode, then clamp
+            return wavelet_color_fix(decoded, lq_faces)
+        restored = decoded.clamp(0, 1)
         return wavelet_color_fix(restored, lq_faces) if color_fix else restored
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0,1] scale, not clamped (the colour fix of RestorerID reads the raw decode)."""
         vae = self.models.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)  # NaN stays NaN: require_finite sees it
+        return (images.float() + 1) / 2
 
 
 class NonFiniteOutput(ValueError):

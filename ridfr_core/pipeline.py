@@ -105,7 +105,12 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
 
         check_branch_fits(content_module, sd.unet, f"RestorerID weights {content}")
     models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
-    own = restorerid_own_parts(Path(content)) if backend is RESTORERID and None in (adapter, clip_vision) else {}
+    own = {}
+    if backend is RESTORERID and None in (adapter, clip_vision):
+        from .restorerid_adapter import own_identity_parts
+
+        own = dict.fromkeys(own_identity_parts(Path(content)), True)
+        own["state"] = checkpoints.read_state_dict(content, "RestorerID weights") if own else None  # memory-mapped
     if adapter is not None:
         if backend is RESTORERID:
             shortcut = restorerid_identity_shortcut(Path(adapter), shortcut)
@@ -122,21 +127,6 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
 
         models.clip_vision = clip_vision_from_checkpoint(own["state"], Path(content), config_dir)
     return models
-
-
-def restorerid_own_parts(path: Path) -> dict:
-    """{"state": tensors (memory-mapped), "adapter"/"clip_vision": True} for the identity parts a full
-    RestorerID checkpoint holds itself (checked by keys); {} for our converted LQ-branch file."""
-    from .checkpoints import read_safetensors_metadata, read_state_dict
-    from .restorerid_adapter import has_clip_vision, has_identity_adapter
-    from .restorerid_files import RESTORERID_FORMAT
-
-    if path.suffix == ".safetensors" and read_safetensors_metadata(path, "RestorerID weights").get(
-            "format") == RESTORERID_FORMAT:
-        return {}
-    state = read_state_dict(path, "RestorerID weights")
-    return {"state": state, **({"adapter": True} if has_identity_adapter(state) else {}),
-            **({"clip_vision": True} if has_clip_vision(state) else {})}
 
 
 def restorerid_identity_shortcut(adapter: Path, shortcut: bool | None) -> bool:

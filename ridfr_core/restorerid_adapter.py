@@ -40,14 +40,22 @@ def h94_ip_adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+PROJ_KEYS = ("proj.0.weight", "proj.2.weight", "norm.weight", "perceiver_resampler.proj_in.weight",
+             "perceiver_resampler.proj_out.weight", "perceiver_resampler.norm_out.weight")  # FaceID Plus' projection
+VISION_KEYS = ("vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+               "vision_model.post_layernorm.weight", "visual_projection.weight")
+
+
 def has_identity_adapter(keys) -> bool:
-    """The checkpoint holds the FaceID image projection and the IP K/V it feeds (checked by keys)."""
-    keys = list(keys)
-    return any(k.startswith(PROJ_PREFIX) for k in keys) and any(k.endswith(".to_k_ip.weight") for k in keys)
+    """The checkpoint holds FaceID Plus' image projection and the IP K/V it feeds (checked by keys; a
+    checkpoint pruned to a piece of the Adapter does not count)."""
+    keys = set(keys)
+    return all(PROJ_PREFIX + k in keys for k in PROJ_KEYS) and any(k.endswith(".to_k_ip.weight") for k in keys)
 
 
 def has_clip_vision(keys) -> bool:
-    return any(k.startswith(VISION_PREFIX) for k in keys)
+    keys = set(keys)
+    return all(VISION_PREFIX + k in keys for k in VISION_KEYS)
 
 
 def identity_adapter_from_checkpoint(state: dict[str, torch.Tensor], unet, path: Path):
@@ -74,3 +82,22 @@ def clip_vision_from_checkpoint(state: dict[str, torch.Tensor], path: Path, conf
     load_strict(model, vision, path, "RestorerID weights (CLIP vision)",
                 ignore=("vision_model.embeddings.position_ids",))
     return model.eval()
+
+
+def own_identity_parts(path: Path) -> set[str]:
+    """Which of "adapter" and "clip_vision" a RestorerID weights file holds itself, from its key names only."""
+    from safetensors import safe_open
+
+    from .checkpoints import read_state_dict
+    from .restorerid_files import RESTORERID_FORMAT
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("format") == RESTORERID_FORMAT:
+                return set()  # our conversion keeps the LQ branch only
+            keys = list(handle.keys())
+    else:
+        keys = list(read_state_dict(path, "RestorerID weights"))  # memory-mapped: names, no tensor data
+    return {part for part, found in (("adapter", has_identity_adapter(keys)), ("clip_vision", has_clip_vision(keys)))
+            if found}

@@ -158,3 +158,43 @@ def test_full_restoration_matches_the_publisher(golden, eta, posterior):
     check(f"{key}_image", image, pub[f"{key}_image"], errors)
     print(f"\n{key} relative errors:", {k: f"{v:.1e}" for k, v in errors.items()},
           "max abs image error", f"{(image - pub[f'{key}_image']).abs().max():.1e}")
+
+
+def test_cli_takes_every_part_from_the_checkpoint_unless_told(golden, scripted_models_root, face_data, tmp_path,
+                                                             caplog):
+    """RestorerIDFull.ckpt alone serves as RestorerID weights, SD1.5 base, FaceID adapter and CLIP vision, even
+    where other (here unreadable) files sit in the usual folders; a file named with an option is used instead."""
+    import logging
+
+    from ridfr_core.restore import main, resolve_models
+
+    pipeline = golden[0]
+    models = tmp_path / "models"
+    (models / "ridfr").mkdir(parents=True)
+    (models / "ridfr" / "RestorerIDFull.ckpt").symlink_to(GOLDEN / "RestorerIDFull-tiny.ckpt")
+    configs = models / "ridfr" / "configs"
+    configs.mkdir()
+    state = torch.load(GOLDEN / "RestorerIDFull-tiny.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    for name, config in configs_from_checkpoint(state["state_dict"]).items():
+        (configs / f"{name}.json").write_text(json.dumps(config))
+    (models / "insightface").symlink_to(scripted_models_root)
+    for folder, name in (("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"),
+                         ("ipadapter", "ip-adapter-faceid-plus_sd15.bin"),
+                         ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")):
+        (models / folder).mkdir()
+        (models / folder / name).write_bytes(b"not weights")
+    paths = resolve_models(models, {}, need_insightface=True)
+    assert paths["base"] == paths["content"] and paths["adapter"] is None and paths["clip_vision"] is None
+    assert pipeline.models.adapter is not None and pipeline.models.clip_vision is not None
+
+    identity = face_data / "celebref-mini" / "00005"
+    common = ["--lq", str(next(identity.glob("lq_*.png"))), "--aligned", "--aligned-references",
+              "--id", str(sorted((identity / "refs").glob("*.jpg"))[0]), "--models", str(models), "--steps", "2",
+              "--device", "cpu"]
+    with caplog.at_level(logging.INFO):
+        assert main([*common, "--out", str(tmp_path / "restored.png")]) == 0
+    assert (tmp_path / "restored.png").is_file()
+    for part in ("base", "adapter", "clip_vision"):
+        assert f"{part}: from RestorerIDFull.ckpt itself" in caplog.text
+    assert "identity scale: auto" in caplog.text
+    assert main([*common, "--out", str(tmp_path / "other.png"), "--base", "v1-5-pruned-emaonly-fp16.safetensors"]) == 2

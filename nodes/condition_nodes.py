@@ -67,11 +67,23 @@ def null_identity_tokens(ridfr) -> torch.Tensor:
         return module_of(ridfr.adapter).identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
 
 
-def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
-    """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
-    posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
-    latent = vae.encode(lq.permute(0, 2, 3, 1))
-    return model.get_model_object("latent_format").process_in(latent).float().cpu()
+def lq_posterior(model, vae, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of the LQ faces (F,3,S,S) in [0,1], scaled like the UNet's input
+    (``latent_format.process_in``). RestorerID's structure encoder reads a sample ``mean + std * eps``;
+    ComfyUI's VAE Encode returns only the mean, so the encoder's moments are read here."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([vae.patcher])
+    engine = vae.first_stage_model
+    with torch.no_grad():
+        moments = engine.encoder(vae.process_input(lq).to(vae.device, vae.vae_dtype))
+        if getattr(engine, "quant_conv", None) is not None:
+            moments = engine.quant_conv(moments)
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    latent_format = model.get_model_object("latent_format")
+    return latent_format.process_in(mean).cpu(), (std * latent_format.scale_factor).cpu()
+
 
 class ContentCondition(io.ComfyNode):
     @classmethod
@@ -158,8 +170,8 @@ class ContentCondition(io.ComfyNode):
             faces = faces_in_photos(ridfr, image, face_size, on_no_face, track_faces)
         sigmas = SigmaRange(model, start_percent, end_percent)
         if restorerid:
-            patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas,
-                                      null_identity_tokens(ridfr))
+            mean, std = lq_posterior(model, vae, faces.lq)
+            patched = apply_structure(model, ridfr, mean, strength, sigmas, null_identity_tokens(ridfr), std)
         else:
             patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
         latent = torch.zeros(faces.count, LATENT_CHANNELS, face_size // LATENT_FACTOR, face_size // LATENT_FACTOR)

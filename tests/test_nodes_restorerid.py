@@ -89,15 +89,20 @@ def test_content_condition_needs_the_vae_for_restorerid(env, ridfr):
         content(env, ridfr, lq_faces(1), vae=None)
 
 
-def test_lq_latent_is_the_scaled_posterior_mean_ridfr_core_uses(env, ridfr):
+def test_lq_posterior_is_the_scaled_posterior_ridfr_core_samples(env, ridfr):
+    """Mean and std as ridfr_core reads them: with a posterior eps, mean + std * eps is ridfr_core's sample."""
     content_input = pack_core("backends").content_input
 
     faces = lq_faces(2).permute(0, 3, 1, 2)
-    got = env.pack.nodes.condition_nodes.lq_latent(env.model, env.vae, faces)
+    got, std = env.pack.nodes.condition_nodes.lq_posterior(env.model, env.vae, faces)
     branch = env.pack.nodes.sockets.module_of(ridfr.content)
     expected = content_input(branch, faces * 2 - 1, rounded_vae(env), (FACE // 8, FACE // 8))
     assert expected.abs().mean() > 0.01
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    eps = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
+    sample = content_input(branch, faces * 2 - 1, rounded_vae(env), (FACE // 8, FACE // 8), eps)
+    assert (sample - expected).abs().mean() > 1e-3
+    torch.testing.assert_close(got + std * eps, sample, atol=1e-4, rtol=1e-4)
 
 
 def test_unpatching_restores_the_unet_bit_for_bit_and_the_original_model_is_untouched(env, ridfr):
@@ -261,3 +266,53 @@ def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
                                  steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple", settings="custom")
     assert restored.shape == (2, FACE, FACE, 3) and torch.equal(photo, restored)
     torch.testing.assert_close(restored.mean(dim=(1, 2)), tinted.mean(dim=(1, 2)), atol=0.02, rtol=0)
+
+
+def cli_modules(env, ridfr):
+    """What the CLI's load_models gives for the same files: the UNet with FaceID Plus v1's LoRA fused, the LQ
+    branch, the VAE as ComfyUI reads it and the text states of RestorerID's prompts."""
+    from ridfr_core import adapter_files, checkpoints, content_files
+    from ridfr_core.pipeline import PipelineModules
+
+    backend = pack_core("backends").RESTORERID
+    unet = copy.deepcopy(env.tiny.unet)
+    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
+    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    prompts = {text: checkpoints.encode_prompt(env.tiny.text_encoder, text)
+               for text in ("", backend.positive_prompt, backend.negative_prompt)}
+    return PipelineModules(unet, rounded_vae(env), content_files.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE),
+                           prompts[""], SCHEDULER, adapter, copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.clip_vision)),
+                           prompts=prompts)
+
+
+def test_ridfr_sample_backend_defaults_give_the_cli_image(env, ridfr):
+    """Workflow 4's path (Content Condition, Identity Condition at 0.75, RIDFR Sample 'backend defaults') gives
+    the image ridfr_core's pipeline (the CLI's) gives for the same seeds and identity: RestorerID's own DDIM plan
+    (50 steps, eta 1), the posterior sample and the step noise drawn from each face's seed, CFG 4 with its
+    prompts, and the colour fix on the unclamped decode."""
+    from ridfr_core.pipeline import RIDFRPipeline
+
+    model, faces, _, _ = content(env, ridfr, lq_faces(2, seed=7) * 0.6 + 0.2)
+    people = random_identity(1, seed=8)
+    patched = identity_condition(env, ridfr, model, face_identity(env, people), weight=0.75)
+    restored, _, _ = run(env, "RIDFRSample", model=patched, clip=env.clip, vae=env.vae, faces=faces, seed=3, steps=1,
+                         guidance=1.0, sampler_name="euler", scheduler="normal", settings="backend defaults")
+    pipeline = RIDFRPipeline(cli_modules(env, ridfr))
+    expected = pipeline(faces.lq, people, seed=3, identity_scale=0.75).permute(0, 2, 3, 1)
+    other_seed = pipeline(faces.lq, people, seed=4, identity_scale=0.75).permute(0, 2, 3, 1)
+    assert (other_seed - expected).abs().max() > 0.01  # the seed matters, so agreeing is not trivial
+    torch.testing.assert_close(restored, expected, atol=2e-3, rtol=0)
+
+
+def test_comfyui_checkpoint_loader_reads_the_restorerid_file_as_its_sd15(env):
+    """ComfyUI's own checkpoint loader reads RestorerIDFull.ckpt (tensors only, weights_only) as the SD1.5 it
+    holds, its extra parts left aside: workflow 4 can take the base from that one file."""
+    import comfy.sd
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(env.tiny.root / "ridfr" / RESTORERID_FILE))[:3]
+    ours, plain = model.model.diffusion_model.state_dict(), env.model.model.diffusion_model.state_dict()
+    assert ours.keys() == plain.keys() and all(torch.equal(value, plain[key]) for key, value in ours.items())
+    text = clip.encode_from_tokens_scheduled(clip.tokenize("best quality"))[0][0]
+    torch.testing.assert_close(text, prompt(env, "best quality")[0][0])
+    probe = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(vae.encode(probe), env.vae.encode(probe))

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR, ON_NO_FACE
 from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
@@ -200,12 +200,20 @@ class IdentityCondition(io.ComfyNode):
                                        "was published with 0.75 (its example workflow sets it)."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
+                io.Boolean.Input("auto_weight", default=False, optional=True,
+                                 tooltip="RestorerID's adaptive identity scale, as its inference always applies it: "
+                                         "per face weight x exp(0.1 x (9.5 - MUSIQ of the LQ face)), so a worse face "
+                                         "leans more on the reference. Needs the faces input and the MUSIQ weights "
+                                         "in models/pyiqa (else RestorerID's fixed 0.75 x weight). The values used "
+                                         "are shown on the node."),
+                FacesSocket.Input("faces", optional=True,
+                                  tooltip="The faces output of Content Condition: the LQ faces auto_weight scores."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the identity patch.")],
         )
 
     @classmethod
-    def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
+    def execute(cls, model, ridfr, identity, weight, lora_strength, auto_weight=False, faces=None) -> io.NodeOutput:
         import comfy.model_management as mm
         from ..ridfr_core.backends import RESTORERID
 
@@ -214,8 +222,30 @@ class IdentityCondition(io.ComfyNode):
             tokens = module_of(ridfr.adapter).identity_tokens(identity.adapter_input).float().cpu()
         null_tokens = null_identity_tokens(ridfr)
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
+        shown = None
+        if auto_weight:
+            auto, shown = adaptive_scales(ridfr, faces)
+            scales = scales.float() * auto
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)
         patched = apply_identity(model, ridfr, tokens, lora_strength)
         if ridfr.backend is RESTORERID:
             add_balance_tokens(patched, tokens)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patched, ui=ui.PreviewText(shown) if shown else None)
+
+
+def adaptive_scales(ridfr, faces) -> tuple[torch.Tensor, str]:
+    """(per-face RestorerID identity scales (F,), the text the node shows) from the LQ faces' MUSIQ."""
+    from pathlib import Path
+
+    import folder_paths
+    from ..ridfr_core.quality import AUTO, IdentityScale, musiq_of_scale
+
+    if faces is None:
+        raise NodeError("IdentityCondition", "faces", "auto_weight scores the low-quality faces: connect Content "
+                        "Condition's faces output.")
+    chosen = IdentityScale.choose(AUTO, ridfr.backend, Path(folder_paths.models_dir))
+    scales = chosen.for_faces(faces.lq).float()
+    if chosen.metric is None:
+        return scales, f"identity scale: {chosen.fixed:g} per face (no MUSIQ weights in models/pyiqa)"
+    return scales, "\n".join(f"face {index}: MUSIQ {musiq_of_scale(float(scale)):.1f} -> identity scale {scale:.3f}"
+                              for index, scale in enumerate(scales))

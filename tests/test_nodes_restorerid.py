@@ -316,3 +316,23 @@ def test_comfyui_checkpoint_loader_reads_the_restorerid_file_as_its_sd15(env):
     torch.testing.assert_close(text, prompt(env, "best quality")[0][0])
     probe = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(vae.encode(probe), env.vae.encode(probe))
+
+
+def test_identity_condition_auto_weight_scores_the_faces_or_says_what_it_used(env, ridfr, tmp_path, monkeypatch):
+    """auto_weight: RestorerID's per-face scale from the LQ faces' MUSIQ; without MUSIQ weights in models/pyiqa
+    RestorerID's fixed 0.75 (times the weight), shown on the node; without faces, a clear error."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))  # a models folder without MUSIQ weights
+    model, faces, _, _ = content(env, ridfr, lq_faces(2, seed=9))
+    identity = face_identity(env, random_identity(1, seed=10))
+    node = env.nodes["IdentityCondition"]
+    output = node.execute(model=model, ridfr=ridfr, identity=identity, weight=1.0, lora_strength=1.0,
+                          auto_weight=True, faces=faces)
+    assert "identity scale: 0.75 per face (no MUSIQ weights" in output.ui.as_dict()["text"][0]
+    fixed = identity_condition(env, ridfr, model, identity, weight=0.75)
+    x_d, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(14)), torch.tensor([2.0])
+    text = env.text.expand(2, -1, -1)
+    torch.testing.assert_close(comfy_eps(output.result[0], x_d, sigma, text, [0]), comfy_eps(fixed, x_d, sigma, text, [0]))
+    with pytest.raises(ValueError, match=r"IdentityCondition \(faces\): auto_weight scores the low-quality faces"):
+        node.execute(model=model, ridfr=ridfr, identity=identity, weight=1.0, lora_strength=1.0, auto_weight=True)

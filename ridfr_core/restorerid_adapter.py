@@ -101,3 +101,14 @@ def own_identity_parts(path: Path) -> set[str]:
         keys = list(read_state_dict(path, "RestorerID weights"))  # memory-mapped: names, no tensor data
     return {part for part, found in (("adapter", has_identity_adapter(keys)), ("clip_vision", has_clip_vision(keys)))
             if found}
+
+
+def checkpoint_parts(path: Path) -> set[str]:
+    """The parts a RestorerID checkpoint holds, by key names: "base" (UNet, VAE, text encoder) and
+    :func:`own_identity_parts`'s. Raises CheckpointError for an unreadable file."""
+    from .checkpoints import read_state_dict
+
+    keys = list(read_state_dict(path, "RestorerID weights"))
+    base = all(any(k.startswith(prefix) for k in keys)
+               for prefix in (UNET_PREFIX, "first_stage_model.", "cond_stage_model.transformer."))
+    return own_identity_parts(path) | ({"base"} if base else set())

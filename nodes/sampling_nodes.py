@@ -104,8 +104,8 @@ class RIDFRSample(io.ComfyNode):
             description="Restores the faces of Content Condition with ComfyUI's sampler, decodes them and, for "
                         "whole photos, pastes them back. With settings 'backend defaults' it samples as the content "
                         "module was published: RIDFR with UniPC 20 steps, no CFG; RestorerID with its own DDIM plan "
-                        "(eta 1, 50 steps, a sampler of this pack), CFG 4. The identity and content strengths are Identity Condition's "
-                        "weight and Content Condition's strength. Prompts (RIDFR: empty; "
+                        "(eta 1, 50 steps, a sampler of this pack), CFG 4. The identity and content strengths are "
+                        "Identity Condition's weight and Content Condition's strength. Prompts (RIDFR: empty; "
                         "RestorerID: its positive/negative prompts) and RestorerID's wavelet colour fix always "
                         "follow the content module.",
             inputs=[

@@ -280,9 +280,9 @@ def cli_modules(env, ridfr):
     adapter_files.apply_weight_deltas(unet, deltas, 1.0)
     prompts = {text: checkpoints.encode_prompt(env.tiny.text_encoder, text)
                for text in ("", backend.positive_prompt, backend.negative_prompt)}
-    return PipelineModules(unet, rounded_vae(env), content_files.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE),
-                           prompts[""], SCHEDULER, adapter, copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.clip_vision)),
-                           prompts=prompts)
+    branch = content_files.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
+    clip_vision = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.clip_vision))
+    return PipelineModules(unet, rounded_vae(env), branch, prompts[""], SCHEDULER, adapter, clip_vision, prompts=prompts)
 
 
 def test_ridfr_sample_backend_defaults_give_the_cli_image(env, ridfr):
@@ -333,6 +333,7 @@ def test_identity_condition_auto_weight_scores_the_faces_or_says_what_it_used(en
     fixed = identity_condition(env, ridfr, model, identity, weight=0.75)
     x_d, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(14)), torch.tensor([2.0])
     text = env.text.expand(2, -1, -1)
-    torch.testing.assert_close(comfy_eps(output.result[0], x_d, sigma, text, [0]), comfy_eps(fixed, x_d, sigma, text, [0]))
+    torch.testing.assert_close(comfy_eps(output.result[0], x_d, sigma, text, [0]),
+                               comfy_eps(fixed, x_d, sigma, text, [0]))
     with pytest.raises(ValueError, match=r"IdentityCondition \(faces\): auto_weight scores the low-quality faces"):
         node.execute(model=model, ridfr=ridfr, identity=identity, weight=1.0, lora_strength=1.0, auto_weight=True)

@@ -280,7 +280,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
     parser.add_argument("--steps", type=int, help="sampling steps, 1..200 (default: the backend's, RIDFR 20, "
                         "RestorerID 50)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID ddim)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID "
+                        "restorerid-ddim: its own DDIM plan; ddim is diffusers' trailing DDIM)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", help="strength of the identity (0 = none), or 'auto' (RestorerID's "
                         "MUSIQ-based scale; needs pyiqa and models/pyiqa/musiq*.pth). Default: RIDFR 1, RestorerID auto")

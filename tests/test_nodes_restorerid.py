@@ -259,7 +259,9 @@ def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
     restored faces the colours (lowest frequencies) of the LQ faces."""
     settings = env.pack.nodes.sampling_nodes.SamplerSettings(pack_core("backends").RESTORERID, "backend defaults", 3,
                                                              1.0, "euler", "karras")
-    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (50, 4.0, "ddpm", "simple")
+    sampling_nodes = env.pack.nodes.sampling_nodes
+    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (
+        50, 4.0, sampling_nodes.SAMPLER_NAME, sampling_nodes.SCHEDULER_NAME)  # RestorerID's own DDIM plan
     tinted = lq_faces(2) * 0.3 + torch.tensor([0.6, 0.2, 0.1])
     model, faces, _, _ = content(env, ridfr, tinted)
     restored, photo, masks = run(env, "RIDFRSample", model=model, clip=env.clip, vae=env.vae, faces=faces, seed=0,
@@ -301,21 +303,32 @@ def test_ridfr_sample_backend_defaults_give_the_cli_image(env, ridfr):
     expected = pipeline(faces.lq, people, seed=3, identity_scale=0.75).permute(0, 2, 3, 1)
     other_seed = pipeline(faces.lq, people, seed=4, identity_scale=0.75).permute(0, 2, 3, 1)
     assert (other_seed - expected).abs().max() > 0.01  # the seed matters, so agreeing is not trivial
-    torch.testing.assert_close(restored, expected, atol=2e-3, rtol=0)
+    print(f"\nComfyUI vs CLI, restored faces: max abs difference {(restored - expected).abs().max():.1e}")
+    torch.testing.assert_close(restored, expected, atol=2e-4, rtol=0)  # 1.7e-5 seen on CPU
 
 
 def test_comfyui_checkpoint_loader_reads_the_restorerid_file_as_its_sd15(env):
     """ComfyUI's own checkpoint loader reads RestorerIDFull.ckpt (tensors only, weights_only) as the SD1.5 it
     holds, its extra parts left aside: workflow 4 can take the base from that one file."""
+    import gc
+
+    import comfy.model_management as mm
     import comfy.sd
 
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(env.tiny.root / "ridfr" / RESTORERID_FILE))[:3]
-    ours, plain = model.model.diffusion_model.state_dict(), env.model.model.diffusion_model.state_dict()
+    def load(path):
+        return comfy.sd.load_checkpoint_guess_config(str(path))[:3]
+
+    (model, clip, vae), (plain_model, plain_clip, plain_vae) = (
+        load(env.tiny.root / "ridfr" / RESTORERID_FILE), load(env.tiny.root / "checkpoints" / env.tiny.checkpoint.name))
+    ours, plain = model.model.diffusion_model.state_dict(), plain_model.model.diffusion_model.state_dict()
     assert ours.keys() == plain.keys() and all(torch.equal(value, plain[key]) for key, value in ours.items())
     text = clip.encode_from_tokens_scheduled(clip.tokenize("best quality"))[0][0]
-    torch.testing.assert_close(text, prompt(env, "best quality")[0][0])
+    torch.testing.assert_close(text, plain_clip.encode_from_tokens_scheduled(plain_clip.tokenize("best quality"))[0][0])
     probe = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(vae.encode(probe), env.vae.encode(probe))
+    torch.testing.assert_close(vae.encode(probe), plain_vae.encode(probe))
+    del model, clip, vae, plain_model, plain_clip, plain_vae
+    gc.collect()
+    mm.cleanup_models_gc()  # leave ComfyUI's loaded-model list as the other tests expect it
 
 
 def test_identity_condition_auto_weight_scores_the_faces_or_says_what_it_used(env, ridfr, tmp_path, monkeypatch):

@@ -10,6 +10,10 @@ ways to run the same work, 20 UniPC steps, no guidance:
 - ``diffusers``: diffusers' stock ``StableDiffusionControlNetPipeline`` with a stock (hint-encoder)
   ControlNet of the same size and the IP-Adapter FaceID Plus loaded the way diffusers loads it.
 It prints per-face latency, faces/s, peak memory, the time split and the ratios to ``hand``.
+
+``--backend restorerid`` times the pipeline with RestorerID's LQ branch instead (full published widths of the
+structure encoder, spade and IDBalance, random weights) with that backend's defaults: its own DDIM plan,
+CFG 4, posterior sample, colour fix; e.g. ``--backend restorerid --arch sd15 --size 512 --steps 4 --batches 1``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttn
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ridfr_core.weights.checkpoints import load_config
+from ridfr_core.backends import RESTORERID
 from ridfr_core.backends.ridfr.controlnet import ContentControlNet, lq_to_latent_size
+from ridfr_core.weights.checkpoints import load_config
 from ridfr_core.faces.align import estimate_alignment, ffhq_template, paste_face
 from ridfr_core.identity.adapter import Identity, build_identity_adapter, encode_clip_features
 from ridfr_core.pipeline import PipelineModules, RIDFRPipeline
@@ -45,7 +50,29 @@ SMALL = {  # SD1.5's block structure at a quarter of the width: CPU-sized
 }
 
 
-def build_models(arch: str) -> PipelineModules:
+def restorerid_branch(unet: UNet2DConditionModel):
+    """RestorerID's LQ branch at its published widths (EncoderUNetModelWT 256, channel_mult 1,1,2,2, attention at
+    /1,/2,/4; spade/IDBalance hidden 128) for ``unet``, random weights."""
+    from ridfr_core.backends.restorerid.lq_branch import LQBranch
+    from ridfr_core.backends.restorerid.denoiser import resnet_names
+
+    width, blocks = 256, [("conv", 4, 256)]
+    channels = 256
+    for level, mult in enumerate((1, 1, 2, 2)):
+        for _ in range(2):
+            blocks.append(("res+attn" if level < 3 else "res", channels, width * mult))
+            channels = width * mult
+        if level < 3:
+            blocks.append(("down", channels, channels))
+    encoder = {"model_channels": width, "emb_channels": 4 * width, "input_blocks": blocks, "middle_channels": channels,
+               "fea_tran": [256, 256, 512, 512], "out_channels": 256}
+    modules = dict(unet.named_modules())
+    resnets = {ldm: modules[path].conv2.out_channels for path, ldm in resnet_names(unet).items()}
+    return LQBranch({"encoder": encoder, "blocks": resnets, "feature_channels": 256, "hidden": 128,
+                     "context_dim": unet.config.cross_attention_dim}).eval()
+
+
+def build_models(arch: str, backend: str = "ridfr") -> PipelineModules:
     torch.manual_seed(0)
     overrides = SMALL if arch == "small" else {}
     unet = UNet2DConditionModel(**{**load_config("unet"), **overrides.get("unet", {})})
@@ -54,6 +81,11 @@ def build_models(arch: str) -> PipelineModules:
                                                             **overrides.get("clip_vision", {})}))
     adapter = build_identity_adapter(unet, clip.config.hidden_size)
     empty = torch.randn(1, 77, unet.config.cross_attention_dim)
+    if backend == "restorerid":
+        prompts = {text: torch.randn(1, 77, unet.config.cross_attention_dim)
+                   for text in ("", RESTORERID.positive_prompt, RESTORERID.negative_prompt)}
+        return PipelineModules(unet.eval(), vae.eval(), restorerid_branch(unet), empty, load_config("scheduler"),
+                               adapter.eval(), clip.eval(), prompts=prompts)
     return PipelineModules(unet.eval(), vae.eval(), ContentControlNet.from_unet(unet).eval(), empty,
                        load_config("scheduler"), adapter.eval(), clip.eval())
 
@@ -148,6 +180,8 @@ def run_stock(pipe, models: PipelineModules, lq: torch.Tensor, identity: Identit
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["small", "sd15"], default="small")
+    parser.add_argument("--backend", choices=["ridfr", "restorerid"], default="ridfr",
+                        help="restorerid: its LQ branch and sampling defaults; only our pipeline is timed")
     parser.add_argument("--size", type=int, default=256, help="face size in pixels (512 = the paper's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
@@ -161,12 +195,13 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    models = build_models(args.arch)
+    models = build_models(args.arch, args.backend)
     pipeline = RIDFRPipeline(models, device, dtype)
-    stock = None if args.skip_stock else stock_diffusers_pipeline(models, device, dtype)
+    restorerid = args.backend == "restorerid"
+    stock = None if args.skip_stock or restorerid else stock_diffusers_pipeline(models, device, dtype)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"# {args.arch} architecture, {args.size}px, {args.steps} steps, {dtype}, {machine}")
+    print(f"# {args.backend} backend, {args.arch} architecture, {args.size}px, {args.steps} steps, {dtype}, {machine}")
 
     figures = []
     generator = torch.Generator().manual_seed(0)
@@ -181,12 +216,13 @@ def main() -> None:
                                                         encode_clip_features(models.clip_vision, crops).float()),
                                        device, args.repeats)
             tokens_s, _ = timed(lambda: pipeline.identity_tokens(identity, batch), device, args.repeats)
-            variants = {"ridfr": lambda: pipeline(lq, identity, steps=args.steps),
-                        "hand": lambda: hand_stepped(models, lq, identity, args.steps, device, dtype)}
+            variants = {"ridfr": lambda: pipeline(lq, identity, steps=args.steps)}
+            if not restorerid:  # the hand-stepped composition is RIDFR's
+                variants["hand"] = lambda: hand_stepped(models, lq, identity, args.steps, device, dtype)
             if stock is not None:
                 variants["diffusers"] = lambda: run_stock(stock, models, lq, identity, args.steps, device, dtype)
             medians, _ = timed_interleaved(variants, device, args.repeats)
-            ours_s, hand_s, stock_s = medians["ridfr"], medians["hand"], medians.get("diffusers")
+            ours_s, hand_s, stock_s = medians["ridfr"], medians.get("hand"), medians.get("diffusers")
             latents = torch.randn(batch, 4, args.size // 8, args.size // 8, device=device, dtype=dtype)
             decode_s, _ = timed(lambda: pipeline.decode(latents), device, args.repeats)
         matrix = estimate_alignment(ffhq_template(args.size) * 0.5 + args.size / 2, args.size)
@@ -194,13 +230,15 @@ def main() -> None:
         paste_s, _ = timed(lambda: paste_face(photo.copy(), face, matrix), device, args.repeats)
         row = {"batch": batch, "ridfr_s": ours_s, "hand_s": hand_s, "diffusers_s": stock_s,
                "per_face_s": (ours_s + encode_s) / batch, "faces_per_s": batch / (ours_s + encode_s),
-               "ridfr_vs_hand": ours_s / hand_s, "diffusers_vs_hand": stock_s / hand_s if stock_s else None,
+               "ridfr_vs_hand": ours_s / hand_s if hand_s else None,
+               "diffusers_vs_hand": stock_s / hand_s if stock_s else None,
                "split_s": {"identity_encoding": encode_s + tokens_s, "sampling": ours_s - decode_s,
                            "vae_decode": decode_s, "paste_back_per_face": paste_s},
                "peak_memory_gb": peak_memory_gb(device)}
         figures.append(row)
         stock_text = f"{stock_s:.3f}s ({row['diffusers_vs_hand']:.3f}x)" if stock_s else "skipped"
-        print(f"batch {batch:>2}: ridfr {ours_s:.3f}s ({row['ridfr_vs_hand']:.3f}x hand) | hand {hand_s:.3f}s | "
+        hand_text = f"({row['ridfr_vs_hand']:.3f}x hand) | hand {hand_s:.3f}s" if hand_s else "| hand skipped"
+        print(f"batch {batch:>2}: {args.backend} {ours_s:.3f}s {hand_text} | "
               f"diffusers {stock_text} | {row['per_face_s']:.3f} s/face, {row['faces_per_s']:.2f} faces/s | "
               f"split: id {encode_s + tokens_s:.3f}s, sampling {ours_s - decode_s:.3f}s, decode {decode_s:.3f}s, "
               f"paste {paste_s * 1000:.1f}ms/face | peak {'VRAM' if device.type == 'cuda' else 'RSS'} "

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR, ON_NO_FACE
 from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
@@ -72,11 +72,23 @@ def null_identity_tokens(ridfr) -> torch.Tensor:
     return ridfr.derived["null_tokens"]
 
 
-def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
-    """The LQ faces (F,3,S,S) in [0,1] as RestorerID's structure encoder reads them: the VAE latent (the
-    posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
-    latent = vae.encode(lq.permute(0, 2, 3, 1))
-    return model.get_model_object("latent_format").process_in(latent).float().cpu()
+def lq_posterior(model, vae, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of the LQ faces (F,3,S,S) in [0,1], scaled like the UNet's input
+    (``latent_format.process_in``). RestorerID's structure encoder reads a sample ``mean + std * eps``;
+    ComfyUI's VAE Encode returns only the mean, so the encoder's moments are read here."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([vae.patcher])
+    engine = vae.first_stage_model
+    with torch.no_grad():
+        moments = engine.encoder(vae.process_input(lq).to(vae.device, vae.vae_dtype))
+        if getattr(engine, "quant_conv", None) is not None:
+            moments = engine.quant_conv(moments)
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    latent_format = model.get_model_object("latent_format")
+    return latent_format.process_in(mean).cpu(), (std * latent_format.scale_factor).cpu()
+
 
 VALIDATED = ("input_mode", "on_no_face", "start_percent", "end_percent")
 
@@ -172,8 +184,8 @@ class ContentCondition(io.ComfyNode):
             faces = faces_in_photos(ridfr, image, face_size, on_no_face, track_faces)
         sigmas = SigmaRange(model, start_percent, end_percent)
         if restorerid:
-            patched = apply_structure(model, ridfr, lq_latent(model, vae, faces.lq), strength, sigmas,
-                                      null_identity_tokens(ridfr))
+            mean, std = lq_posterior(model, vae, faces.lq)
+            patched = apply_structure(model, ridfr, mean, strength, sigmas, null_identity_tokens(ridfr), std)
         else:
             patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
         latent = torch.zeros(faces.count, LATENT_CHANNELS, face_size // LATENT_FACTOR, face_size // LATENT_FACTOR)
@@ -202,12 +214,20 @@ class IdentityCondition(io.ComfyNode):
                                        "was published with 0.75 (its example workflow sets it)."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
+                io.Boolean.Input("auto_weight", default=False, optional=True,
+                                 tooltip="RestorerID's adaptive identity scale, as its inference always applies it: "
+                                         "per face weight x exp(0.1 x (9.5 - MUSIQ of the LQ face)), so a worse face "
+                                         "leans more on the reference. Needs the faces input and the MUSIQ weights "
+                                         "in models/pyiqa (else RestorerID's fixed 0.75 x weight). The values used "
+                                         "are shown on the node."),
+                FacesSocket.Input("faces", optional=True,
+                                  tooltip="The faces output of Content Condition: the LQ faces auto_weight scores."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the identity patch.")],
         )
 
     @classmethod
-    def execute(cls, model, ridfr, identity, weight, lora_strength) -> io.NodeOutput:
+    def execute(cls, model, ridfr, identity, weight, lora_strength, auto_weight=False, faces=None) -> io.NodeOutput:
         import comfy.model_management as mm
         from ..ridfr_core.backends import RESTORERID
 
@@ -216,8 +236,30 @@ class IdentityCondition(io.ComfyNode):
             tokens = module_of(ridfr.adapter).identity_tokens(identity.adapter_input).float().cpu()
         null_tokens = null_identity_tokens(ridfr)
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
+        shown = None
+        if auto_weight:
+            auto, shown = adaptive_scales(ridfr, faces)
+            scales = scales.float() * auto
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)
         patched = apply_identity(model, ridfr, tokens, lora_strength)
         if ridfr.backend is RESTORERID:
             add_balance_tokens(patched, tokens)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patched, ui=ui.PreviewText(shown) if shown else None)
+
+
+def adaptive_scales(ridfr, faces) -> tuple[torch.Tensor, str]:
+    """(per-face RestorerID identity scales (F,), the text the node shows) from the LQ faces' MUSIQ."""
+    from pathlib import Path
+
+    import folder_paths
+    from ..ridfr_core.backends.restorerid.identity_scale import AUTO, IdentityScale, musiq_of_scale
+
+    if faces is None:
+        raise NodeError("IdentityCondition", "faces", "auto_weight scores the low-quality faces: connect Content "
+                        "Condition's faces output.")
+    chosen = IdentityScale.choose(AUTO, ridfr.backend, Path(folder_paths.models_dir))
+    scales = chosen.for_faces(faces.lq).float()
+    if chosen.metric is None:
+        return scales, f"identity scale: {chosen.fixed:g} per face (no MUSIQ weights in models/pyiqa)"
+    return scales, "\n".join(f"face {index}: MUSIQ {musiq_of_scale(float(scale)):.1f} -> identity scale {scale:.3f}"
+                              for index, scale in enumerate(scales))

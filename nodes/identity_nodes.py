@@ -38,7 +38,7 @@ def encode_identity(ridfr, references: torch.Tensor, aligned: bool, on_no_face: 
         raise NodeError("FaceIDEncode", "references", f"no face in any of the {len(references)} reference image(s); "
                         "give a clear photo of the person (or aligned face crops with references_are_aligned).")
     mm.load_model_gpu(ridfr.clip_vision)
-    identity, report = build_identity(found, module_of(ridfr.clip_vision))
+    identity, report = build_identity(found, module_of(ridfr.clip_vision), bgr=ridfr.backend.clip_bgr)
     identity.id_embeds, identity.clip_embeds = identity.id_embeds.cpu(), identity.clip_embeds.float().cpu()
     text = report.summary()
     if skipped:

@@ -8,7 +8,8 @@
   which receives the per-call ``transformer_options`` and combines ``h`` and ``x`` with
   ``ridfr_core.restorerid.modulate``. Unpatching puts the original ResBlocks back.
 - :class:`StructurePatch` (a DIFFUSION_MODEL wrapper) runs the structure encoder on the LQ faces' VAE
-  latent and the UNet's timestep each step and passes the maps to the ResBlocks in a copy of
+  latent (a posterior sample when RestorerID's sampler hands it the eps, as RestorerID's inference takes;
+  else the posterior mean) and the UNet's timestep each step and passes the maps to the ResBlocks in a copy of
   ``transformer_options`` (nothing is stored on shared objects between calls).
 - :class:`BalanceTokensPatch` (added by IdentityCondition) puts the identity tokens IDBalance reads into
   the same copy, one row per batch row: the identity's for cond rows (the null identity's for faces that
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .patches import SigmaRange, chunks_of
+from .restorerid_sampler import POSTERIOR_EPS
 from .sockets import NodeError, module_of
 
 STRUCTURE_FEATURES = "ridfr_restorerid"    # transformer_options key: StructureStep of this call
@@ -80,9 +82,10 @@ class StructurePatch:
     """DIFFUSION_MODEL wrapper: ``(executor, x, timesteps, context, y, control, transformer_options)``."""
 
     def __init__(self, content, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange,
-                 null_tokens: torch.Tensor):
+                 null_tokens: torch.Tensor, lq_std: torch.Tensor | None = None):
         self.content = content            # ModelPatcher around ridfr_core.restorerid.LQBranch
-        self.lq_latent = lq_latent        # (F,4,h,w): the LQ faces' VAE latent, scaled as the UNet's input
+        self.lq_latent = lq_latent        # (F,4,h,w): the LQ faces' VAE posterior mean, scaled as the UNet's input
+        self.lq_std = lq_std              # (F,4,h,w): the posterior's std, same scale
         self.strength, self.sigmas = strength, sigmas
         self.null_tokens = null_tokens    # (1,4,C): IDBalance's tokens where no IdentityCondition gives any
 
@@ -95,7 +98,11 @@ class StructurePatch:
             branch = module_of(self.content)
             param = next(branch.parameters())
             repeats = chunks_of(x.shape[0], self.lq_latent.shape[0], "ContentCondition", "image")
-            lq = self.lq_latent.to(param.device, param.dtype).repeat(repeats, 1, 1, 1)
+            lq = self.lq_latent
+            eps = transformer_options.get(POSTERIOR_EPS)
+            if eps is not None and self.lq_std is not None:
+                lq = lq + self.lq_std * eps.to(lq.device, lq.dtype)
+            lq = lq.to(param.device, param.dtype).repeat(repeats, 1, 1, 1)
             if lq.shape[-2:] != x.shape[-2:]:
                 raise NodeError("ContentCondition", "image", f"the sampled latent is {tuple(x.shape[-2:])} but the "
                                 f"faces' latent is {tuple(lq.shape[-2:])}; sample the latent from ContentCondition.")
@@ -149,7 +156,7 @@ def modulated_blocks(model, branch) -> dict[str, ModulatedResBlock]:
 
 
 def apply_structure(model, ridfr, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange,
-                    null_tokens: torch.Tensor):
+                    null_tokens: torch.Tensor, lq_std: torch.Tensor | None = None):
     """A clone of ``model`` whose ResBlocks RestorerID's LQ branch modulates (``model`` itself is untouched);
     IDBalance reads the null identity's ``null_tokens`` unless an IdentityCondition gives the faces' own."""
     import comfy.patcher_extension
@@ -158,7 +165,7 @@ def apply_structure(model, ridfr, lq_latent: torch.Tensor, strength: float, sigm
     for path, replacement in modulated_blocks(model, module_of(ridfr.content)).items():
         patched.add_object_patch(path, replacement)
     patched.set_model_forward_timestep_embed_patch((ModulatedResBlock, modulated_forward))
-    patch = StructurePatch(ridfr.content, lq_latent, strength, sigmas, null_tokens)
+    patch = StructurePatch(ridfr.content, lq_latent, strength, sigmas, null_tokens, lq_std)
     key = f"ridfr_restorerid_{id(patch)}"
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, patch)
     patched.set_additional_models(key, [ridfr.content])

@@ -7,14 +7,16 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR
+from .restorerid_sampler import SAMPLER_NAME, SCHEDULER_NAME, restorerid_sampler, restorerid_sigmas
 from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
 from .validation import node_inputs
 
 SETTINGS = ("backend defaults", "custom")
-# ComfyUI's sampler for each backend's published one. RestorerID samples with DDIM, eta 1, over 50 "trailing"
-# timesteps (999, 979, ...): ComfyUI's "ddpm" step is DDIM with eta 1, and its "simple" schedule gives
-# exactly those timesteps (its "ddim" sampler is eta 0).
-COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
+# ComfyUI's sampler for each backend's published one. diffusers' trailing DDIM with eta 1 is ComfyUI's "ddpm"
+# step over its "simple" schedule; RestorerID's own DDIM plan (queried at 999, 979, ..., updated with the alphas
+# at 980, 960, ...) is no ComfyUI built-in: restorerid_sampler.py implements it.
+COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple"),
+                  "restorerid-ddim": (SAMPLER_NAME, SCHEDULER_NAME)}
 STEP_NOISE_OFFSET = 0x5DEECE66D  # per-face step noise: a generator stream apart from the start noise's
 
 
@@ -40,6 +42,15 @@ def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, 
         photos.append(torch.from_numpy(result.image).float() / 255.0)
         masks.append(torch.from_numpy(result.masks))
     return torch.stack(photos), torch.cat(masks)
+
+
+def unclamped(vae):
+    """The same VAE (shared weights) whose decode is not clamped to [0, 1] (RestorerID's colour fix reads that)."""
+    import copy
+
+    raw = copy.copy(vae)
+    raw.process_output = lambda image: (image + 1.0) / 2.0
+    return raw
 
 
 def encode_prompt(clip, text: str):
@@ -123,10 +134,14 @@ def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> to
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)
     callback = latent_preview.prepare_callback(model, settings.steps)
-    sigmas = comfy.samplers.KSampler(model, steps=settings.steps, device=model.load_device,
-                                     sampler=settings.sampler_name, scheduler=settings.scheduler, denoise=1.0,
-                                     model_options=model.model_options).sigmas
-    sampler = comfy_sampler(settings.sampler_name, per_face_noise_sampler(seeds, tuple(latent.shape), model.load_device))
+    if settings.sampler_name == SAMPLER_NAME:  # RestorerID's own plan, its draws from the faces' seeds
+        sampler, sigmas = restorerid_sampler(seeds, faces.backend.ddim_eta), restorerid_sigmas(model, settings.steps)
+    else:
+        sigmas = comfy.samplers.KSampler(model, steps=settings.steps, device=model.load_device,
+                                         sampler=settings.sampler_name, scheduler=settings.scheduler, denoise=1.0,
+                                         model_options=model.model_options).sigmas
+        sampler = comfy_sampler(settings.sampler_name,
+                                per_face_noise_sampler(seeds, tuple(latent.shape), model.load_device))
     return comfy.sample.sample_custom(model, noise, settings.guidance, sampler, sigmas, positive, negative, latent,
                                       callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
 
@@ -142,9 +157,9 @@ class RIDFRSample(io.ComfyNode):
             category="RIDFR",
             description="Restores the faces of Content Condition with ComfyUI's sampler, decodes them and, for "
                         "whole photos, pastes them back. With settings 'backend defaults' it samples as the content "
-                        "module was published: RIDFR with UniPC 20 steps, no CFG; RestorerID with DDIM eta 1 "
-                        "(ComfyUI's ddpm + simple) 50 steps, CFG 4. The identity and content strengths are Identity Condition's "
-                        "weight and Content Condition's strength. Prompts (RIDFR: empty; "
+                        "module was published: RIDFR with UniPC 20 steps, no CFG; RestorerID with its own DDIM plan "
+                        "(eta 1, 50 steps, a sampler of this pack), CFG 4. The identity and content strengths are "
+                        "Identity Condition's weight and Content Condition's strength. Prompts (RIDFR: empty; "
                         "RestorerID: its positive/negative prompts) and RestorerID's wavelet colour fix always "
                         "follow the content module.",
             inputs=[
@@ -165,10 +180,11 @@ class RIDFRSample(io.ComfyNode):
                                        "1.0, RestorerID 4.0)."),
                 io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="uni_pc",
                                tooltip="ComfyUI sampler (settings 'custom' only; backend defaults: RIDFR uni_pc, "
-                                       "RestorerID ddpm, which is DDIM with eta 1)."),
+                                       "RestorerID its own DDIM plan, which no ComfyUI sampler expresses; ddpm + "
+                                       "simple is the nearest built-in)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="ComfyUI noise schedule (settings 'custom' only; backend defaults: RIDFR "
-                                       "normal, RestorerID simple)."),
+                                       "normal, RestorerID its own plan: queried at t = 999, 979, ..., 0)."),
                 io.Combo.Input("settings", options=list(SETTINGS), default="backend defaults",
                                tooltip="'backend defaults': steps, guidance, sampler and scheduler as the content "
                                        "module was published (the four widgets above are greyed out and unused; "
@@ -200,9 +216,12 @@ class RIDFRSample(io.ComfyNode):
             raise ValueError(problem)
         chosen = SamplerSettings(faces.backend, settings, steps, guidance, sampler_name, scheduler)
         samples = sample_faces(model, clip, faces, seed, chosen)
-        restored = image_to_nchw(vae.decode(samples))
-        if faces.backend.color_fix:
-            restored = wavelet_color_fix(restored, faces.lq)
+        if faces.backend.color_fix and faces.backend.color_fix_unclamped:  # fix the raw decode, then clamp
+            restored = wavelet_color_fix(image_to_nchw(unclamped(vae).decode(samples)), faces.lq)
+        else:
+            restored = image_to_nchw(vae.decode(samples))
+            if faces.backend.color_fix:
+                restored = wavelet_color_fix(restored, faces.lq)
         photos, masks = paste_back(faces, restored, "RIDFRSample")
         return io.NodeOutput(nchw_to_image(restored), photos, masks, chosen.describe(faces, seed))
 

@@ -18,8 +18,9 @@ from .backends.interface import ContentBackend
 from .constants import FACE_SIZE
 from .identity.adapter import Identity, IdentityAdapter, null_identity
 from .sampling.colorfix import wavelet_color_fix
-from .sampling.noise import face_seeds, seeded_noise
-from .sampling.schedulers import make_scheduler
+from .sampling.ldm_ddim import RESTORERID_DDIM, ddim_update, restorerid_plan
+from .sampling.noise import RunNoise, face_seeds
+from .sampling.schedulers import SAMPLERS, make_scheduler
 from .weights import adapter_files, checkpoints
 
 MAX_STEPS = 200  # as the RIDFRSample node; from 1000 steps on, "leading" spacing makes every timestep 1
@@ -55,18 +56,24 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     """All weights from local files (see :mod:`ridfr_core.weights`), every module cast to ``dtype`` whatever
     the files hold; the FaceID LoRA is fused (in float32) at ``lora_strength`` (1.0 is what FaceID-Plus was
     trained with) into the UNet loaded here. The backend is the content file's: RIDFR content weights or a
-    RestorerID checkpoint (which may also be ``base``)."""
+    RestorerID checkpoint (which may also be ``base``). ``adapter``/``clip_vision`` None: the content file's
+    own copies where it holds them (a RestorerID checkpoint)."""
     content_module = load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=backend.prompt_tokens, sd15_part=sd15_part)
     backend.check_fits(content_module, sd.unet, f"{backend.label.partition(' (')[0]} weights {content}")
     models = PipelineModules(sd.unet, sd.vae, content_module, sd.empty_prompt, sd.scheduler_config, prompts=sd.prompts)
+    own = backend.bundled_parts(Path(content)) if None in (adapter, clip_vision) else set()
     if adapter is not None:
         shortcut = backend.faceid_shortcut(Path(adapter), shortcut)
         models.adapter, models.lora_deltas = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
-        adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
+    elif "adapter" in own:
+        models.adapter, models.lora_deltas = backend.bundled_adapter(Path(content), sd.unet)
+    adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
+    elif "clip_vision" in own:
+        models.clip_vision = backend.bundled_clip_vision(Path(content), config_dir)
     for module in (models.unet, models.vae, models.content, models.adapter, models.clip_vision):
         if module is not None:
             checkpoints.cast(module, dtype)
@@ -143,14 +150,18 @@ class RIDFRPipeline:
         sampler: str | None = None,
         color_fix: bool | None = None,
         progress=None,
+        noise: RunNoise | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """``lq_faces`` (B,3,H,W) RGB in [0,1], H and W multiples of 8 (512 for the paper's setting);
         returns restored faces of the same shape in [0,1]. ``guidance`` > 1 is classifier-free guidance
         whose negative side has the null identity (and, for RestorerID, its negative prompt);
         ``identity_scale`` may be a (B,) tensor (0 = restore without identity). ``steps``, ``guidance``,
-        ``sampler`` and ``color_fix`` default to the backend's published settings."""
+        ``sampler``, ``color_fix`` and DDIM's ``eta`` default to the backend's published settings. Every random
+        draw comes from ``noise`` (default: :class:`~ridfr_core.sampling.noise.RunNoise` of the faces' seeds)."""
         backend = self.backend
         steps, guidance, sampler, color_fix = backend.sampling_settings(steps, guidance, sampler, color_fix).values()
+        eta = backend.ddim_eta if eta is None else eta
         if lq_faces.ndim != 4 or lq_faces.shape[1] != 3:
             raise ValueError(f"RIDFRPipeline: lq_faces must be (B,3,H,W) RGB, got {tuple(lq_faces.shape)}.")
         if lq_faces.shape[-1] % 8 or lq_faces.shape[-2] % 8:
@@ -158,11 +169,19 @@ class RIDFRPipeline:
                              f"align faces to {FACE_SIZE}x{FACE_SIZE}.")
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"RIDFRPipeline: steps must be between 1 and {MAX_STEPS}, got {steps}.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"RIDFRPipeline: sampler '{sampler}' is not one of {', '.join(SAMPLERS)}.")
         models, batch = self.models, lq_faces.shape[0]
         scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         latent_hw = (lq_faces.shape[-2] // scale_factor, lq_faces.shape[-1] // scale_factor)
+        shape = (batch, 4, *latent_hw)
+        noise = noise or RunNoise(seed if isinstance(seed, list) else face_seeds(seed, batch))
+        if len(noise.seeds) != batch:
+            raise ValueError(f"seed: {len(noise.seeds)} seeds for {batch} faces; give one int or one seed per face.")
 
-        lq = backend.content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw)
+        posterior_noise = noise.next(shape) if backend.sample_posterior else None
+        lq = backend.content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw,
+                                   posterior_noise)
         text = models.prompt(backend.positive_prompt).to(self.device, self.dtype).expand(batch, -1, -1)
         if isinstance(identity_scale, torch.Tensor):
             identity_scale = identity_scale.to(self.device, self.dtype)
@@ -178,28 +197,42 @@ class RIDFRPipeline:
             if isinstance(content_scale, torch.Tensor):
                 content_scale = torch.cat([content_scale, content_scale])
 
-        scheduler = make_scheduler(sampler, models.scheduler_config, backend.ddim_spacing)
-        scheduler.set_timesteps(steps, device=self.device)
-        seeds = seed if isinstance(seed, list) else face_seeds(seed, batch)
-        step_options = {"eta": backend.ddim_eta, "generator": [torch.Generator().manual_seed(s + 1) for s in seeds]
-                        } if sampler == "ddim" and backend.ddim_eta else {}  # per-face step noise, as the start noise
-        latents = seeded_noise((batch, 4, *latent_hw), seed, self.device, self.dtype) * scheduler.init_noise_sigma
-        for index, t in enumerate(scheduler.timesteps):
+        def guided_eps(latents, t):
             model_in = torch.cat([latents, latents]) if use_guidance else latents
-            eps = self.denoiser(model_in, t, text, lq, id_tokens, content_scale, identity_scale)
+            eps = self.denoiser(model_in.to(self.dtype), t, text, lq, id_tokens, content_scale, identity_scale)
             if use_guidance:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(eps, t, latents, **step_options).prev_sample
-            if progress is not None:
-                progress(index + 1, steps)
-        restored = require_finite(self.decode(latents), models)
+            return eps
+
+        latents = noise.start(shape).to(self.device)
+        if sampler == RESTORERID_DDIM:  # latents stay float32 between steps, as in RestorerID's sampler
+            plan = restorerid_plan(steps, eta, models.scheduler_config)
+            for index, t in enumerate(plan.model_t):
+                eps = guided_eps(latents, torch.tensor(t, device=self.device)).float()
+                latents = ddim_update(latents, eps, plan, index, noise.next(shape).to(self.device))
+                if progress is not None:
+                    progress(index + 1, steps)
+        else:
+            scheduler = make_scheduler(sampler, models.scheduler_config, backend.ddim_spacing)
+            scheduler.set_timesteps(steps, device=self.device)
+            step_options = {"eta": eta, "generator": noise.steps} if sampler == "ddim" and eta else {}
+            latents = latents.to(self.dtype) * scheduler.init_noise_sigma
+            for index, t in enumerate(scheduler.timesteps):
+                latents = scheduler.step(guided_eps(latents, t), t, latents, **step_options).prev_sample
+                if progress is not None:
+                    progress(index + 1, steps)
+        decoded = require_finite(self.decode(latents), models)
+        if color_fix and backend.color_fix_unclamped:  # RestorerID: fix the raw decode, then clamp
+            return wavelet_color_fix(decoded, lq_faces)
+        restored = decoded.clamp(0, 1)
         return wavelet_color_fix(restored, lq_faces) if color_fix else restored
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0,1] scale, not clamped (RestorerID's colour fix reads the raw decode)."""
         vae = self.models.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)  # NaN stays NaN: require_finite sees it
+        return (images.float() + 1) / 2
 
 
 class NonFiniteOutput(ValueError):

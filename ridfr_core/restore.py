@@ -49,8 +49,8 @@ class ModelSlot:
 
 MODEL_SLOTS = (
     ModelSlot("base", "checkpoints", "v1-5-pruned-emaonly-fp16.safetensors",
-              "any Stable Diffusion 1.5 checkpoint or SD1.5 fine-tune (single file); optional with RestorerID "
-              "weights, which hold an SD1.5"),
+              "any Stable Diffusion 1.5 checkpoint or SD1.5 fine-tune (single file); not needed with RestorerID "
+              "weights, whose own SD1.5 is the default base"),
     ModelSlot("content", "ridfr", "RestorerIDFull.ckpt",
               "RestorerID's public weights (YingJiacheng/RestorerID on Hugging Face, RestorerIDFull.ckpt), or RIDFR "
               "content weights trained with `python -m ridfr_core.train`"),
@@ -102,17 +102,21 @@ def pick_file(models: Path, slot: ModelSlot, explicit: str | None, backend: Cont
 
 
 def resolve_models(models: Path, choices: dict[str, str | None], need_insightface: bool) -> dict[str, Path]:
-    """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights and no
-    SD1.5 checkpoint, the RestorerID file also serves as the base model. Missing files are listed all at once,
+    """{slot: file} for every model file, plus ``backend`` (of the content file). With RestorerID weights the
+    checkpoint's own parts come first unless an option names another file: its SD1.5 (what RestorerID was
+    trained against) is the base, and its FaceID adapter and CLIP vision tower, where its keys hold them, stand
+    for those slots (the slot then maps to None: "the checkpoint's own"). Missing files are listed all at once,
     with the command that downloads the public ones."""
     paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}
     content = pick_file(models, slots["content"], choices.get("content"))
     backend = file_backend(content) if content is not None else None
+    own = backend.bundled_parts(content) if backend is not None else set()
     for slot in MODEL_SLOTS:
+        if slot.option in own and not choices.get(slot.option):
+            paths[slot.option] = content if slot.option == "base" else None
+            continue
         path = content if slot.option == "content" else pick_file(models, slot, choices.get(slot.option), backend)
-        if path is None and slot.option == "base" and backend is not None and backend.holds_base and not choices.get("base"):
-            path = content
         if path is None:
             explicit = choices.get(slot.option)
             where = (f"{explicit} (given with {option_name(slot)}: neither a file nor a name in "
@@ -162,7 +166,11 @@ class Restorer:
                                                  paths["clip_vision"], device=device, dtype=dtype,
                                                  config_dir=config_dir)
         backend = self.pipeline.backend
-        logging.getLogger(__name__).info("content backend: %s (%s)", backend.label, paths["content"].name)
+        log = logging.getLogger(__name__)
+        log.info("content backend: %s (%s)", backend.label, paths["content"].name)
+        for slot in ("base", "adapter", "clip_vision"):
+            if paths[slot] is None or paths[slot] == paths["content"]:
+                log.info("%s: from %s itself", slot, paths["content"].name)
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
         self.identity_scale = IdentityScale.choose(identity_scale, backend, paths["models"])
         self.sampling = sampling
@@ -173,11 +181,12 @@ class Restorer:
         from .faces import build_identity, encode_references
 
         refs = encode_references(self.analyzer, references, aligned=aligned_references)
-        return build_identity(refs, self.pipeline.models.clip_vision)
+        return build_identity(refs, self.pipeline.models.clip_vision, bgr=self.pipeline.backend.clip_bgr)
 
-    def restore_fn(self, identities: list, seeds: list[int] | None = None):
+    def restore_fn(self, identities: list, seeds: list[int] | None = None, scales_used: list | None = None):
         """The faces callback: each face gets the identity it was matched to (scale 0 for nobody).
-        ``seeds``: one per face of the call (default: --seed, face i seed + i)."""
+        ``seeds``: one per face of the call (default: --seed, face i seed + i); ``scales_used`` collects the
+        identity scale each face was restored with (e.g. RestorerID's "auto" per face, for a manifest)."""
         sampling = self.sampling if seeds is None else {**self.sampling, "seed": list(seeds)}
 
         def run(faces: torch.Tensor, scales: torch.Tensor, identity_index: list) -> torch.Tensor:
@@ -185,6 +194,8 @@ class Restorer:
 
             per_face = Identity.cat([identities[index or 0] for index in identity_index])
             scales = scales * self.identity_scale.for_faces(faces)  # already 0 for faces matched to nobody
+            if scales_used is not None:
+                scales_used.extend(round(float(scale), 4) for scale in scales)
             return self.pipeline(faces, per_face, identity_scale=scales, **sampling).cpu()
         return run
 
@@ -271,7 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aligned-references", action="store_true", help="the --id images are aligned face crops")
     parser.add_argument("--steps", type=int, help="sampling steps, 1..200 (default: the backend's, RIDFR 20, "
                         "RestorerID 50)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID ddim)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the backend's (RIDFR unipc, RestorerID "
+                        "restorerid-ddim: its own DDIM plan; ddim is diffusers' trailing DDIM)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity-scale", help="strength of the identity (0 = none), or 'auto' (RestorerID's "
                         "MUSIQ-based scale, from models/pyiqa/musiq_koniq_ckpt-e95806b9.pth, else 0.75). "

@@ -114,9 +114,11 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, cli_models, peo
     assert "decompression bomb" in first["huge.png"]["error"] and "--lq" in first["empty.png"]["error"]
     alice, = first["1990/alice.png"]["faces"]
     assert alice["person"] == "alice" and alice["similarity"] > 0.99 and alice["seed"] == 7 and alice["restored"]
+    assert alice["identity_scale"] == 1.0  # the scale each restored face got (RIDFR's default)
     assert first["2001/trip/bob.jpg"]["faces"][0]["person"] == "bob"
     stranger, = first["stranger.png"]["faces"]
     assert stranger["person"] is None and stranger["similarity"] < 0.9 and not stranger["restored"]
+    assert "identity_scale" not in stranger
     assert first["1990/alice.png"]["settings"]["steps"] == 1 and first["1990/alice.png"]["settings"]["seed"] == 7
     # The output mirrors the input tree; restored faces changed, a face of nobody and a photo of nobody did not.
     for name in ("1990/alice.png", "2001/trip/bob.jpg", "stranger.png", "night.png"):

@@ -160,11 +160,11 @@ def test_golden_sd15_and_clip_vision_load_under_the_installed_libraries(golden_s
     """The SD1.5 inside the publisher-made file and the CLIP tower under its published names load strictly
     (every tensor used) whatever the installed transformers/diffusers call them."""
     from golden import PUBLISHER_OUTPUTS
-    from ridfr_core.backends.restorerid.prompts import RESTORERID_NEGATIVE, RESTORERID_POSITIVE
+    from ridfr_core.backends.restorerid.prompts import PROMPT_TOKENS, RESTORERID_NEGATIVE, RESTORERID_POSITIVE
 
     configs = golden_models_dir / "ridfr" / "configs"
     base = checkpoints.load_base(golden_models_dir / "ridfr" / "RestorerIDFull.ckpt", configs, cache_dir=tmp_path,
-                                 prompts=(RESTORERID_POSITIVE, RESTORERID_NEGATIVE))
+                                 prompts=PROMPT_TOKENS, sd15_part=backends.sd15_part)
     publisher = torch.load(PUBLISHER_OUTPUTS, weights_only=True)  # the text states their code computed
     torch.testing.assert_close(base.prompts[RESTORERID_POSITIVE], publisher["text_pos"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(base.prompts[RESTORERID_NEGATIVE], publisher["text_neg"], rtol=1e-4, atol=1e-5)
@@ -273,7 +273,7 @@ def test_a_safetensors_file_under_a_ckpt_name_is_said_to_be_one(tiny_models, tmp
     renamed = tmp_path / "RestorerIDFull.ckpt"
     renamed.write_bytes(tiny_models.content.read_bytes())
     with pytest.raises(CheckpointError) as info:
-        content_files.load_content(renamed)
+        backends.load_content(renamed)
     assert str(info.value) == (f"content weights: {renamed} is a safetensors file (format 'ridfr-content') with a "
                                "'.ckpt' name; rename it to RestorerIDFull.safetensors and use that name.")
 

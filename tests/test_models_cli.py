@@ -94,3 +94,34 @@ def test_registry_names_are_unique_and_every_file_has_exactly_one_source():
         sources = [bool(file.repo and file.path), bool(file.url and file.sha256 and file.size), bool(file.how_to_get)]
         assert sum(sources) == 1, file
         assert file.downloadable == (file.licence is not None), file
+
+
+def test_restorerid_download_skips_what_the_checkpoint_holds(hub, tmp_path):
+    """Once RestorerIDFull.ckpt is here (the publisher-made tiny one holds everything), SD1.5, FaceID Plus v1 and
+    CLIP ViT-H are neither requested nor downloaded; a checkpoint pruned of its Adapter still needs those two."""
+    import shutil
+
+    import torch
+    from shared_data import SHARED
+    from ridfr_core.models.registry import CLIP_VIT_H, FACEID_PLUS_V1, RESTORERID, SD15
+
+    golden = SHARED / "restorerid-golden" / "RestorerIDFull-tiny.ckpt"
+    if not golden.is_file():
+        pytest.skip(f"publisher-made tiny checkpoint not found at {golden}")
+    models = tmp_path / "models"
+    (models / "ridfr").mkdir(parents=True)
+    shutil.copy(golden, models / RESTORERID.relative)
+    env = hub_env(hub, tmp_path)
+    result = models_cli("download", "--backend", "restorerid", "--models", str(models), "--accept-licences", env=env)
+    for file in (SD15, FACEID_PLUS_V1, CLIP_VIT_H):
+        assert f"{file.relative}: not needed: RestorerIDFull.ckpt holds" in result.stdout
+        assert not (models / file.relative).exists()
+        assert not any(file.path in entry[2] for entry in hub.log)
+    state = torch.load(golden, weights_only=True)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("Adapter.")}
+    torch.save(state, models / RESTORERID.relative)
+    result = models_cli("download", "--backend", "restorerid", "--models", str(models), "--accept-licences", env=env)
+    assert f"{SD15.relative}: not needed" in result.stdout
+    for file in (FACEID_PLUS_V1, CLIP_VIT_H):
+        assert f"{file.relative}: not needed" not in result.stdout
+        assert f"{file.relative}: error" in result.stderr  # fetched (this fake hub has no such file)

@@ -91,15 +91,20 @@ def test_content_condition_needs_the_vae_for_restorerid(env, ridfr):
         content(env, ridfr, lq_faces(1), vae=None)
 
 
-def test_lq_latent_is_the_scaled_posterior_mean_ridfr_core_uses(env, ridfr):
+def test_lq_posterior_is_the_scaled_posterior_ridfr_core_samples(env, ridfr):
+    """Mean and std as ridfr_core reads them: with a posterior eps, mean + std * eps is ridfr_core's sample."""
     content_input = pack_core("backends").RESTORERID.content_input
 
     faces = lq_faces(2).permute(0, 3, 1, 2)
-    got = env.pack.nodes.condition_nodes.lq_latent(env.model, env.vae, faces)
+    got, std = env.pack.nodes.condition_nodes.lq_posterior(env.model, env.vae, faces)
     branch = env.pack.nodes.sockets.module_of(ridfr.content)
     expected = content_input(branch, faces * 2 - 1, rounded_vae(env), (FACE // 8, FACE // 8))
     assert expected.abs().mean() > 0.01
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    eps = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
+    sample = content_input(branch, faces * 2 - 1, rounded_vae(env), (FACE // 8, FACE // 8), eps)
+    assert (sample - expected).abs().mean() > 1e-3
+    torch.testing.assert_close(got + std * eps, sample, atol=1e-4, rtol=1e-4)
 
 
 def test_unpatching_restores_the_unet_bit_for_bit_and_the_original_model_is_untouched(env, ridfr):
@@ -256,7 +261,9 @@ def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
     restored faces the colours (lowest frequencies) of the LQ faces."""
     settings = env.pack.nodes.sampling_nodes.SamplerSettings(pack_core("backends").RESTORERID, "backend defaults", 3,
                                                              1.0, "euler", "karras")
-    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (50, 4.0, "ddpm", "simple")
+    sampling_nodes = env.pack.nodes.sampling_nodes
+    assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (
+        50, 4.0, sampling_nodes.SAMPLER_NAME, sampling_nodes.SCHEDULER_NAME)  # RestorerID's own DDIM plan
     tinted = lq_faces(2) * 0.3 + torch.tensor([0.6, 0.2, 0.1])
     model, faces, _, _ = content(env, ridfr, tinted)
     restored, photo, masks, report = run(env, "RIDFRSample", model=model, clip=env.clip, vae=env.vae, faces=faces,
@@ -265,3 +272,87 @@ def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
     assert report.startswith("2 face(s) sampled with the widgets: ddpm / simple, 2 steps, CFG 4; seed 0")
     assert restored.shape == (2, FACE, FACE, 3) and torch.equal(photo, restored)
     torch.testing.assert_close(restored.mean(dim=(1, 2)), tinted.mean(dim=(1, 2)), atol=0.02, rtol=0)
+
+
+def cli_modules(env, ridfr):
+    """What the CLI's load_models gives for the same files: the UNet with FaceID Plus v1's LoRA fused, the LQ
+    branch, the VAE as ComfyUI reads it and the text states of RestorerID's prompts."""
+    from ridfr_core import backends
+    from ridfr_core.backends.ridfr import files as content_files
+    from ridfr_core.weights import adapter_files, checkpoints
+    from ridfr_core.pipeline import PipelineModules
+
+    backend = pack_core("backends").RESTORERID
+    unet = copy.deepcopy(env.tiny.unet)
+    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
+    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    prompts = {text: checkpoints.encode_prompt(env.tiny.text_encoder, text)
+               for text in ("", backend.positive_prompt, backend.negative_prompt)}
+    branch = backends.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
+    clip_vision = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.clip_vision))
+    return PipelineModules(unet, rounded_vae(env), branch, prompts[""], SCHEDULER, adapter, clip_vision, prompts=prompts)
+
+
+def test_ridfr_sample_backend_defaults_give_the_cli_image(env, ridfr):
+    """Workflow 4's path (Content Condition, Identity Condition at 0.75, RIDFR Sample 'backend defaults') gives
+    the image ridfr_core's pipeline (the CLI's) gives for the same seeds and identity: RestorerID's own DDIM plan
+    (50 steps, eta 1), the posterior sample and the step noise drawn from each face's seed, CFG 4 with its
+    prompts, and the colour fix on the unclamped decode."""
+    from ridfr_core.pipeline import RIDFRPipeline
+
+    model, faces, _, _ = content(env, ridfr, lq_faces(2, seed=7) * 0.6 + 0.2)
+    people = random_identity(1, seed=8)
+    patched = identity_condition(env, ridfr, model, face_identity(env, people), weight=0.75)
+    restored, _, _ = run(env, "RIDFRSample", model=patched, clip=env.clip, vae=env.vae, faces=faces, seed=3, steps=1,
+                         guidance=1.0, sampler_name="euler", scheduler="normal", settings="backend defaults")
+    pipeline = RIDFRPipeline(cli_modules(env, ridfr))
+    expected = pipeline(faces.lq, people, seed=3, identity_scale=0.75).permute(0, 2, 3, 1)
+    other_seed = pipeline(faces.lq, people, seed=4, identity_scale=0.75).permute(0, 2, 3, 1)
+    assert (other_seed - expected).abs().max() > 0.01  # the seed matters, so agreeing is not trivial
+    print(f"\nComfyUI vs CLI, restored faces: max abs difference {(restored - expected).abs().max():.1e}")
+    torch.testing.assert_close(restored, expected, atol=2e-4, rtol=0)  # 1.7e-5 seen on CPU
+
+
+def test_comfyui_checkpoint_loader_reads_the_restorerid_file_as_its_sd15(env):
+    """ComfyUI's own checkpoint loader reads RestorerIDFull.ckpt (tensors only, weights_only) as the SD1.5 it
+    holds, its extra parts left aside: workflow 4 can take the base from that one file."""
+    import gc
+
+    import comfy.model_management as mm
+    import comfy.sd
+
+    def load(path):
+        return comfy.sd.load_checkpoint_guess_config(str(path))[:3]
+
+    (model, clip, vae), (plain_model, plain_clip, plain_vae) = (
+        load(env.tiny.root / "ridfr" / RESTORERID_FILE), load(env.tiny.root / "checkpoints" / env.tiny.checkpoint.name))
+    ours, plain = model.model.diffusion_model.state_dict(), plain_model.model.diffusion_model.state_dict()
+    assert ours.keys() == plain.keys() and all(torch.equal(value, plain[key]) for key, value in ours.items())
+    text = clip.encode_from_tokens_scheduled(clip.tokenize("best quality"))[0][0]
+    torch.testing.assert_close(text, plain_clip.encode_from_tokens_scheduled(plain_clip.tokenize("best quality"))[0][0])
+    probe = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(vae.encode(probe), plain_vae.encode(probe))
+    del model, clip, vae, plain_model, plain_clip, plain_vae
+    gc.collect()
+    mm.cleanup_models_gc()  # leave ComfyUI's loaded-model list as the other tests expect it
+
+
+def test_identity_condition_auto_weight_scores_the_faces_or_says_what_it_used(env, ridfr, tmp_path, monkeypatch):
+    """auto_weight: RestorerID's per-face scale from the LQ faces' MUSIQ; without MUSIQ weights in models/pyiqa
+    RestorerID's fixed 0.75 (times the weight), shown on the node; without faces, a clear error."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))  # a models folder without MUSIQ weights
+    model, faces, _, _ = content(env, ridfr, lq_faces(2, seed=9))
+    identity = face_identity(env, random_identity(1, seed=10))
+    node = env.nodes["IdentityCondition"]
+    output = node.execute(model=model, ridfr=ridfr, identity=identity, weight=1.0, lora_strength=1.0,
+                          auto_weight=True, faces=faces)
+    assert "identity scale: 0.75 per face (no MUSIQ weights" in output.ui.as_dict()["text"][0]
+    fixed = identity_condition(env, ridfr, model, identity, weight=0.75)
+    x_d, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(14)), torch.tensor([2.0])
+    text = env.text.expand(2, -1, -1)
+    torch.testing.assert_close(comfy_eps(output.result[0], x_d, sigma, text, [0]),
+                               comfy_eps(fixed, x_d, sigma, text, [0]))
+    with pytest.raises(ValueError, match=r"IdentityCondition \(faces\): auto_weight scores the low-quality faces"):
+        node.execute(model=model, ridfr=ridfr, identity=identity, weight=1.0, lora_strength=1.0, auto_weight=True)

@@ -75,14 +75,16 @@ class ArchiveJob:
     def embeddings(self) -> np.ndarray:
         return torch.cat([identity.id_embeds for identity in self.identities]).float().cpu().numpy()
 
-    def sample(self, crops: torch.Tensor, identity_index: list, seeds: list[int]) -> torch.Tensor:
-        """Restored crops, ``batch_size`` faces per sampler call; identity scale 0 for faces of nobody."""
+    def sample(self, crops: torch.Tensor, identity_index: list, seeds: list[int],
+               scales_used: list | None = None) -> torch.Tensor:
+        """Restored crops, ``batch_size`` faces per sampler call; identity scale 0 for faces of nobody.
+        ``scales_used`` collects the identity scale each face got (RestorerID's "auto": per face)."""
         restored = []
         with self.timings.measure("sampling"):
             for start in range(0, len(crops), self.batch_size):
                 part = slice(start, start + self.batch_size)
                 scales = torch.tensor([0.0 if index is None else 1.0 for index in identity_index[part]])
-                run = self.restorer.restore_fn(self.identities, seeds[part])
+                run = self.restorer.restore_fn(self.identities, seeds[part], scales_used)
                 if self.restorer.preprocess is not None:
                     run = preprocess_before(run, self.restorer.preprocess)
                 restored.append(run(crops[part], scales, identity_index[part]).float().clamp(0, 1))
@@ -144,18 +146,21 @@ class PhotoBatches:
         crops = torch.cat([entry.photo.crops[entry.chosen] for entry in pending])
         identity_index = [entry.photo.identity_index[face] for entry in pending for face in entry.chosen]
         seeds = [face_seed(job.seed, face) for entry in pending for face in entry.chosen]
+        scales: list[float] = []
         try:
-            restored = job.sample(crops, identity_index, seeds)
+            restored = job.sample(crops, identity_index, seeds, scales)
         except Exception as error:
             for entry in pending:
                 job.fail(entry.item, entry.started, error)
             return
         first = 0
         for entry in pending:
-            part, first = restored[first:first + len(entry.chosen)], first + len(entry.chosen)
-            self.finish(entry, part)
+            count = len(entry.chosen)
+            part, used, first = restored[first:first + count], scales[first:first + count], first + count
+            self.finish(entry, part, dict(zip(entry.chosen, used)))
 
-    def finish(self, entry: PendingPhoto, restored: torch.Tensor) -> None:
+    def finish(self, entry: PendingPhoto, restored: torch.Tensor, scales: dict | None = None) -> None:
+        """Paste, write and record one photo; ``scales``: {face: identity scale it was restored with}."""
         job, photo = self.job, entry.photo
         try:
             result = paste_restored(photo, restored, entry.chosen, job.upscale)
@@ -166,7 +171,9 @@ class PhotoBatches:
             job.fail(entry.item, entry.started, error)
             return
         faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], photo.similarity[face], job,
-                             restored=face in entry.chosen, seed=face_seed(job.seed, face)) for face in range(len(photo.faces))]
+                             restored=face in entry.chosen, seed=face_seed(job.seed, face),
+                             **({"identity_scale": scales[face]} if scales and face in scales else {}))
+                 for face in range(len(photo.faces))]
         job.record(entry.item, "no_face" if photo.skipped else "done", entry.started, output=entry.item.relative,
                    faces=faces)
         job.progress(1, len(entry.chosen))

@@ -37,7 +37,9 @@ class ContentBackend:
     ddim_spacing: str | None = None     # None: the base model's timestep spacing
     prompt_tokens: dict[str, list[int]] = field(default_factory=lambda: {"": []})  # CLIP ids of its prompts
     null_identity_tokens: bool = False  # faces without an identity still read the null identity's tokens
-    holds_base: bool = False            # its published file also holds the SD1.5 base it was trained on
+    clip_bgr: bool = False              # CLIP sees the reference crop in BGR order (as the backend was trained)
+    sample_posterior: bool = False      # its LQ latent is a sample of the VAE posterior, not the mode
+    color_fix_unclamped: bool = False   # colour fix on the unclamped decode, then clamp
 
     # --- files ------------------------------------------------------------------------------------------
     def recognises_keys(self, keys: list[str]) -> bool:
@@ -55,6 +57,18 @@ class ContentBackend:
     def owns(self, content: torch.nn.Module) -> bool:
         raise NotImplementedError
 
+    def bundled_parts(self, path: Path) -> set[str]:
+        """Which of "base", "adapter" and "clip_vision" the content file holds itself (by key names), to be
+        used instead of separate files (default: none)."""
+        return set()
+
+    def bundled_adapter(self, path: Path, unet) -> tuple:
+        """(IdentityAdapter, FaceID LoRA deltas) from the content file itself (see :meth:`bundled_parts`)."""
+        raise NotImplementedError
+
+    def bundled_clip_vision(self, path: Path, config_dir=None) -> torch.nn.Module:
+        raise NotImplementedError
+
     # --- sampling ---------------------------------------------------------------------------------------
     def sampling_settings(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                           color_fix: bool | None = None) -> dict:
@@ -69,8 +83,10 @@ class ContentBackend:
         """eps(latents, t, text, content_input, id_tokens, content_scale, identity_scale)."""
         raise NotImplementedError
 
-    def content_input(self, content: torch.nn.Module, lq: torch.Tensor, vae, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """The LQ faces (B,3,H,W) in [-1,1] as the content module reads them, computed once per restoration."""
+    def content_input(self, content: torch.nn.Module, lq: torch.Tensor, vae, latent_hw: tuple[int, int],
+                      posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The LQ faces (B,3,H,W) in [-1,1] as the content module reads them, computed once per restoration
+        (``posterior_noise``: the eps of a VAE posterior sample, for backends with ``sample_posterior``)."""
         raise NotImplementedError
 
     def faceid_shortcut(self, adapter: Path, shortcut: bool | None = None) -> bool:

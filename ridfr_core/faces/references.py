@@ -187,9 +187,10 @@ def combine_identity(embeddings, clip_features: torch.Tensor, weights=None):
     return Identity(torch.from_numpy(mean_embedding.astype(np.float32)).to(clip_features.device), mean_clip)
 
 
-def build_identity(references: list[ReferenceFace], clip_vision):
+def build_identity(references: list[ReferenceFace], clip_vision, bgr: bool = False):
     """(Identity with B=1, ConsistencyReport) for one person's references: CLIP-encodes the 224 crops
-    with ``clip_vision`` and combines everything with the references' quality weights."""
+    with ``clip_vision`` (in BGR order with ``bgr``, the backend's ``clip_bgr``) and combines everything
+    with the references' quality weights."""
     from ..identity.adapter import encode_clip_features
 
     if not references:
@@ -197,5 +198,5 @@ def build_identity(references: list[ReferenceFace], clip_vision):
     embeddings = np.stack([reference.embedding for reference in references])
     weights = np.array([reference.weight for reference in references])
     report = check_consistency(embeddings, weights)
-    clip_features = encode_clip_features(clip_vision, rgb_to_tensor([r.clip_crop for r in references]))
+    clip_features = encode_clip_features(clip_vision, rgb_to_tensor([r.clip_crop for r in references]), bgr)
     return combine_identity(embeddings, clip_features.float(), weights), report

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .fetch import DownloadError, fetch, human, state
-from .registry import BACKENDS, LICENCE_FLAG, ModelFile
+from .registry import BACKENDS, HELD_BY, LICENCE_FLAG, ModelFile
 
 STATE_TEXT = {"missing": "missing", "intact": "intact", "unverified": "present, not verified yet",
               "different": "DIFFERS from the published file", "incomplete": "INCOMPLETE"}
@@ -52,9 +52,24 @@ def print_licences(files: list[ModelFile]) -> None:
         print(f"  {licence.name}: {licence.terms}\n      {licence.url}\n      ({names})")
 
 
+def held_elsewhere(backend: str, file: ModelFile, models: Path) -> str | None:
+    """Why ``file`` is not needed (another file of the backend that is here holds its part), else None."""
+    from ..backends import BACKENDS as CONTENT_BACKENDS
+
+    holder, part, why = HELD_BY.get(backend, {}).get(file.relative, (None, None, None))
+    if holder is None or not (models / holder.relative).is_file():
+        return None
+    try:
+        held = CONTENT_BACKENDS[backend].bundled_parts(models / holder.relative)
+    except ValueError:  # unreadable: the loader will say so; fetch the separate file meanwhile
+        return None
+    return f"not needed: {holder.name} holds {why}" if part in held else None
+
+
 def download(backend: str, models: Path, accepted: bool) -> int:
     files = BACKENDS[backend]
-    wanted = [file for file in files if file.downloadable and state(file, models) != "intact"]
+    wanted = [file for file in files if file.downloadable and state(file, models) != "intact"
+              and held_elsewhere(backend, file, models) is None]
     print(f"backend {backend}, models folder {models.resolve()}")
     if wanted:
         print("licences of the files to download:")
@@ -69,6 +84,10 @@ def download(backend: str, models: Path, accepted: bool) -> int:
         if not file.downloadable:
             there = state(file, models) != "missing"
             print(f"{prefix}: {'present' if there else 'still missing'} ({file.how_to_get})")
+            continue
+        skip = held_elsewhere(backend, file, models)  # decided once the holder (fetched first) is here
+        if skip:
+            print(f"{prefix}: {skip}", flush=True)
             continue
         try:
             print(f"{prefix}: {fetch(file, models)}", flush=True)

@@ -129,8 +129,17 @@ FACE_SWINIR = ModelFile(
 
 BACKENDS: dict[str, tuple[ModelFile, ...]] = {
     "ridfr": (SD15, RIDFR_CONTENT, FACEID_PLUS_V2, CLIP_VIT_H, BUFFALO_L),
-    "restorerid": (SD15, RESTORERID, FACEID_PLUS_V1, CLIP_VIT_H, BUFFALO_L, MUSIQ_KONIQ),
+    "restorerid": (RESTORERID, SD15, FACEID_PLUS_V1, CLIP_VIT_H, BUFFALO_L, MUSIQ_KONIQ),  # the checkpoint first
 }
+# Files a backend needs only where another file of it lacks what they hold: {backend: {file: (holder, part, why)}}.
+# RestorerIDFull.ckpt is RestorerID's whole model: the SD1.5 it was trained against, the FaceID LoRA and K/V
+# merged into the UNet and usually the identity Adapter (CLIP ViT-H/14 and FaceID image projection); which
+# parts it holds is read from its key names once it is here (the backend's bundled_parts).
+HELD_BY = {"restorerid": {
+    SD15.relative: (RESTORERID, "base", "the SD1.5 RestorerID was trained against"),
+    FACEID_PLUS_V1.relative: (RESTORERID, "adapter", "FaceID Plus v1's LoRA, K/V and image projection"),
+    CLIP_VIT_H.relative: (RESTORERID, "clip_vision", "the CLIP ViT-H/14 vision tower"),
+}}
 LICENCE_FLAG = "--accept-licences"
 
 

@@ -25,3 +25,20 @@ def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -
         raise ValueError(f"seed: {len(seeds)} seeds for {shape[0]} faces; give one int or one seed per face.")
     noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s % SEED_RANGE)) for s in seeds]
     return torch.stack(noise).to(device, dtype)
+
+
+class RunNoise:
+    """The random draws of one restoration, one generator pair per face (seed s): the start noise from
+    ``Generator(s)`` (what ComfyUI draws for a one-face batch with that seed), then from ``Generator(s + 1)``
+    the VAE posterior's eps (backends that sample it) and each step's noise, in the order RestorerID's inference
+    draws them."""
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = [s % SEED_RANGE for s in seeds]
+        self.steps = [torch.Generator().manual_seed(face_seed(s, 1)) for s in self.seeds]
+
+    def start(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return seeded_noise(shape, self.seeds, "cpu", torch.float32)
+
+    def next(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.steps])

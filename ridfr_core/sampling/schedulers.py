@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
-SAMPLERS = ("unipc", "ddim")
+from .ldm_ddim import RESTORERID_DDIM
+
+SAMPLERS = ("unipc", "ddim", RESTORERID_DDIM)  # the last: LDM's DDIM plan as RestorerID runs it (ldm_ddim.py)
 
 
 def make_scheduler(sampler: str, scheduler_config: dict, ddim_spacing: str | None = None):
-    """UniPC or DDIM; ``ddim_spacing`` overrides the base model's timestep spacing (RestorerID's DDIM starts at
+    """diffusers' UniPC or DDIM (the LDM plan is :mod:`.ldm_ddim`'s); ``ddim_spacing`` overrides the base model's timestep spacing (RestorerID's DDIM starts at
     t=999, the last training step, hence "trailing")."""
     if sampler == "unipc":
         return UniPCMultistepScheduler.from_config(scheduler_config)

@@ -1,6 +1,7 @@
 """RestorerID's content backend (Ying et al. 2024, public weights): frozen SD1.5 + FaceID Plus v1 with a trained
-LQ branch (structure encoder, spade, IDBalance) that modulates 22 UNet ResBlocks; published settings DDIM 50
-steps (eta 1), its prompts, CFG 4, wavelet colour fix, adaptive identity scale."""
+LQ branch (structure encoder, spade, IDBalance) that modulates 22 UNet ResBlocks. Its defaults reproduce the
+publisher's inference: their DDIM plan (50 steps, eta 1), a VAE posterior sample, its prompts, CFG 4, BGR CLIP
+crops, the wavelet colour fix on the unclamped decode, the adaptive identity scale, the checkpoint's own base."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import torch
 
 from ...weights.adapter_files import is_faceid_v2_file
-from ...weights.checkpoints import CheckpointError
+from ...weights.checkpoints import CheckpointError, read_state_dict
+from ...sampling.ldm_ddim import RESTORERID_DDIM
 from ..interface import ContentBackend
+from .bundled import checkpoint_parts, clip_vision_from_checkpoint, identity_adapter_from_checkpoint
 from .denoiser import RestorerIDDenoiser, check_branch_fits
-from .files import RESTORERID_FORMAT, is_restorerid_state, load_lq_branch, without_restorerid_extras
+from .files import RESTORERID_FORMAT, WHAT, is_restorerid_state, load_lq_branch, without_restorerid_extras
 from .lq_branch import LQBranch
 from .prompts import PROMPT_TOKENS, RESTORERID_NEGATIVE, RESTORERID_POSITIVE
 
@@ -38,12 +41,27 @@ class RestorerIDBackend(ContentBackend):
     def make_denoiser(self, unet, content, adapter=None) -> RestorerIDDenoiser:
         return RestorerIDDenoiser(unet, content, adapter)
 
+    def bundled_parts(self, path: Path) -> set[str]:
+        return checkpoint_parts(path)
+
+    def bundled_adapter(self, path: Path, unet) -> tuple:
+        return identity_adapter_from_checkpoint(read_state_dict(path, WHAT), unet, path)
+
+    def bundled_clip_vision(self, path: Path, config_dir=None) -> torch.nn.Module:
+        return clip_vision_from_checkpoint(read_state_dict(path, WHAT), path, config_dir)
+
     @torch.no_grad()
-    def content_input(self, content, lq: torch.Tensor, vae, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """The LQ faces' VAE latent (scaled), which the structure encoder reads at every step."""
+    def content_input(self, content, lq: torch.Tensor, vae, latent_hw: tuple[int, int], posterior_noise=None
+                      ) -> torch.Tensor:
+        """The LQ faces' scaled VAE latent, which the structure encoder reads at every step: ``mean + std * eps``
+        with ``posterior_noise`` eps (a posterior sample, as RestorerID's ``get_first_stage_encoding``), else the
+        mean."""
         param = next(vae.parameters())
         posterior = vae.encode(lq.to(param.device, param.dtype)).latent_dist
-        return posterior.mode() * vae.config.scaling_factor
+        latent = posterior.mode()
+        if posterior_noise is not None:
+            latent = latent + posterior.std * posterior_noise.to(latent.device, latent.dtype)
+        return latent * vae.config.scaling_factor
 
     def faceid_shortcut(self, adapter: Path, shortcut: bool | None = None) -> bool:
         """RestorerID was trained with FaceID Plus v1 (no shortcut); its v2 file has other weights."""
@@ -55,7 +73,7 @@ class RestorerIDBackend(ContentBackend):
 
 
 RESTORERID = RestorerIDBackend(
-    name="restorerid", label="RestorerID (LQ branch)", sampler="ddim", steps=50, guidance=4.0,
+    name="restorerid", label="RestorerID (LQ branch)", sampler=RESTORERID_DDIM, steps=50, guidance=4.0,
     positive_prompt=RESTORERID_POSITIVE, negative_prompt=RESTORERID_NEGATIVE, color_fix=True, identity_scale=0.75,
     file_format=RESTORERID_FORMAT, faceid_v2=False, ddim_eta=1.0, ddim_spacing="trailing", prompt_tokens=PROMPT_TOKENS,
-    null_identity_tokens=True, holds_base=True)
+    null_identity_tokens=True, clip_bgr=True, sample_posterior=True, color_fix_unclamped=True)

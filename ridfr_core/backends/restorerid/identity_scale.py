@@ -28,6 +28,11 @@ def scale_from_musiq(score: float) -> float:
     return math.exp(0.1 * (9.5 - score))
 
 
+def musiq_of_scale(scale: float) -> float:
+    """The MUSIQ score that gives ``scale`` (the inverse of :func:`scale_from_musiq`), to show it."""
+    return 9.5 - 10 * math.log(scale)
+
+
 def parse_identity_scale(text: str) -> float | str:
     """The CLI's ``--identity-scale``: "auto" or a finite number >= 0."""
     if text.strip().lower() == AUTO:

@@ -25,7 +25,8 @@ class RIDFRBackend(ContentBackend):
     def make_denoiser(self, unet, content, adapter=None) -> RIDFRDenoiser:
         return RIDFRDenoiser(unet, content, adapter)
 
-    def content_input(self, content, lq: torch.Tensor, vae, latent_hw: tuple[int, int]) -> torch.Tensor:
+    def content_input(self, content, lq: torch.Tensor, vae, latent_hw: tuple[int, int], posterior_noise=None
+                      ) -> torch.Tensor:
         """The LQ image resized to the latent size (paper Sec. 3.2)."""
         return lq_to_latent_size(lq, latent_hw)
 

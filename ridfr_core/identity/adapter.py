@@ -90,9 +90,11 @@ def clip_pixel_values(crops: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_clip_features(clip_vision, crops: torch.Tensor) -> torch.Tensor:
-    """Penultimate CLIP ViT-H/14 hidden states (B, 257, 1280) of aligned face crops (B,3,H,W) in [0,1]."""
+def encode_clip_features(clip_vision, crops: torch.Tensor, bgr: bool = False) -> torch.Tensor:
+    """Penultimate CLIP ViT-H/14 hidden states (B, 257, 1280) of aligned face crops (B,3,H,W) RGB in [0,1].
+    ``bgr``: hand CLIP the crops in BGR order, as RestorerID's training and inference did (cv2 images)."""
     param = next(clip_vision.parameters())
+    crops = crops.flip(1) if bgr else crops
     pixels = clip_pixel_values(crops.to(param.device, torch.float32)).to(param.dtype)
     return clip_vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 

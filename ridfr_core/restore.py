@@ -111,8 +111,8 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     backend = file_backend(content) if content is not None else None
     for slot in MODEL_SLOTS:
         path = content if slot.option == "content" else pick_file(models, slot, choices.get(slot.option), backend)
-        if path is None and slot.option == "base" and backend is not None and backend.holds_base and not choices.get("base"):
-            path = content
+        if path is None and slot.option == "base" and backend is not None and not choices.get("base"):
+            path = backend.base_file(content)  # RestorerID's checkpoint (or the one a converted/trained file names)
         if path is None:
             explicit = choices.get(slot.option)
             where = (f"{explicit} (given with {option_name(slot)}: neither a file nor a name in "

@@ -160,7 +160,9 @@ class Trainer(TrainingState):
         with torch.no_grad():
             posterior = self.vae.encode(batch["target"].to(device, dtype)).latent_dist
             latents = posterior.mean + posterior.std * batch["posterior_noise"].to(device, posterior.mean.dtype)
-            latents = latents.float() * self.vae.config.scaling_factor
+            # contiguous: the VAE may return channels-last latents, whose backward through the UNet crashes
+            # PyTorch's CPU kernels (a segfault in the RestorerID denoiser's backward)
+            latents = latents.float().contiguous() * self.vae.config.scaling_factor
         noise = batch["noise"].to(device)
         timesteps = batch["timestep"].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)

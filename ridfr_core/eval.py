@@ -4,6 +4,7 @@
     python -m ridfr_core.eval degrade --split SPLIT_DIR/split.json --out DATA_DIR [--seed 0]
     python -m ridfr_core.eval score   --restored DIR --gt DIR [--refs DIR --lq DIR] --out DIR
     python -m ridfr_core.eval run     (--data DATA_DIR | --celebref ROOT) --out DIR [--models DIR | --restorer mod:fn]
+    python -m ridfr_core.eval compare --data DATA_DIR --content A --content B --models DIR --out DIR
     python -m ridfr_core.eval --restored DIR --gt DIR --out DIR      (same as "score")
 
 Layout (what ``degrade`` writes and ``score`` reads), one *case* = one LQ face:
@@ -278,6 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(run)
     _add_degrade_options(run, "face size: the data is degraded at it (--celebref) or must have it (--data)")
     _add_score_options(run)
+
+    compare = commands.add_parser("compare", help="two or more content files on the same split, as one table "
+                                  "(IDS by dlib/FaceNet, Identity Variance, MUSIQ, PSNR/SSIM)")
+    compare.add_argument("--data", type=Path, required=True, help="a folder written by 'degrade'")
+    compare.add_argument("--content", action="append", required=True, help="a content file (a path or a name in "
+                         "MODELS/ridfr); repeat, e.g. RestorerIDFull.ckpt and its alignment-trained .safetensors")
+    compare.add_argument("--models", type=Path, default=Path("models"), help="the other model files (as for restore)")
+    compare.add_argument("--out", type=Path, required=True)
+    compare.add_argument("--steps", type=int, help="sampling steps (default: the backend's)")
+    compare.add_argument("--refs-per-case", type=int, default=2, help="restorations per case, one per reference "
+                         "(>= 2: Identity Variance)")
+    compare.add_argument("--size", type=int, default=FACE_SIZE, help=f"face size the data must have ({FACE_SIZE})")
+    compare.add_argument("--recognisers", type=_names, default=["dlib", "facenet"],
+                         help="comma-separated: dlib, facenet (default both; not the ArcFace the models read)")
+    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--channel", choices=("y", "rgb"), default="y")
+    compare.add_argument("--grid-rows", type=int, default=8)
     return parser
 
 
@@ -295,6 +313,13 @@ def main(argv: Sequence[str] | None = None, config_dir=None) -> int:
         if args.command == "degrade":
             split = _read_json(args.split, "--split", "the split.json written by the 'split' command")
             print(f"-> {degrade_split(split, args.out, args.seed, _degradation_config(args.config), args.size)}")
+            return 0
+        if args.command == "compare":
+            from .eval_compare import compare
+
+            check_face_size(args.data, args.size)
+            compare(args.data, args.out, args.models, args.content, args.steps, args.refs_per_case, args.recognisers,
+                    config_dir, device=args.device, channel=args.channel, grid_rows=args.grid_rows)
             return 0
         score_options = dict(
             recognisers=args.recognisers, arcface_model=args.arcface_model, iqa=args.iqa,

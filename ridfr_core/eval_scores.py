@@ -75,8 +75,10 @@ def evaluate(
     device: str = "cpu",
     channel: str = "y",
     grid_rows: int = 8,
+    scorers: dict | None = None,
 ) -> dict:
-    """Score every case in ``gt_dir``; returns the summary also written to ``out_dir``."""
+    """Score every case in ``gt_dir``; returns the summary also written to ``out_dir``. ``scorers``: more
+    no-reference metrics, ``{name: score(restored uint8 RGB) -> float}`` (e.g. our own MUSIQ)."""
     restored_dir, gt_dir = Path(restored_dir), Path(gt_dir)
     for option, folder in (("--restored", restored_dir), ("--gt", gt_dir)):
         if not folder.is_dir():
@@ -121,6 +123,8 @@ def evaluate(
                 )
         for name, score in iqa_metrics.items():
             row[name] = _finite_mean(score(image, gt) for image in images)
+        for name, score in (scorers or {}).items():
+            row[name] = _finite_mean(score(image) for image in images)
         rows.append(row)
 
     columns = [key for key in rows[0] if key not in ("case", "restorations")]

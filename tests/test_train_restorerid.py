@@ -27,6 +27,7 @@ from ridfr_core.identity.adapter import Identity
 from ridfr_core.identity.cache import IdentityCache, IdentityEncoder
 from ridfr_core.train import ConfigError, Trainer, TrainConfig, complete_checkpoints
 from ridfr_core.weights import checkpoints
+from shared_data import FACES
 from test_data import build_cache, small_faces  # noqa: F401 (fixture)
 from test_train import TINY, fixed_batch, training_state
 
@@ -203,3 +204,49 @@ def test_sigkill_and_resume_is_bit_exact_and_the_file_restores_through_the_cli(
     assert code == 0 and "content backend: RestorerID (LQ branch) (aligned.safetensors)" in caplog.text
     restored = np.asarray(Image.open(out))
     assert restored.shape == (512, 512, 3) and restored.std() > 2
+
+
+@pytest.fixture(scope="module")
+def aligned_file(tiny_models, restorerid_checkpoint, small_faces, bgr_cache, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("aligned") / "run"
+    assert run_cli(out, tiny_models, restorerid_checkpoint, small_faces, bgr_cache, "--max-steps", "2",
+                   "--set", "learning_rate=1e-3") == 0
+    return out / "restorerid-align.safetensors"
+
+
+@pytest.mark.skipif(not FACES.is_dir(), reason=f"real test faces not found at {FACES} (../shared absent)")
+def test_eval_compares_the_public_and_the_aligned_weights_in_one_table(
+        aligned_file, restorerid_models_dir, restorerid_checkpoint, tiny_models, tmp_path, capsys):
+    from test_musiq import random_state
+
+    from ridfr_core import eval as evaluation
+    from ridfr_core.models.registry import MUSIQ_KONIQ
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for folder in ("ipadapter", "clip_vision", "insightface"):
+        (models / folder).symlink_to((restorerid_models_dir / folder).resolve())
+    (models / "ridfr").mkdir()
+    (models / "ridfr" / "RestorerIDFull.ckpt").symlink_to(restorerid_checkpoint)
+    (models / "ridfr" / "aligned.safetensors").symlink_to(aligned_file)
+    (models / MUSIQ_KONIQ.relative).parent.mkdir(parents=True)
+    torch.save(random_state(), models / MUSIQ_KONIQ.relative)
+    split = evaluation.build_split(FACES, num_test_ids=1, seed=0, pattern="refs/*.jpg", max_images_per_id=1)
+    evaluation.degrade_split(split, tmp_path / "data")
+    out = tmp_path / "compare"
+    assert evaluation.main(["compare", "--data", str(tmp_path / "data"), "--content", "RestorerIDFull.ckpt",
+                            "--content", "aligned.safetensors", "--models", str(models), "--steps", "2",
+                            "--recognisers", "dlib", "--out", str(out)], config_dir=tiny_models.configs) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "comparison.json").read_text())
+    table = report["metrics"]
+    assert set(report["files"]) == {"RestorerIDFull", "aligned"}
+    assert {"psnr_y", "ssim_y", "musiq"} <= set(table)
+    assert all(np.isfinite(value) for value in table["musiq"].values())
+    assert table["psnr_y"]["RestorerIDFull"] != table["psnr_y"]["aligned"], "the two files restored the same"
+    # dlib scored, or skipped with the reason (FaceNet's OpenCV loader is gone from OpenCV 5)
+    assert "identity_variance_dlib" in table or "ids_hq_dlib" in report["skipped"]["aligned"], report["skipped"]
+    assert "RestorerIDFull" in printed.splitlines()[-len(table) - 1] and "musiq" in printed
+    for label in ("RestorerIDFull", "aligned"):
+        case = next((out / label / "restored").iterdir())
+        assert len(list(case.iterdir())) == 2  # one restoration per reference

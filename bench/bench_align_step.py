@@ -55,7 +55,7 @@ def step(denoiser, vae, batch: int, size: int, device: str, saved: list):
     latent = size // 8
     with torch.no_grad():
         images = torch.randn(2 * batch, 3, size, size, device=device)
-        latents = vae.encode(images).latent_dist.mode() * 0.18215  # target and LQ
+        latents = vae.encode(images).latent_dist.mode().contiguous() * 0.18215  # target and LQ (see the trainer)
         tokens = torch.randn(2 * batch, 4, 768, device=device)  # ID1, ID2 tokens (the projection costs ~nothing)
     target, lq = latents[:batch], latents[batch:]
     noise = torch.randn_like(target)

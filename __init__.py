@@ -9,4 +9,5 @@ so the nodes always register and a missing package is reported by the node that 
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+WEB_DIRECTORY = "./web"  # the frontend extension: model downloads, greyed-out backend-default widgets
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -7,6 +7,8 @@
 - :mod:`.ranking_nodes`: ``RankByIdentity`` (best-of-N: restored faces sorted by an independent recogniser).
 - :mod:`.patches`: the content-ControlNet wrapper and the identity attention replacement themselves.
 - :mod:`.restorerid_patches`: RestorerID's LQ branch as ResBlock object patches (the second content backend).
+- :mod:`.validation`: one validation message per node; :mod:`.downloads`: the in-UI model download routes
+  (with the frontend extension in ``web/``).
 """
 
 from comfy_api.latest import ComfyExtension, io
@@ -16,6 +18,7 @@ from .identity_nodes import FaceIDEncode, MatchIdentities
 from .loading import LoadRIDFR, register_model_folders
 from .ranking_nodes import RankByIdentity
 from .sampling_nodes import PasteFaces, RIDFRSample
+from .validation import prompt_server, register as register_validation
 
 NODES = [LoadRIDFR, FaceIDEncode, MatchIdentities, ContentCondition, IdentityCondition, RIDFRSample, PasteFaces,
          RankByIdentity]
@@ -28,4 +31,10 @@ class RIDFRExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> RIDFRExtension:
     register_model_folders()
+    register_validation(node.__name__ for node in NODES)
+    server = prompt_server()
+    if server is not None:
+        from .downloads import register_routes
+
+        register_routes(server)
     return RIDFRExtension()

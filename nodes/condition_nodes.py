@@ -13,6 +13,7 @@ from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
 from .restorerid_patches import add_balance_tokens, apply_structure
 from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
                     module_of)
+from .validation import node_inputs
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("aligned faces", "whole photo")
@@ -58,13 +59,17 @@ def faces_in_photos(ridfr, image: torch.Tensor, face_size: int, on_no_face: str,
 
 def null_identity_tokens(ridfr) -> torch.Tensor:
     """(1,4,C) tokens of FaceID-Plus' null identity: the uncond side of identity guidance, and what RestorerID's
-    IDBalance reads for faces without an identity (as in its training)."""
+    IDBalance reads for faces without an identity (as in its training). Computed once per loaded model (it
+    depends only on the frozen adapter and CLIP), then shared by Content and Identity Condition."""
     import comfy.model_management as mm
     from ..ridfr_core.identity.adapter import null_identity
 
-    mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
-    with torch.no_grad():
-        return module_of(ridfr.adapter).identity_tokens(null_identity(module_of(ridfr.clip_vision))).float().cpu()
+    if "null_tokens" not in ridfr.derived:
+        mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
+        with torch.no_grad():
+            clip = module_of(ridfr.clip_vision)
+            ridfr.derived["null_tokens"] = module_of(ridfr.adapter).identity_tokens(null_identity(clip)).float().cpu()
+    return ridfr.derived["null_tokens"]
 
 
 def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
@@ -72,6 +77,24 @@ def lq_latent(model, vae, lq: torch.Tensor) -> torch.Tensor:
     posterior mean, which ComfyUI's VAE returns) scaled like the UNet's input (``latent_format.process_in``)."""
     latent = vae.encode(lq.permute(0, 2, 3, 1))
     return model.get_model_object("latent_format").process_in(latent).float().cpu()
+
+VALIDATED = ("input_mode", "on_no_face", "start_percent", "end_percent")
+
+
+def content_problems(input_mode, on_no_face, start_percent, end_percent) -> str | None:
+    """What is wrong with ContentCondition's choices (None for a linked input: known when it runs)."""
+    for option, value, choices in (("input_mode", input_mode, INPUT_MODES), ("on_no_face", on_no_face, ON_NO_FACE)):
+        error = invalid_choice("ContentCondition", option, value, choices)
+        if error:
+            return error
+    for option, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            return f"ContentCondition ({option}): {value} is outside 0..1."
+    if start_percent is not None and end_percent is not None and start_percent > end_percent:
+        return (f"ContentCondition (start_percent): {start_percent} is after end_percent {end_percent}; the "
+                "condition would never be active.")
+    return None
+
 
 class ContentCondition(io.ComfyNode):
     @classmethod
@@ -124,28 +147,19 @@ class ContentCondition(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, input_mode, on_no_face, start_percent, end_percent) -> bool | str:
-        # ComfyUI skips its own combo and min/max checks for the inputs named here; None = a linked input.
-        for option, value, choices in (("input_mode", input_mode, INPUT_MODES), ("on_no_face", on_no_face, ON_NO_FACE)):
-            error = invalid_choice("ContentCondition", option, value, choices)
-            if error:
-                return error
-        for option, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                return f"ContentCondition ({option}): {value} is outside 0..1."
-        if start_percent is not None and end_percent is not None and start_percent > end_percent:
-            return (f"ContentCondition (start_percent): {start_percent} is after end_percent {end_percent}; the "
-                    "condition would never be active.")
-        return True
+    def validate_inputs(cls, input_mode) -> bool | str:
+        # One parameter, so that ComfyUI shows a message once; the other inputs come from the prompt.
+        values = node_inputs(input_mode=input_mode)
+        return content_problems(*(values.get(name) for name in VALIDATED)) or True
 
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
                 on_no_face, vae=None, track_faces=False) -> io.NodeOutput:
         from ..ridfr_core.backends import RESTORERID
 
-        verdict = cls.validate_inputs(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
-        if verdict is not True:
-            raise ValueError(verdict)
+        problem = content_problems(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
+        if problem:
+            raise ValueError(problem)
         if face_size % LATENT_FACTOR:
             raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_FACTOR}.")
         restorerid = ridfr.backend is RESTORERID

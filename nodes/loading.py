@@ -22,6 +22,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .sockets import LoadedRIDFR, ModuleHolder, NodeError, RIDFRModelsSocket, invalid_choice
+from .validation import node_inputs
 
 CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
 ARCHITECTURE_FOLDER = "configs"  # inside a models/ridfr folder
@@ -89,9 +90,78 @@ def model_patcher(module):
 
 
 def compute_dtype(module):
+    """The dtype ComfyUI computes an SD1.5 UNet in, chosen the way ComfyUI chooses it for its own: the
+    weight dtype (``--fp16-unet`` and the like, or what the device does best), unless ComfyUI
+    casts those weights for compute (``unet_manual_cast``: always for float8, which is storage only, and
+    for half precision on devices without it, e.g. the CPU). RIDFR's modules are small, so they are kept
+    in that compute dtype instead of being stored in float8."""
     import comfy.model_management as mm
 
-    return mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
+    weight = mm.unet_dtype(model_params=sum(p.numel() for p in module.parameters()))
+    return mm.unet_manual_cast(weight, mm.get_torch_device()) or weight
+
+
+def missing_model_files(values: dict) -> list[tuple[str, str, str, list[str]]]:
+    """(option, models/ subfolder, file name, what that folder holds) for each chosen model that is not there.
+    A linked input (None) is known only when the node runs."""
+    checks = [("content_weights", CONTENT_FOLDER, weight_files), ("ipadapter", ADAPTER_FOLDER, weight_files),
+              ("clip_vision", CLIP_FOLDER, weight_files),
+              ("insightface", FACE_FOLDER + "/models", lambda folder: list(face_model_packs()))]
+    missing = []
+    for option, folder, listing in checks:
+        value = values.get(option)
+        if value is not None:
+            available = listing(folder)
+            if value not in available:
+                missing.append((option, folder, value, available))
+    return missing
+
+
+def how_to_get(folder: str, name: str, available: list[str]) -> str:
+    from ..ridfr_core.models import all_files
+
+    file = next((file for file in all_files() if file.folder == folder and file.name == name), None)
+    if file is None:
+        found = ", ".join(available) or "nothing"
+        return f"not a file RIDFR knows; put it there or pick one that is there (found: {found})"
+    if not file.downloadable:
+        return file.how_to_get
+    licence = f"; licence: {file.licence.name}, {file.licence.terms}" if file.licence else ""
+    return f"{file.what}, from {file.source}{licence}"
+
+
+def download_hint(missing: list[tuple[str, str, str, list[str]]], values: dict) -> str:
+    """How to fetch the registered files among ``missing`` at once, or '' when none can be downloaded."""
+    from ..ridfr_core.models import BACKENDS, download_command
+
+    names = {file.name for file in BACKENDS["restorerid"]} - {file.name for file in BACKENDS["ridfr"]}
+    backend = "restorerid" if {values.get("content_weights"), values.get("ipadapter")} & names else "ridfr"
+    command = download_command(backend, folder_paths.models_dir, [f"{folder}/{name}" for _, folder, name, _ in missing])
+    if command is None:
+        return ""
+    return (f"\nDownload them in ComfyUI with 'Download missing RIDFR models' (offered when the workflow is "
+            f"loaded), or with ComfyUI's Python in the RIDFR folder: {command}")
+
+
+def load_problems(values: dict) -> str | None:
+    """Everything LoadRIDFR cannot load with ``values``, in one message (every missing file, then missing
+    packages), or None."""
+    problems = []
+    missing = missing_model_files(values)
+    if missing:
+        lines = [f"  - models/{folder}/{name} ({option}): {how_to_get(folder, name, available)}"
+                 for option, folder, name, available in missing]
+        problems.append(f"LoadRIDFR: {len(missing)} model file(s) missing:\n" + "\n".join(lines) + download_hint(missing, values)
+                        + "\nThen press R (refresh) or pick files that are there.")
+    error = invalid_choice("LoadRIDFR", "face_device", values.get("face_device"), FACE_DEVICES)
+    if error:
+        problems.append(error)
+    packages = missing_packages(RUNTIME_PACKAGES) + missing_packages(FACE_PACKAGES)
+    if packages:
+        problems.append(f"LoadRIDFR: missing Python packages: {', '.join(packages)}. With ComfyUI's Python, in the RIDFR "
+                        "folder: pip install -r requirements.txt && python install.py (it keeps the onnxruntime and "
+                        "OpenCV you have).")
+    return "\n".join(problems) or None
 
 
 class LoadRIDFR(io.ComfyNode):
@@ -130,25 +200,9 @@ class LoadRIDFR(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> bool | str:
-        checks = [("content_weights", content_weights, weight_files(CONTENT_FOLDER), CONTENT_FOLDER),
-                  ("ipadapter", ipadapter, weight_files(ADAPTER_FOLDER), ADAPTER_FOLDER),
-                  ("clip_vision", clip_vision, weight_files(CLIP_FOLDER), CLIP_FOLDER),
-                  ("insightface", insightface, list(face_model_packs()), FACE_FOLDER + "/models")]
-        for option, value, available, folder in checks:
-            if value is not None and value not in available:  # None: a linked input, known when it runs
-                listing = ", ".join(available) if available else "none"
-                return (f"LoadRIDFR ({option}): '{value}' is not in models/{folder} (found: {listing}). Put the "
-                        f"file there and press Refresh, or pick one of the listed files.")
-        error = invalid_choice("LoadRIDFR", "face_device", face_device, FACE_DEVICES)
-        if error:
-            return error
-        missing = missing_packages(RUNTIME_PACKAGES) + missing_packages(FACE_PACKAGES)
-        if missing:
-            return (f"LoadRIDFR: missing Python packages: {', '.join(missing)}. With ComfyUI's Python, in the RIDFR "
-                    "folder: pip install -r requirements.txt && python install.py (it keeps the onnxruntime and "
-                    "OpenCV you have).")
-        return True
+    def validate_inputs(cls, content_weights) -> bool | str:
+        # One parameter, so that ComfyUI shows the message once; the other inputs come from the prompt.
+        return load_problems(node_inputs(content_weights=content_weights)) or True
 
     @classmethod
     def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:

@@ -6,8 +6,9 @@ second backend, is in :mod:`.restorerid_patches`).
   its residuals to ``control`` (the skip connections and the mid block) before calling the UNet, summed
   with any ControlNet already there. Wrappers chain, so other packs' wrappers keep working.
 - Identity: an ``attn2`` replacement on every cross-attention computes
-  ``Attn(Q,K,V) + scale * Attn(Q,K',V')`` with ``ridfr_core.identity.identity_attention``; an
-  existing replacement at the same block (another pack's) computes the first term.
+  ``Attn(Q,K,V) + scale * Attn(Q,K',V')``, both terms with ComfyUI's ``optimized_attention`` (what
+  ``ridfr_core.identity.identity_attention`` computes); an existing replacement at the same block (another
+  pack's) computes the first term.
 - The FaceID LoRA goes in as ordinary weight patches (``ModelPatcher.add_patches``).
 
 The modules are registered as additional models of the patched MODEL, so ComfyUI loads them with it.
@@ -191,19 +192,19 @@ class IdentityAttentionPatch:
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention
-        from ..ridfr_core.identity.adapter import identity_attention
 
-        heads = extra_options["n_heads"]
+        heads, precision = extra_options["n_heads"], extra_options.get("attn_precision")
         if self.wrapped is not None:
             out = self.wrapped(q, k, v, extra_options)
         else:  # what CrossAttention itself runs (transformer_options: other packs' attention overrides)
-            out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+            out = attention.optimized_attention(q, k, v, heads, attn_precision=precision,
                                                 transformer_options=extra_options)
         if self.tokens.inactive:
             return out
         rows, scales = self.tokens.layout(q.shape[0], extra_options.get("cond_or_uncond"), q.device, q.dtype)
         id_keys, id_values = self.projected(q.device, q.dtype)
-        id_out = identity_attention(q, id_keys[rows], id_values[rows], heads)
+        # Attn(Q, K', V') with ComfyUI's attention function (xformers, sage, split... as the user chose)
+        id_out = attention.optimized_attention(q, id_keys[rows], id_values[rows], heads, attn_precision=precision)
         return out + scales * id_out
 
 

@@ -57,9 +57,14 @@ class RankByIdentity(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, recogniser) -> bool | str:
-        from ..ridfr_core.best_of_n import ranking_problem
+        """Before anything runs (the faces to rank come after all of the sampling): the choice, and whether
+        the recogniser's packages are installed."""
+        from ..ridfr_core.best_of_n import ranking_problem, recogniser_unavailable
 
-        return True if recogniser is None else ranking_problem(recogniser, f"{NODE} (recogniser)") or True
+        if recogniser is None:  # linked: checked when it runs
+            return True
+        where = f"{NODE} (recogniser)"
+        return ranking_problem(recogniser, where) or recogniser_unavailable(recogniser, where) or True
 
     @classmethod
     def execute(cls, images, references, recogniser) -> io.NodeOutput:

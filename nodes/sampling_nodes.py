@@ -8,12 +8,14 @@ from comfy_api.latest import io
 
 from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR
 from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
+from .validation import node_inputs
 
 SETTINGS = ("backend defaults", "custom")
 # ComfyUI's sampler for each backend's published one. RestorerID samples with DDIM, eta 1, over 50 "trailing"
 # timesteps (999, 979, ...): ComfyUI's "ddpm" step is DDIM with eta 1, and its "simple" schedule gives
 # exactly those timesteps (its "ddim" sampler is eta 0).
 COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple")}
+STEP_NOISE_OFFSET = 0x5DEECE66D  # per-face step noise: a generator stream apart from the start noise's
 
 
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +46,20 @@ def encode_prompt(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def sampling_problems(sampler_name, scheduler, settings) -> str | None:
+    """What is wrong with RIDFRSample's choices; None = linked (e.g. a sampler selector node), known when it runs."""
+    import comfy.samplers
+
+    error = invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
+    if error:
+        return error
+    if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
+    if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
+    return None
+
+
 class SamplerSettings:
     """What RIDFRSample samples with: the backend's published settings, or the node's widgets. The
     strengths are not here: Content Condition and Identity Condition set them, each in one place."""
@@ -54,26 +70,65 @@ class SamplerSettings:
             sampler_name, scheduler = COMFY_SAMPLERS[backend.sampler]
         self.steps, self.guidance = steps, guidance
         self.sampler_name, self.scheduler = sampler_name, scheduler
+        self.source = f"{backend.label}'s published settings" if settings == "backend defaults" else "the widgets"
+
+    def describe(self, faces, seed: int) -> str:
+        """What was sampled with, for the report output (shown on the canvas by a preview node)."""
+        offsets = "seed + its track" if faces.tracks is not None else "seed + its index"
+        return (f"{faces.count} face(s) sampled with {self.source}: {self.sampler_name} / {self.scheduler}, "
+                f"{self.steps} steps, CFG {self.guidance:g}; seed {seed} (each face: {offsets}); prompts and "
+                f"colour fix of {faces.backend.label}{' (wavelet colour fix on)' if faces.backend.color_fix else ''}.")
+
+
+def per_face_noise_sampler(seeds: list[int], shape: tuple[int, ...], device):
+    """k-diffusion ``noise_sampler(sigma, sigma_next)`` drawing each step's noise per face, from a generator of
+    its own (seed + a fixed offset, so it differs from the start noise): ComfyUI's default draws a batch
+    from one generator, so a face would restore differently alone than beside others."""
+    generators = [torch.Generator().manual_seed((seed + STEP_NOISE_OFFSET) % 2 ** 64) for seed in seeds]
+
+    def noise(sigma, sigma_next):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=generator) for generator in generators]).to(device)
+
+    return noise
+
+
+def comfy_sampler(name: str, noise_sampler):
+    """ComfyUI's sampler ``name``, given the per-face noise wherever its function draws noise each step."""
+    import inspect
+
+    import comfy.k_diffusion.sampling as k_diffusion
+    import comfy.samplers
+
+    function = getattr(k_diffusion, f"sample_{name}", None)
+    takes_options = name != "dpm_fast"  # ComfyUI's dpm_fast wrapper passes no options (and it runs with eta 0)
+    if takes_options and function is not None and "noise_sampler" in inspect.signature(function).parameters:
+        return comfy.samplers.ksampler(name, {"noise_sampler": noise_sampler})
+    return comfy.samplers.sampler_object(name)  # no noise after the start (or none we can give per face)
 
 
 def sample_faces(model, clip, faces, seed: int, settings: SamplerSettings) -> torch.Tensor:
-    """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with a local generator
-    (face i uses seed + i, as ridfr_core's pipeline does; tracked video faces seed + their track)."""
+    """Latents (F,4,S/8,S/8) for the faces, sampled by ComfyUI from noise drawn with local generators, per face
+    for the start noise and for each step's (face i uses seed + i, as ridfr_core's pipeline does; tracked video
+    faces seed + their track), so a face restores the same alone as in a batch with every sampler."""
     import comfy.sample
+    import comfy.samplers
     import comfy.utils
     import latent_preview
-    from ..ridfr_core.sampling.noise import seeded_noise
+    from ..ridfr_core.sampling.noise import face_seed, seeded_noise
 
     side = faces.size // LATENT_FACTOR
     latent = torch.zeros(faces.count, LATENT_CHANNELS, side, side)
-    seeds = [seed + offset for offset in faces.seed_offsets()]
+    seeds = [face_seed(seed, offset) for offset in faces.seed_offsets()]
     noise = seeded_noise(tuple(latent.shape), seeds, "cpu", torch.float32)
     positive = encode_prompt(clip, faces.backend.positive_prompt)
     negative = encode_prompt(clip, faces.backend.negative_prompt)
     callback = latent_preview.prepare_callback(model, settings.steps)
-    return comfy.sample.sample(model, noise, settings.steps, settings.guidance, settings.sampler_name,
-                               settings.scheduler, positive, negative, latent, denoise=1.0, callback=callback,
-                               seed=seed, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+    sigmas = comfy.samplers.KSampler(model, steps=settings.steps, device=model.load_device,
+                                     sampler=settings.sampler_name, scheduler=settings.scheduler, denoise=1.0,
+                                     model_options=model.model_options).sigmas
+    sampler = comfy_sampler(settings.sampler_name, per_face_noise_sampler(seeds, tuple(latent.shape), model.load_device))
+    return comfy.sample.sample_custom(model, noise, settings.guidance, sampler, sigmas, positive, negative, latent,
+                                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
 
 
 class RIDFRSample(io.ComfyNode):
@@ -116,46 +171,40 @@ class RIDFRSample(io.ComfyNode):
                                        "normal, RestorerID simple)."),
                 io.Combo.Input("settings", options=list(SETTINGS), default="backend defaults",
                                tooltip="'backend defaults': steps, guidance, sampler and scheduler as the content "
-                                       "module was published (the widgets above are ignored); "
-                                       "'custom': the widgets above."),
+                                       "module was published (the four widgets above are greyed out and unused; "
+                                       "the report output says what was used); 'custom': the widgets above."),
             ],
             outputs=[
                 io.Image.Output(display_name="restored_faces", tooltip="The restored aligned faces."),
                 io.Image.Output(display_name="photo", tooltip="Whole-photo mode: the photos with the restored faces "
                                                               "pasted back; aligned mode: the restored faces."),
                 io.Mask.Output(display_name="masks", tooltip="Where each face was pasted (one mask per face)."),
+                io.String.Output(display_name="report", tooltip="The settings the faces were sampled with (with "
+                                                                "'backend defaults': the backend's, not the widgets)."),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name, scheduler, settings) -> bool | str:
-        import comfy.samplers
-
-        error = invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
-        if error:
-            return error
-        # None: linked (e.g. from a sampler selector node); ComfyUI checks the link's type instead.
-        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-            return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
-        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
-        return True
+    def validate_inputs(cls, settings) -> bool | str:
+        # One parameter, so that ComfyUI shows a message once; the other inputs come from the prompt.
+        values = node_inputs(settings=settings)
+        return sampling_problems(values.get("sampler_name"), values.get("scheduler"), settings) or True
 
     @classmethod
     def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler,
                 settings) -> io.NodeOutput:
         from ..ridfr_core.sampling.colorfix import wavelet_color_fix
 
-        verdict = cls.validate_inputs(sampler_name, scheduler, settings)  # linked inputs now known
-        if verdict is not True:
-            raise ValueError(verdict)
+        problem = sampling_problems(sampler_name, scheduler, settings)  # linked inputs now known
+        if problem:
+            raise ValueError(problem)
         chosen = SamplerSettings(faces.backend, settings, steps, guidance, sampler_name, scheduler)
         samples = sample_faces(model, clip, faces, seed, chosen)
         restored = image_to_nchw(vae.decode(samples))
         if faces.backend.color_fix:
             restored = wavelet_color_fix(restored, faces.lq)
         photos, masks = paste_back(faces, restored, "RIDFRSample")
-        return io.NodeOutput(nchw_to_image(restored), photos, masks)
+        return io.NodeOutput(nchw_to_image(restored), photos, masks, chosen.describe(faces, seed))
 
 
 class PasteFaces(io.ComfyNode):

@@ -6,7 +6,7 @@ hand one output to several nodes and cache it), and carry no reference to a node
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class LoadedRIDFR:
     clip_vision: object        # ModelPatcher around transformers CLIPVisionModelWithProjection
     face_models: Path          # insightface model pack folder (…/models/<pack>)
     face_device: str           # onnxruntime device: auto, cpu or cuda
+    derived: dict = field(default_factory=dict)  # constants computed once from these modules (null identity)
 
     def face_analyzer(self):
         from ..ridfr_core.faces import load_face_analyzer

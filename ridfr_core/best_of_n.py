@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .identity.embeddings import l2_normalise
+from .sampling.noise import face_seed
 
 if TYPE_CHECKING:  # metrics loads scikit-image and SciPy: only when a recogniser is loaded
     from .metrics import Recogniser
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 RANKING_RECOGNISERS = ("dlib", "facenet")
 # Names under which users may know the recogniser RIDFR is conditioned on (insightface model packs).
 INJECTED_RECOGNISER = ("arcface", "insightface", "buffalo_l", "antelopev2")
+MAX_CANDIDATES = 16
 
 
 class RankingError(ValueError):
@@ -43,6 +45,15 @@ def ranking_problem(name: str, where: str) -> str | None:
     return None
 
 
+def recogniser_unavailable(name: str, where: str) -> str | None:
+    """Why the installed packages cannot run ``name`` (a RANKING_RECOGNISERS entry), with the install
+    command; None when they can. Cheap: nothing is loaded."""
+    from . import metrics
+
+    reason = {"dlib": metrics.dlib_unavailable_reason, "facenet": metrics.facenet_unavailable_reason}[name]()
+    return f"{where}: {name} cannot be used: {reason}." if reason else None
+
+
 def load_ranking_recogniser(name: str, where: str) -> Recogniser:
     from . import metrics
 
@@ -55,14 +66,18 @@ def load_ranking_recogniser(name: str, where: str) -> Recogniser:
     return recognisers[0]
 
 
-def best_of_n(candidates: int, rank_with: str) -> BestOfN | None:
-    """The CLI's ``--candidates``/``--rank-with``: None for a single sample; checked before models load."""
-    if candidates < 1:
-        raise RankingError(f"--candidates {candidates}: give 1 or more samples per face.")
+def best_of_n(candidates: int, rank_with: str, batch_size: int = 8) -> BestOfN | None:
+    """The CLI's ``--candidates``/``--rank-with``: None for a single sample; checked before models load.
+    ``batch_size``: faces per sampler call (the candidates of all faces are sampled in such batches)."""
+    if not 1 <= candidates <= MAX_CANDIDATES:
+        raise RankingError(f"--candidates {candidates}: give 1..{MAX_CANDIDATES} samples per face (each is a full "
+                           "sampling run kept in memory until ranked; 4 is plenty).")
     problem = ranking_problem(rank_with, "--rank-with")
     if problem:
         raise RankingError(problem)
-    return BestOfN(candidates, load_ranking_recogniser(rank_with, "--rank-with")) if candidates > 1 else None
+    if candidates == 1:
+        return None
+    return BestOfN(candidates, load_ranking_recogniser(rank_with, "--rank-with"), batch_size)
 
 
 def reference_embedding(recogniser: Recogniser, references: list[np.ndarray]) -> np.ndarray:
@@ -116,15 +131,17 @@ class BestOfN:
 
     candidates: int
     recogniser: Recogniser
+    batch_size: int = 8  # faces per sampler call, as archives batch them
 
-    def around(self, restore_fn, people: list[list[np.ndarray]], seed: int):
-        """A faces callback (see :mod:`ridfr_core.faces.photo`) that samples every face ``candidates`` times
-        in one call of ``restore_fn`` and returns the best-ranked sample of each.
+    def around(self, restore_fn_with_seeds, people: list[list[np.ndarray]], seed: int):
+        """A faces callback (see :mod:`ridfr_core.faces.photo`) that samples every face ``candidates`` times,
+        ``batch_size`` samples per call of ``restore_fn_with_seeds(seeds)``, and returns the best-ranked
+        sample of each.
 
-        The batch is candidate-major: element ``k * F + f`` is candidate k of face f. The restorer samples
-        element i with seed ``seed + i`` (:func:`ridfr_core.sampling.noise.seeded_noise`), so candidate 0 of each
-        face is exactly what a single sample gives, and every reported seed reproduces its sample.
-        ``people``: each person's reference photos (uint8 RGB), indexed like ``identity_index``.
+        The samples are candidate-major: sample ``k * F + f`` is candidate k of face f, sampled with seed
+        ``seed + k * F + f``, so candidate 0 of each face is exactly what a single sample gives, and every
+        reported seed reproduces its sample. ``people``: each person's reference photos (uint8 RGB), indexed
+        like ``identity_index``.
         """
         from .faces.images import tensor_to_rgb
 
@@ -133,11 +150,17 @@ class BestOfN:
 
         def run(faces: torch.Tensor, scales: torch.Tensor, identity_index: list) -> torch.Tensor:
             total = faces.shape[0]
-            restored = restore_fn(faces.repeat(count, 1, 1, 1), scales.repeat(count), list(identity_index) * count)
-            restored = restored.reshape(count, total, *restored.shape[1:])
+            faces, scales, identity_index = faces.repeat(count, 1, 1, 1), scales.repeat(count), list(identity_index)
+            everyone = identity_index * count
+            parts = []
+            for start in range(0, count * total, self.batch_size):
+                part = slice(start, start + self.batch_size)
+                seeds = [face_seed(seed, index) for index in range(start, min(start + self.batch_size, count * total))]
+                parts.append(restore_fn_with_seeds(seeds)(faces[part], scales[part], everyone[part]))
+            restored = torch.cat(parts).reshape(count, total, *parts[0].shape[1:])
             kept, rows = [], []
             for face, person in enumerate(identity_index):
-                seeds = [seed + candidate * total + face for candidate in range(count)]
+                seeds = [face_seed(seed, candidate * total + face) for candidate in range(count)]
                 scores = None
                 if person is not None:
                     scores = similarity(self.recogniser, tensor_to_rgb(restored[:, face]), references[person]).tolist()

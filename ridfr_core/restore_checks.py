@@ -18,6 +18,7 @@ from .backends.restorerid.identity_scale import parse_identity_scale
 
 MAX_UPSCALE = 8.0
 DEVICES = ("auto", "cuda", "cpu")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # and "auto"
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # formats that keep the ICC profile and EXIF
 
 
@@ -48,6 +49,11 @@ def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU; install a CUDA build of torch "
                          "(see README), or use --device auto or cpu.")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}.")
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -84,10 +90,13 @@ def check_restore_options(args, archive: bool = False) -> None:
     if not archive:
         check_output(args.out, [args.lq, *references])
     check_quality(args.quality)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is not a number of faces; give 1 or more (default 8).")
     if args.steps is not None:  # None: the backend's default
         check_steps(args.steps)
     check_upscale(args.upscale)
     check_device(args.device)
+    check_dtype(args.dtype)
     if args.identity_scale is not None:
         parse_identity_scale(args.identity_scale)
     for option in ("content_scale", "guidance"):

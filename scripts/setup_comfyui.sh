@@ -4,7 +4,8 @@
 #   scripts/setup_comfyui.sh MIRROR_GIT_DIR [COMFYUI_DIR] [VENV_DIR]
 #
 # MIRROR_GIT_DIR: a bare clone of Comfy-Org/ComfyUI (tested with v0.3.64, commit a125cd8).
-# Defaults: COMFYUI_DIR=/work/comfyui, VENV_DIR=/work/comfyui-venv. Not run by CI.
+# Defaults: COMFYUI_DIR=/work/comfyui, VENV_DIR=/work/comfyui-venv. Not run by CI. Leaves a host that runs the
+# pack: install.py run with ComfyUI's Python, and custom_nodes/ridfr linked to this checkout.
 # Then: COMFYUI_PATH=$COMFYUI_DIR $VENV_DIR/bin/python -m pytest tests/test_comfyui_integration.py tests/test_nodes.py
 set -euo pipefail
 
@@ -46,4 +47,15 @@ SITE=$("$VENV_DIR/bin/python" -c "import sysconfig; print(sysconfig.get_paths()[
 rm -rf "$SITE"/torchvision/_C.so "$SITE"/torchvision/image.so "$SITE"/torchvision.libs "$SITE"/torchaudio/lib/*.so
 "$VENV_DIR/bin/python" "$PACK_DIR/scripts/cpu_torchvision.py"
 "$VENV_DIR/bin/python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-echo "ComfyUI at $COMFYUI_DIR, venv at $VENV_DIR"
+
+# 4. The pack as a user installs it: install.py (insightface, onnxruntime, one OpenCV wheel) with ComfyUI's
+#    Python, and the pack linked into custom_nodes/ (ComfyUI loads it from there; a link keeps it editable).
+(cd "$PACK_DIR" && "$VENV_DIR/bin/python" install.py)
+LINK="$COMFYUI_DIR/custom_nodes/ridfr"
+if [ -L "$LINK" ] || [ ! -e "$LINK" ]; then
+  ln -sfn "$PACK_DIR" "$LINK"
+else
+  echo "$LINK exists and is not a link; left as it is" >&2
+fi
+"$VENV_DIR/bin/python" -c "import cv2, insightface, onnxruntime; print('cv2', cv2.__version__, 'insightface', insightface.__version__)"
+echo "ComfyUI at $COMFYUI_DIR (custom_nodes/ridfr -> $PACK_DIR), venv at $VENV_DIR"

@@ -130,17 +130,18 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory; stop() ends it."""
+    """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory (and ``extra_args``, e.g. a
+    precision flag, as a user would start it); stop() ends it."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None):
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
         env = {**os.environ, "RIDFR_CACHE": str(base / "ridfr_cache"),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", str(base)],
+             "--disable-auto-launch", "--base-directory", str(base), *extra_args],
             cwd=COMFYUI_PATH, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         self.wait_ready()
 
@@ -168,6 +169,15 @@ class ComfyServer:
 
     def get(self, path: str):
         return self.request(path)
+
+    def refused(self, prompt: dict) -> dict:
+        """The answer to a prompt that validation refuses (HTTP 400: ``error`` and ``node_errors``)."""
+        try:
+            self.request("/prompt", {"prompt": prompt})
+        except urllib.error.HTTPError as error:
+            assert error.code == 400, error.code
+            return json.loads(error.read())
+        raise AssertionError("the prompt was accepted")
 
     def submit(self, prompt: dict) -> str:
         try:

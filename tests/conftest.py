@@ -12,7 +12,7 @@ from onnx_fakes import (SCRIPTED_ANCHOR, SCRIPTED_BBOX, build_projection_arcface
                         build_yunet_as_scrfd, scripted_kps_offsets)
 from shared_data import FACE_DATA, YUNET_PATH
 
-pytest_plugins = ["tiny_models", "restorerid_layout", "comfy_host"]
+pytest_plugins = ["tiny_models", "restorerid_layout", "golden", "comfy_host"]
 
 # Random tiny weights drive activations into denormal floats, which are 10-100x slower on CPU.
 torch.set_flush_denormal(True)

@@ -94,7 +94,9 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
 
 
 def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"cond_stage_model.transformer." + k: v for k, v in state.items()}
+    """The published names, ``cond_stage_model.transformer.text_model.*``, whichever names the installed
+    transformers gives its CLIPTextModel (5.x dropped the ``text_model.`` level)."""
+    return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 # --- IP-Adapter FaceID Plus, as the reference code builds it ------------------------------------

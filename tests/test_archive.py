@@ -11,7 +11,7 @@ from ridfr_core.archive.inputs import collect_inputs, is_archive_input
 from ridfr_core.archive.manifest import (append_record, finished_inputs, latest_records, manifest_path, merge_parts,
                                          part_path, read_records)
 from ridfr_core.archive.tracking import box_iou, track_faces, vote_identities
-from ridfr_core.archive.video import decode_frames, probe, write_video
+from ridfr_core.archive.video import VideoSource, write_video
 
 av = pytest.importorskip("av")
 
@@ -86,21 +86,27 @@ def test_a_track_gets_one_identity_by_vote():
     assert tied[0].identity == 1  # a tie goes to the higher mean similarity
 
 
-def make_video(path, frames, rate=10, audio_seconds=None):
-    """A small H.264 video (and AAC audio) written with PyAV."""
+def make_video(path, frames, rate=10, audio_seconds=None, rotation=0, codec="libx264", video=True):
+    """A small H.264 video (and AAC audio) written with PyAV; ``rotation``: display rotation as a phone records it
+    (``frames`` are then the stored, sideways frames)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"qp": "0"}  # lossless: a black frame decodes black
+        stream = None
+        if video:
+            stream = container.add_stream(codec, rate=rate)
+            stream.height, stream.width = frames[0].shape[:2]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"qp": "0"} if codec == "libx264" else {}  # lossless: a black frame decodes black
+            if rotation:
+                stream.set_display_rotation(rotation)
         audio = None
         if audio_seconds:
             audio = container.add_stream("aac", rate=16000)
             audio.layout = "mono"
-        for rgb in frames:
+        for rgb in frames if video else ():
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode(None))
+        if stream is not None:
+            container.mux(stream.encode(None))
         if audio is not None:
             samples = np.sin(np.arange(int(16000 * audio_seconds)) / 16000 * 2 * np.pi * 440).astype(np.float32)
             for start in range(0, len(samples), 1024):
@@ -117,14 +123,22 @@ def audio_packets(path):
         return stream.codec_context.name, [p.size for p in container.demux(stream) if p.dts is not None]
 
 
-def test_video_keeps_rate_timestamps_and_audio(tmp_path):
+def test_video_keeps_rate_timestamps_and_audio(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(7)]
     source = make_video(tmp_path / "talk.mp4", frames, rate=Fraction(30000, 1001), audio_seconds=0.7)
-    decoded = list(decode_frames(source))
-    info = probe(source, [pts for _, pts in decoded])
+    opened, open_video = [], av.open
+    monkeypatch.setattr(av, "open", lambda path, *args, **kwargs: opened.append(path) or open_video(path, *args,
+                                                                                                    **kwargs))
     target = tmp_path / "out.mp4"
-    assert write_video(source, target, info, (255 - rgb for rgb, _ in decoded)) == 7
+    with VideoSource(source) as video:
+        decoded = list(video.frames())
+        again = list(video.frames())  # the restoring pass reads the same frames again
+        assert write_video(video, target, (255 - rgb for rgb, _ in again)) == 7
+    assert opened == [str(source), str(target)]  # the input once (it was four times), the output once
+    assert [pts for _, pts in again] == [pts for _, pts in decoded]
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(decoded, again))
+    monkeypatch.undo()
     with av.open(str(target)) as container:
         stream = container.streams.video[0]
         assert stream.average_rate == Fraction(30000, 1001)
@@ -134,3 +148,62 @@ def test_video_keeps_rate_timestamps_and_audio(tmp_path):
     assert [time for _, time in out] == pytest.approx(times, abs=1e-3)
     assert np.abs(out[3][0].astype(int) - (255 - decoded[3][0]).astype(int)).mean() < 20  # lossy, but these frames
     assert audio_packets(target) == audio_packets(source)  # copied packet for packet, not re-encoded
+
+
+def test_a_phone_video_is_restored_upright_and_keeps_its_rotation(tmp_path):
+    """Phones store portrait video sideways with a display rotation: faces are found upright, the output
+    keeps the rotation (it came out sideways before)."""
+    upright = np.zeros((96, 64, 3), np.uint8)
+    upright[:48] = 255  # the top half white, as a face is upright
+    stored = np.ascontiguousarray(np.rot90(upright, -1))  # what the phone stores for a display rotation of 90
+    source = make_video(tmp_path / "portrait.mp4", [stored] * 3, rotation=90)
+    target = tmp_path / "out.mp4"
+    with VideoSource(source) as video:
+        frames = [rgb for rgb, _ in video.frames()]
+        assert video.rotation == 90 and frames[0].shape == (96, 64, 3)
+        assert frames[0][:40].mean() > 250 and frames[0][56:].mean() < 5  # upright
+        write_video(video, target, (rgb for rgb, _ in video.frames()))
+    with av.open(str(target)) as container:
+        frame = next(container.decode(video=0))
+        assert frame.rotation == 90 and (frame.height, frame.width) == (64, 96)  # stored as the source is
+        assert np.abs(frame.to_ndarray(format="rgb24").astype(int) - stored).mean() < 3
+
+
+def test_an_avi_of_odd_size_is_written_and_an_audio_file_is_named(tmp_path):
+    """mpeg4 (for .avi) has no yuv444p, the fallback for odd sides: it takes 4:2:0 at odd sides instead."""
+    frames = [np.full((47, 65, 3), value, np.uint8) for value in (40, 200)]
+    source = make_video(tmp_path / "odd.avi", frames, codec="mpeg4")
+    target = tmp_path / "out.avi"
+    with VideoSource(source) as video:
+        assert write_video(video, target, (rgb for rgb, _ in video.frames())) == 2
+    with av.open(str(target)) as container:
+        restored = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert [frame.shape for frame in restored] == [(47, 65, 3)] * 2 and abs(restored[1].mean() - 200) < 8
+    sound = make_video(tmp_path / "voice.m4a.mp4", None, audio_seconds=0.3, video=False)
+    with pytest.raises(ValueError, match=r"voice.m4a.mp4: has no video stream \(only audio streams\)"):
+        VideoSource(sound)
+
+
+def test_a_glob_visits_each_real_file_once_through_a_link_loop(tmp_path):
+    """A folder link back to its parent: 3 photos stay 3 inputs (glob.glob followed the loop 40 levels deep)."""
+    arc = tmp_path / "arc"
+    for name in ("a.jpg", "sub/b.jpg", "sub/deeper/c.jpg"):
+        touch(arc / name)
+    (arc / "sub" / "deeper" / "back").symlink_to(arc, target_is_directory=True)
+    (arc / "dead.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link still gets its manifest line
+    expected = ["a.jpg", "dead.jpg", "sub/b.jpg", "sub/deeper/c.jpg"]
+    assert [i.relative for i in collect_inputs(str(arc / "**" / "*.jpg"))] == expected
+    assert [i.relative for i in collect_inputs(str(arc))] == expected
+    assert [i.relative for i in collect_inputs(str(arc / "sub" / "**"))] == ["b.jpg", "deeper/c.jpg"]
+    # One level of wildcard through the link finds each real file once too, under its shortest name.
+    assert [i.relative for i in collect_inputs(str(arc / "sub" / "deeper" / "*" / "*.jpg"))] == ["back/a.jpg",
+                                                                                                  "back/dead.jpg"]
+
+
+def test_a_list_file_that_is_not_utf8_names_the_option_and_the_file(tmp_path):
+    listing = touch(tmp_path / "list.txt", "photos/é.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--lq .*list.txt: the list file is not UTF-8 text"):
+        collect_inputs(str(listing))
+    touch(tmp_path / "photos" / "a.jpg")
+    listing.write_bytes("\ufeffphotos/a.jpg\r\n".encode("utf-8"))  # Notepad's BOM and line ends
+    assert [i.source for i in collect_inputs(str(listing))] == [tmp_path / "photos" / "a.jpg"]

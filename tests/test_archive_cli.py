@@ -8,6 +8,8 @@ photo is that person's face.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from PIL import Image
 
 from shared_data import REPO_ROOT
 from ridfr_core.archive.manifest import read_records
+from ridfr_core.archive.run import LOCK_NAME
 from ridfr_core.restore import main
 from test_archive import audio_packets, make_video
 
@@ -51,6 +54,11 @@ def huge_png_header(width: int = 40000, height: int = 40000) -> bytes:
 
 def records(out):
     return read_records(out / "manifest.jsonl")
+
+
+def leftovers(out):
+    """Hidden files in the output folder besides the run's lock (kept: removing it would race a next run)."""
+    return [path.name for path in out.rglob(".*") if path.name != LOCK_NAME]
 
 
 def common_args(models, tiny_models, *more):
@@ -136,7 +144,7 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, cli_models, peo
     assert again == Counter({"stranger.png": 1, "corrupt.jpg": 1, "empty.png": 1, "not_an_image.jpg": 1,
                              "huge.png": 1})
     assert (out / "1990" / "alice.png").stat().st_mtime_ns == stamp
-    assert not [path for path in out.rglob(".*")]  # no partial files left behind
+    assert leftovers(out) == []  # no partial files left behind
 
 
 def test_ctrl_c_then_rerun_finishes_every_photo_exactly_once(tiny_models, cli_models, people, tmp_path):
@@ -160,7 +168,7 @@ def test_ctrl_c_then_rerun_finishes_every_photo_exactly_once(tiny_models, cli_mo
     final = read_records(out / "manifest.jsonl")
     assert sorted(record["input"] for record in final) == [f"photo{number}.png" for number in range(4)]
     assert all(record["status"] == "done" and (out / record["output"]).is_file() for record in final)
-    assert not [path for path in out.rglob(".*")]
+    assert leftovers(out) == []
 
 
 def test_a_video_keeps_rate_audio_and_one_identity_per_face(tiny_models, cli_models, people, tmp_path):
@@ -210,6 +218,7 @@ def test_accelerate_splits_the_inputs_between_two_processes(tiny_models, cli_mod
 
 @pytest.mark.parametrize("option, value, message", [
     ("--out", "file", "is a file"), ("--out", "album", "would overwrite the inputs"),
+    ("--out", "r26.png", "names a .png file, but the outputs of an archive"), ("--out", "talk.mp4", "names a .mp4"),
     ("--batch-size", "0", "--batch-size"), ("--candidates", "2", "--candidates"), ("--aligned", None, "--aligned"),
     ("--people", "missing", "--people")])
 def test_archive_options_are_checked_before_any_model_loads(cli_models, tmp_path, capsys, option, value,
@@ -220,8 +229,99 @@ def test_archive_options_are_checked_before_any_model_loads(cli_models, tmp_path
     args = {"--lq": str(album), "--out": str(tmp_path / "out"), "--id": str(album / "a.png"),
             "--models": str(cli_models)}
     if value is not None:
-        args[option] = str(tmp_path / value) if value in ("file", "album", "missing") else value
+        args[option] = str(tmp_path / value) if value in ("file", "album", "missing", "r26.png", "talk.mp4") else value
     argv = [part for key, val in args.items() for part in (key, val)] + ([option] if value is None else [])
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+    assert not (tmp_path / "r26.png").exists() and not (tmp_path / "talk.mp4").exists()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0, reason="root writes anywhere without setpriv")
+def test_a_read_only_out_is_refused_in_one_line_before_models_load(cli_models, people, tmp_path):
+    album = tmp_path / "album"
+    save(album / "a.png", smooth_image(1, 64))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    # root ignores folder permissions: drop that capability for the run
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"] if os.geteuid() == 0 else []
+    result = subprocess.run([*prefix, sys.executable, "-m", "ridfr_core.restore", "--lq", str(album), "--out",
+                             str(locked / "out"), "--people", str(people), "--models", str(cli_models), "--device",
+                             "cpu"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --out {locked / 'out'}: cannot create or write")
+    assert "Traceback" not in result.stderr and "content backend" not in result.stderr  # no model was loaded
+    assert not (locked / "out").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_stale_temp_files_go(tiny_models, cli_models, people, tmp_path,
+                                                                           capsys):
+    albums = tmp_path / "albums"
+    for number in range(6):
+        save(albums / f"photo{number}.png", smooth_image(20 + number, 320))
+    out = tmp_path / "out"
+    stale = [out / ".photo4.png.tmp-16296", out / "sub" / ".talk.mp4.tmp-16297.mp4"]  # what kill -9 left behind
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    (out / ".keep").write_text("a user's hidden file")
+    args = ["--lq", str(albums), "--out", str(out), "--people", str(people), "--batch-size", "1",
+            *common_args(cli_models, tiny_models)]
+    first = subprocess.Popen([sys.executable, "-m", "ridfr_core.restore", *args], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "manifest.jsonl").is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second one started"
+    assert main(args) == 2
+    assert "another run is writing into this folder" in capsys.readouterr().err
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    done = records(out)
+    assert sorted(record["input"] for record in done) == [f"photo{number}.png" for number in range(6)]
+    assert all(record["process"] == 0 and record["status"] == "done" for record in done)
+    assert not any(path.exists() for path in stale) and (out / ".keep").is_file()
+    assert main(args) == 0  # the lock went with the first run
+
+
+RANK_FAILS = """
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+from ridfr_core.archive.run import run_archive
+from ridfr_core.restore import architecture_dir, parse_args, resolve_models, restorer_from_args
+
+args = parse_args(sys.argv[1:])
+paths = resolve_models(Path(args.models), {}, need_insightface=True)
+
+
+def make_restorer(found):
+    if PartialState().process_index == 1:  # as a CUDA error or a failed model load on one GPU only
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return restorer_from_args(args, found, config_dir=architecture_dir(Path(args.models)))
+
+
+sys.exit(run_archive(args, paths, make_restorer))
+"""
+
+
+def test_under_accelerate_a_failure_outside_an_input_stops_every_process(cli_models, people, tmp_path):
+    """Process 1 fails while loading its models: process 0 does not wait for it in a collective (until the
+    timeout, or until the launcher kills it without a word); it stops with process 1's error."""
+    albums = tmp_path / "albums"
+    for number in range(2):
+        save(albums / f"photo{number}.png", np.zeros((64, 64, 3), np.uint8))
+    script = tmp_path / "rank_fails.py"
+    script.write_text(RANK_FAILS)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(script), "--lq", str(albums), "--out", str(out),
+               "--people", str(people), "--models", str(cli_models), "--steps", "1", "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert ("ArchiveStopped: stopped because process 1: RuntimeError: CUDA error: an illegal memory access"
+            in result.stderr), result.stderr[-3000:]
+    assert [record["input"] for record in read_records(out / "manifest.part0.jsonl")] == ["photo0.png"]

@@ -34,7 +34,7 @@ def test_the_injected_arcface_never_ranks(name):
         best_of_n(4, name)
     with pytest.raises(RankingError, match="unknown recogniser 'vggface'"):
         best_of_n(4, "vggface")
-    with pytest.raises(RankingError, match="--candidates 0: give 1 or more"):
+    with pytest.raises(RankingError, match=r"--candidates 0: give 1\.\.16 samples per face"):
         best_of_n(0, "dlib")
     assert best_of_n(1, "dlib") is None  # one sample: nothing to rank, nothing loaded
 
@@ -88,3 +88,45 @@ def test_restore_cli_refuses_arcface_ranking_before_loading_models(ridfr_models_
                          str(ridfr_models_dir), "--candidates", "4", "--rank-with", "arcface"]) == 2
     assert "--rank-with: 'arcface' is the ArcFace that RIDFR is conditioned on" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_too_many_candidates_are_refused_before_any_model_loads(tmp_path, capsys):
+    """--candidates 1000 took 6 minutes and 13 GB before "can't allocate memory"; now one line at once."""
+    image = tmp_path / "face.png"
+    write_rgb(image, np.full((64, 64, 3), 128, np.uint8))
+    assert restore_main(["--lq", str(image), "--id", str(image), "--out", str(tmp_path / "o.png"), "--models",
+                         str(tmp_path / "no_models"), "--candidates", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --candidates 1000: give 1..16 samples per face") and "model files" not in err
+
+
+@needs_faces
+def test_candidates_are_sampled_in_batch_size_batches_with_the_same_seeds(tiny_models, ridfr_models_dir, tmp_path,
+                                                                        caplog, monkeypatch):
+    """3 candidates with --batch-size 2: sampler calls of 2 and 1 faces, with the seeds and (up to batched-vs-alone
+    rounding) the scores of one batch of 3."""
+    from ridfr_core.pipeline import RIDFRPipeline
+
+    recogniser_or_skip("dlib")
+    batches, call = [], RIDFRPipeline.__call__
+
+    def counted(self, faces, *args, **kwargs):
+        batches.append(len(faces))
+        return call(self, faces, *args, **kwargs)
+    monkeypatch.setattr(RIDFRPipeline, "__call__", counted)
+    identity = FACES / "00005"
+    common = ["--lq", str(next(identity.glob("lq_*.png"))), "--id", str(sorted((identity / "refs").glob("*.jpg"))[0]),
+              "--aligned", "--aligned-references", "--models", str(ridfr_models_dir), "--steps", "1", "--device",
+              "cpu", "--seed", "4", "--candidates", "3"]
+    caplog.set_level(logging.INFO)
+    reports = {}
+    for batch in (2, 8):
+        caplog.clear()
+        batches.clear()
+        assert restore_main([*common, "--batch-size", str(batch), "--out", str(tmp_path / f"b{batch}.png")],
+                            config_dir=tiny_models.configs) == 0
+        reports[batch] = (list(batches), re.search(r"face 0 .*kept seed \d+", caplog.text).group(0))
+    assert reports[2][0] == [2, 1] and reports[8][0] == [3]
+    scores = [re.findall(r"seed (\d+): (-?\d\.\d+)", reports[batch][1]) for batch in (2, 8)]
+    assert [seed for seed, _ in scores[0]] == [seed for seed, _ in scores[1]] == ["4", "5", "6"]
+    assert all(abs(float(a) - float(b)) < 0.02 for (_, a), (_, b) in zip(*scores))

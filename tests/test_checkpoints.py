@@ -30,7 +30,9 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("kind", ["checkpoint", "checkpoint_ckpt"])
 def test_single_file_base_loads_exactly(tiny_models, tmp_path, kind):
+    """The fp16 .safetensors (as the registry's SD1.5 file) and the fp32 .ckpt both give float32 modules."""
     base = checkpoints.load_base(getattr(tiny_models, kind), tiny_models.configs, cache_dir=tmp_path)
+    assert {p.dtype for p in (*base.unet.parameters(), *base.vae.parameters())} == {torch.float32}
     assert same_state(base.unet, tiny_models.unet)
     assert same_state(base.vae, tiny_models.vae)
     assert torch.equal(base.empty_prompt, checkpoints.encode_prompt(tiny_models.text_encoder, []))
@@ -69,12 +71,14 @@ def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
     assert v2.shortcut and not v1.shortcut
     assert same_state(v1, v2)
     published = torch.load(tiny_models.adapter_v2, weights_only=True)
+    assert published["ip_adapter"]["1.to_k_ip.weight"].dtype == torch.float16  # as h94 publishes them
+    assert {p.dtype for p in v2.parameters()} == {torch.float32}  # one dtype, not fp16 K/V beside an fp32 projection
     names = list(base.unet.attn_processors)
     assert torch.equal(v2.attn_processors[names[1].replace(".", "__")].to_k_ip[0].weight,
-                       published["ip_adapter"]["1.to_k_ip.weight"])
+                       published["ip_adapter"]["1.to_k_ip.weight"].float())
     # the LoRA delta of attention #0's query is up @ down
     delta = lora_v2[names[0].removesuffix(".processor") + ".to_q.weight"]
-    ip = published["ip_adapter"]
+    ip = {k: v.float() for k, v in published["ip_adapter"].items()}
     assert torch.allclose(delta, ip["0.to_q_lora.up.weight"] @ ip["0.to_q_lora.down.weight"])
     assert len(lora_v2) == 4 * len(names)
 
@@ -133,6 +137,51 @@ def test_full_size_sd15_single_file_layout_maps_every_key():
         expected = model.state_dict()
         assert converted.keys() == expected.keys()
         assert all(converted[k].shape == expected[k].shape for k in expected)
+
+
+def test_fixture_writers_give_the_publishers_sd15_key_names(golden_state):
+    """The LDM names our tiny fixtures are written with are exactly those RestorerID's own classes saved
+    (SD1.5's UNet, VAE and text encoder; the golden file has SD1.5's layer counts at tiny widths)."""
+    from golden import GOLDEN_CONFIGS
+    from ridfr_core.backends.restorerid.files import without_restorerid_extras
+
+    published = {k: tuple(v.shape) for k, v in without_restorerid_extras(golden_state).items()
+                 if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
+    unet = meta(lambda: UNet2DConditionModel(**GOLDEN_CONFIGS["unet"]))
+    vae = meta(lambda: AutoencoderKL(**GOLDEN_CONFIGS["vae"]))
+    text = meta(lambda: CLIPTextModel(CLIPTextConfig(**GOLDEN_CONFIGS["text_encoder"])))
+    ours = {**unet_to_ldm(unet.state_dict(), GOLDEN_CONFIGS["unet"]), **vae_to_ldm(vae.state_dict(), GOLDEN_CONFIGS["vae"]),
+            **text_encoder_to_ldm(text.state_dict())}
+    ours.pop("cond_stage_model.transformer.text_model.embeddings.position_ids", None)  # older transformers only
+    assert {k: tuple(v.shape) for k, v in ours.items()} == published
+
+
+def test_golden_sd15_and_clip_vision_load_under_the_installed_libraries(golden_state, golden_models_dir, tmp_path):
+    """The SD1.5 inside the publisher-made file and the CLIP tower under its published names load strictly
+    (every tensor used) whatever the installed transformers/diffusers call them."""
+    from golden import PUBLISHER_OUTPUTS
+    from ridfr_core.backends.restorerid.prompts import RESTORERID_NEGATIVE, RESTORERID_POSITIVE
+
+    configs = golden_models_dir / "ridfr" / "configs"
+    base = checkpoints.load_base(golden_models_dir / "ridfr" / "RestorerIDFull.ckpt", configs, cache_dir=tmp_path,
+                                 prompts=(RESTORERID_POSITIVE, RESTORERID_NEGATIVE))
+    publisher = torch.load(PUBLISHER_OUTPUTS, weights_only=True)  # the text states their code computed
+    torch.testing.assert_close(base.prompts[RESTORERID_POSITIVE], publisher["text_pos"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(base.prompts[RESTORERID_NEGATIVE], publisher["text_neg"], rtol=1e-4, atol=1e-5)
+    conv_in = golden_state["model.diffusion_model.input_blocks.0.0.weight"]
+    assert torch.equal(base.unet.conv_in.weight, conv_in)
+    assert torch.equal(base.vae.encoder.conv_in.weight, golden_state["first_stage_model.encoder.conv_in.weight"])
+    clip = checkpoints.load_clip_vision(golden_models_dir / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                                        configs)
+    assert torch.equal(clip.visual_projection.weight, golden_state["Adapter.image_encoder.visual_projection.weight"])
+    assert clip.vision_model.encoder.layers[31].mlp.fc2.weight.shape == (32, 64)
+
+
+def test_text_encoder_of_an_unknown_layout_names_the_file(tiny_models, tmp_path):
+    state = load_file(str(tiny_models.checkpoint))
+    renamed = {k.replace("text_model.encoder.layers.", "text_model.blocks."): v for k, v in state.items()}
+    path = write(tmp_path, "renamed.safetensors", renamed)
+    assert "text encoder" in load_error(path, tiny_models)
 
 
 def test_full_size_faceid_plus_layout_maps_every_key():
@@ -217,6 +266,16 @@ def test_pickled_code_is_refused(tiny_models, tmp_path):
     message = load_error(evil, tiny_models)
     assert "would run code" in message and "safetensors" in message and str(evil) in message
     assert not marker.exists()
+
+
+def test_a_safetensors_file_under_a_ckpt_name_is_said_to_be_one(tiny_models, tmp_path):
+    """A RIDFR .safetensors renamed RestorerIDFull.ckpt: torch would call it a pickle holding Python objects."""
+    renamed = tmp_path / "RestorerIDFull.ckpt"
+    renamed.write_bytes(tiny_models.content.read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        content_files.load_content(renamed)
+    assert str(info.value) == (f"content weights: {renamed} is a safetensors file (format 'ridfr-content') with a "
+                               "'.ckpt' name; rename it to RestorerIDFull.safetensors and use that name.")
 
 
 def test_content_file_errors(tiny_models, tmp_path):

@@ -5,79 +5,26 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host import REPO_ROOT, ComfyServer, build_comfy_models, requires_comfyui, ui_to_api
-from tiny_upscale_models import write_diffbir_swinir
+from comfy_host import REPO_ROOT, ComfyServer, requires_comfyui
+from comfy_workflows import FACE, WORKFLOWS, api_prompt, saved_images, workflow_base
 
 pytestmark = requires_comfyui
-WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition", "IdentityCondition", "RIDFRSample",
               "PasteFaces", "RankByIdentity")
-FACE = 64
-# Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
-# The RestorerID files (RestorerIDFull.ckpt, ip-adapter-faceid-plus_sd15.bin) are there under their real names.
-MODEL_NAMES = {"v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
-               "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2",
-               "face_swinir_v1.ckpt": "face_swinir_tiny.safetensors"}
 MODEL_FOLDERS = {"checkpoints", "ridfr", "ipadapter", "clip_vision"}
-INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",
-               "person_a.jpg": "obama_obama.jpg", "person_b.jpg": "biden_biden.jpg",
-               "reference_1.jpg": "obama_obama.jpg", "reference_2.jpg": "obama_obama2.jpg",
-               "reference_3.jpg": "obama_obama3.jpg"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, yunet_models_root, face_data):
-    base = tmp_path_factory.mktemp("comfy_base")
-    build_comfy_models(base / "models", yunet_models_root / "models" / "antelopev2")
-    write_diffbir_swinir(base / "models" / "upscale_models" / "face_swinir_tiny.safetensors")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO_ROOT, base / "custom_nodes" / "ridfr")
-    os.symlink(REPO_ROOT / "tests" / "comfy_tiny_sd15.py", base / "custom_nodes" / "comfy_tiny_sd15.py")
-    (base / "input").mkdir()
-    for name, source in INPUT_FILES.items():
-        if source is None:
-            lq = np.random.default_rng(0).integers(0, 255, (FACE, FACE, 3), dtype=np.uint8)
-            Image.fromarray(lq).save(base / "input" / name)
-        else:
-            shutil.copy(face_data / "unaligned" / source, base / "input" / name)
-    host = ComfyServer(base)
+    host = ComfyServer(workflow_base(tmp_path_factory.mktemp("comfy_base"), yunet_models_root, face_data))
     yield host
     host.stop()
-
-
-def api_prompt(server, workflow: Path, steps: int = 3) -> dict:
-    prompt = ui_to_api(json.loads(workflow.read_text()), server.get("/object_info"))
-    for node in prompt.values():
-        inputs = node["inputs"]
-        for key, value in inputs.items():
-            if isinstance(value, str) and value in MODEL_NAMES:
-                inputs[key] = MODEL_NAMES[value]
-        if node["class_type"] == "ContentCondition":
-            inputs["face_size"] = FACE
-        if "steps" in inputs:
-            inputs["steps"] = steps
-        if "settings" in inputs:  # the widgets (the published settings in the workflows) with fewer steps
-            inputs["settings"] = "custom"
-    return prompt
-
-
-def saved_images(server, entry: dict) -> list[np.ndarray]:
-    images = []
-    for output in entry["outputs"].values():
-        for image in output.get("images", []):
-            if image["type"] == "output":
-                path = server.base / "output" / image["subfolder"] / image["filename"]
-                images.append(np.asarray(Image.open(path).convert("RGB")))
-    return images
 
 
 def test_object_info_lists_every_node_with_tooltips(server):
@@ -119,6 +66,28 @@ def test_restorerid_workflow_lists_its_models_for_the_missing_models_dialog():
     assert "non-commercial" in note and all(name in note for name in listed)
 
 
+def test_every_report_of_a_shipped_workflow_is_shown_on_the_canvas(server):
+    """Each STRING output of a RIDFR node (reference consistency, who is who, settings, scores) is connected
+    to one of ComfyUI's display nodes."""
+    info = server.get("/object_info")
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        kinds = {node["id"]: node["type"] for node in workflow["nodes"]}
+        shown, reached = set(), {node for node, kind in kinds.items() if kind == "PreviewAny"}
+        while True:  # back from the previews, through ComfyUI's string joins
+            feeding = {(link[1], link[2]) for link in workflow["links"] if link[3] in reached}
+            joins = {node for node, _ in feeding if kinds[node] == "StringConcatenate"} - reached
+            shown |= feeding
+            if not joins:
+                break
+            reached |= joins
+        for node in workflow["nodes"]:
+            if node["type"] in PACK_NODES:
+                for slot, kind in enumerate(info[node["type"]]["output"]):
+                    if kind == "STRING":
+                        assert (node["id"], slot) in shown, (path.name, node["type"], slot)
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
 def test_example_workflow_runs_and_is_deterministic(server, workflow):
     prompt = api_prompt(server, workflow)
@@ -130,9 +99,15 @@ def test_example_workflow_runs_and_is_deterministic(server, workflow):
     for image, again in zip(first, second):
         assert image.std() > 2, "blank output"
         np.testing.assert_array_equal(image, again)
+    previews = [str(node["id"]) for node in json.loads(workflow.read_text())["nodes"] if node["type"] == "PreviewAny"]
+    for node in previews:  # every report reaches the canvas
+        assert entry["outputs"][node]["text"][0].strip(), node
     if "best_of_n" in workflow.stem:  # four candidates saved best first, every score shown
-        report = next(output["text"][0] for output in entry["outputs"].values() if "text" in output)
-        assert len(first) == 4 and report.startswith("ranked by dlib") and len(report.splitlines()) == 5
+        report = next(output["text"][0] for output in entry["outputs"].values()
+                      if output.get("text", [""])[0].startswith("ranked by"))
+        scores = report.split("\n\n")[0].splitlines()
+        assert len(first) == 4 and scores[0].startswith("ranked by dlib") and len(scores) == 5
+        assert "sampled with" in report and "reference" in report.lower()
     if "group_photo" in workflow.stem:
         photo = np.asarray(Image.open(server.base / "input" / "group_photo.jpg").convert("RGB"))
         assert first[0].shape == photo.shape

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import cv2
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from ridfr_core import eval as evaluation
 from ridfr_core import restore
 from ridfr_core.io.images import write_rgb
+from shared_data import FACES, needs_faces
 from test_eval import synthetic_celebref  # noqa: F401 (fixture)
 
 NO_METRICS = ["--recognisers", "", "--iqa", ""]
@@ -77,3 +81,75 @@ def test_run_with_missing_models_is_a_clear_error(degraded_at, tmp_path, capsys)
     assert "RIDFR needs these model files" in err and str(tmp_path / "no_models" / "checkpoints") in err
     assert "Traceback" not in err
     assert not list((tmp_path / "run").rglob("*.png"))
+
+
+def degrade_with(split_value, tmp_path, out=None):
+    split = tmp_path / "edited_split.json"
+    split.write_text(json.dumps(split_value))
+    out = out or tmp_path / "data"
+    return evaluation.main(["degrade", "--split", str(split), "--size", "32", "--out", str(out)])
+
+
+@pytest.mark.parametrize("name", ["../../../escaped_case", "/abs/escaped_case", "sub/case", "..", ""])
+def test_a_case_name_of_an_edited_split_never_writes_outside_out(synthetic_celebref, tmp_path, capsys, name):  # noqa: F811
+    split = evaluation.build_split(synthetic_celebref, num_test_ids=1, seed=0)
+    split["cases"][0]["case"] = name
+    victim = tmp_path / "escaped_case.png"
+    victim.write_text("a user's file")
+    assert degrade_with(split, tmp_path, out=tmp_path / "deep" / "data") == 2  # data/gt/../../.. is tmp_path
+    assert "is not a plain file name" in capsys.readouterr().err
+    assert victim.read_text() == "a user's file"
+    assert [path.name for path in tmp_path.rglob("*escaped_case*")] == ["escaped_case.png"]
+    split["cases"][0]["case"] = "fine"
+    split["cases"][0]["refs"] = ["id1/.."]
+    assert degrade_with(split, tmp_path) == 2
+    assert "reference '..' is not a plain file name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "holds a JSON list, not the object"), ({"cases": []}, "field 'celebref_root' is missing"),
+    ({"celebref_root": "x", "cases": {}}, "field 'cases' is not a list"),
+    ({"celebref_root": "x", "cases": []}, "'cases' is empty"),
+    ({"celebref_root": "x", "cases": [{"case": "a", "gt": "a.png"}]}, "case 0 has no valid refs")])
+def test_a_malformed_split_names_the_field(tmp_path, capsys, value, message):
+    assert degrade_with(value, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: --split:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.fixture()
+def models_with_configs(ridfr_models_dir, tiny_models, tmp_path):
+    """The tiny models folder with the tiny architectures in ridfr/configs, where `restore` finds them."""
+    root = tmp_path / "models"
+    root.mkdir()
+    for entry in ridfr_models_dir.iterdir():
+        (root / entry.name).symlink_to(entry.resolve())
+    (root / "ridfr").unlink()
+    (root / "ridfr").mkdir()
+    for weights in (ridfr_models_dir / "ridfr").iterdir():
+        (root / "ridfr" / weights.name).symlink_to(weights.resolve())
+    (root / "ridfr" / "configs").symlink_to(tiny_models.configs)
+    return root
+
+
+@needs_faces
+def test_run_reads_the_architectures_in_models_ridfr_configs_as_restore_does(models_with_configs, tmp_path):
+    out = tmp_path / "run"
+    assert evaluation.main(["run", "--celebref", str(FACES), "--glob", "refs/*.jpg", "--num-test-ids", "1",
+                            "--max-images-per-id", "1", "--models", str(models_with_configs), "--steps", "1",
+                            *NO_METRICS, "--out", str(out)]) == 0  # no config_dir given: found in the models
+    assert len(list((out / "restored").rglob("*.png"))) == 1
+
+
+def test_run_checks_steps_and_models_before_splitting_or_loading(synthetic_celebref, models_with_configs,  # noqa: F811
+                                                                 tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    common = ["run", "--celebref", str(synthetic_celebref), "--num-test-ids", "1", "--size", "512", *NO_METRICS]
+    out = tmp_path / "run"
+    assert evaluation.main([*common, "--models", str(models_with_configs), "--steps", "0", "--out", str(out)]) == 2
+    assert "--steps: 0 is outside 1..200" in capsys.readouterr().err
+    assert "content backend" not in caplog.text and not out.exists()  # no model loaded, nothing split
+    assert evaluation.main([*common, "--models", str(tmp_path / "no_models"), "--out", str(out)]) == 2
+    assert "RIDFR needs these model files" in capsys.readouterr().err
+    assert not out.exists()  # refused before the split and the degradation

@@ -75,7 +75,7 @@ def test_pack_without_recogniser_is_refused(tmp_path, scripted_models_root):
 
 def test_provider_choice_and_install_conflicts():
     assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    assert choose_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
+    assert choose_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0][0] == "CUDAExecutionProvider"
     with pytest.raises(FaceModelError, match="onnxruntime-gpu"):
         choose_providers("cuda", ["CPUExecutionProvider"])
     with pytest.raises(FaceInputError, match="device"):
@@ -229,3 +229,13 @@ def test_package_imports_without_insightface_and_says_how_to_install(tmp_path, s
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={"PYTHONPATH": str(REPO_ROOT), "PATH": ""})
     assert "insightface is not installed" in output.stdout and "python install.py" in output.stdout, output.stderr
+
+
+def test_the_cuda_provider_runs_on_the_gpu_torch_uses():
+    """Under accelerate each process has its own GPU (torch.cuda.set_device): onnxruntime's detector and ArcFace
+    sessions must name it, or every process runs them on GPU 0."""
+    import torch
+
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    providers = choose_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers == [("CUDAExecutionProvider", {"device_id": current}), "CPUExecutionProvider"]

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import asdict
 
@@ -167,6 +168,9 @@ def test_offline_mode_uses_the_hugging_face_cache_or_says_why_not(hub, tmp_path)
     missing = run_fetch(absent, models, offline)
     assert missing.returncode == 3 and "HF_HUB_OFFLINE" in missing.stderr
     assert not (models / "ipadapter" / "absent.bin").exists()
+    fresh = tmp_path / "fresh_models"
+    assert run_fetch(absent, fresh, offline).returncode == 3
+    assert not fresh.exists()  # no empty model folders
     assert hub.log == []
 
 
@@ -224,7 +228,8 @@ def test_disk_filling_up_mid_download_leaves_nothing_under_the_real_name(hub, tm
     assert result.returncode == 3, result.stdout + result.stderr
     assert "No space left on device" in result.stderr and "run the same command again" in result.stderr
     assert "Traceback" not in result.stderr
-    assert listing.read_text().split() == [f"./{STAGING}/{sha}.part"]  # kept to resume; nothing named adapter.bin
+    # the part is kept to resume (beside its download lock); nothing is named adapter.bin
+    assert sorted(listing.read_text().split()) == [f"./{STAGING}/{sha}.lock", f"./{STAGING}/{sha}.part"]
 
 
 def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path):
@@ -252,3 +257,54 @@ def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path)
     (folder / "w600k_r50.onnx").unlink()
     incomplete = run_fetch(pack, models, env)
     assert incomplete.returncode == 3 and "some of its files are missing" in incomplete.stderr
+
+
+def start_fetch(file: ModelFile, models, env: dict) -> subprocess.Popen:
+    spec = json.dumps({**asdict(file), "licence": None})
+    return subprocess.Popen([sys.executable, "-c", RUNNER, spec, str(models)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_part(models, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not list((models / STAGING).glob("*.part")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, process.communicate()
+
+
+def test_two_concurrent_downloads_of_one_file_write_it_once(hub, tmp_path):
+    """Without a lock both appended to the same .part, and one's verify moved it while the other wrote."""
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+    data = content(DOWNLOAD_CHUNK_SIZE * 3, seed=11)
+    file = hub_file("shared.bin")
+    sha = hub.add(f"{file.repo}/{file.path}", data)
+    hub.stall_after[sha] = (DOWNLOAD_CHUNK_SIZE + 1000, 3.0)
+    env, models = hub_env(hub, tmp_path), tmp_path / "models"
+    first = start_fetch(file, models, env)
+    wait_for_part(models, first)  # the first is mid-file, stalled
+    second = start_fetch(file, models, env)
+    results = [process.communicate(timeout=120) for process in (first, second)]
+    assert [process.returncode for process in (first, second)] == [0, 0], results
+    assert "downloaded" in results[0][0] and "placed by a concurrent download" in results[1][0]
+    assert (models / "ipadapter" / "shared.bin").read_bytes() == data
+    assert len([request for request in hub.requests("cdn", "GET")]) == 1
+    assert json.loads((models / STAGING / "verified.json").read_text())["ipadapter/shared.bin"]["sha256"] == sha
+
+
+def test_a_part_file_removed_mid_download_is_a_clear_error(hub, tmp_path):
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+    data = content(DOWNLOAD_CHUNK_SIZE * 2, seed=12)
+    file = hub_file("removed.bin")
+    sha = hub.add(f"{file.repo}/{file.path}", data)
+    hub.stall_after[sha] = (DOWNLOAD_CHUNK_SIZE + 1000, 2.0)
+    env, models = hub_env(hub, tmp_path), tmp_path / "models"
+    process = start_fetch(file, models, env)
+    wait_for_part(models, process)
+    for part in (models / STAGING).glob("*.part"):
+        part.unlink()  # e.g. a user cleaning up hidden folders
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 3, err
+    assert "disappeared during the download" in err and "Traceback" not in err
+    assert not (models / "ipadapter" / "removed.bin").exists()

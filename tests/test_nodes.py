@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfy_host import REPO_ROOT, add_models_folder, import_comfy, requires_comfyui
+from comfy_host import PACK_MODULE, REPO_ROOT, add_models_folder, import_comfy, requires_comfyui
 
 pytestmark = requires_comfyui
 FACE = 64  # tiny models: 64 px faces, 8x8 latents
@@ -43,13 +44,28 @@ def env(comfy_models):
     return result
 
 
+def validate(env, node_id: str, **inputs):
+    """``validate_inputs`` as ComfyUI calls it for a submitted prompt holding this node with ``inputs`` (None:
+    a linked input): the prompt passes the pack's on_prompt handler, and the method runs in the prompt's
+    execution context with the parameters it names."""
+    import inspect
+
+    from comfy_execution.utils import CurrentNodeContext
+
+    validation = importlib.import_module(f"{PACK_MODULE}.nodes.validation")
+    submitted = {name: ["0", 0] if value is None else value for name, value in inputs.items()
+                 if not isinstance(value, torch.Tensor)}
+    request = validation.remember_prompt({"prompt": {"7": {"class_type": node_id, "inputs": submitted}}})
+    node = env.nodes[node_id]
+    wanted = inspect.signature(node.validate_inputs).parameters
+    with CurrentNodeContext(request["prompt_id"], "7"):
+        return node.validate_inputs(**{k: v for k, v in inputs.items() if k in wanted})
+
+
 def run(env, node_id: str, **inputs):
     node = env.nodes[node_id]
     if "validate_inputs" in vars(node):  # overridden (the base class raises NotImplementedError)
-        import inspect
-
-        wanted = inspect.signature(node.validate_inputs).parameters
-        verdict = node.validate_inputs(**{k: v for k, v in inputs.items() if k in wanted})
+        verdict = validate(env, node_id, **inputs)
         assert verdict is True, verdict
     return node.execute(**inputs).args
 
@@ -262,7 +278,7 @@ def test_whole_photo_mode_restores_and_pastes_back(env):
     photo = photo_with_scripted_face()
     model, faces, latent, lq = content_condition(env, photo, input_mode="whole photo")
     assert faces.count == 1 and latent["samples"].shape == (1, 4, 8, 8) and lq.shape == (1, FACE, FACE, 3)
-    restored, pasted, masks = sample(env, model, faces)
+    restored, pasted, masks, _ = sample(env, model, faces)
     assert pasted.shape == photo.shape and masks.shape == (1, 640, 640)
     outside = masks[0] == 0
     assert outside.float().mean() > 0.5 and (masks[0] > 0.99).any()
@@ -328,11 +344,11 @@ def test_video_frames_are_tracked_one_person_and_one_seed_per_face(env):
 
 
 def test_load_ridfr_rejects_unknown_files_with_the_folder(env):
-    error = env.nodes["LoadRIDFR"].validate_inputs(content_weights="nope.safetensors",
-                                                   ipadapter=env.tiny.adapter_v2.name,
-                                                   clip_vision=env.tiny.clip_vision.name, insightface="buffalo_l",
-                                                   face_device="cpu")
-    assert error.startswith("LoadRIDFR (content_weights): 'nope.safetensors' is not in models/ridfr")
+    error = validate(env, "LoadRIDFR", content_weights="nope.safetensors", ipadapter=env.tiny.adapter_v2.name,
+                     clip_vision="gone.safetensors", insightface="buffalo_l", face_device="cpu")
+    assert error.startswith("LoadRIDFR: 2 model file(s) missing:")
+    assert "models/ridfr/nope.safetensors (content_weights): not a file RIDFR knows" in error
+    assert "models/clip_vision/gone.safetensors (clip_vision)" in error and "ipadapter" not in error
 
 
 def test_pack_imports_without_insightface_and_says_what_to_install(env, comfy_models):
@@ -391,14 +407,14 @@ def test_validate_inputs_accepts_linked_inputs_and_checks_ranges(env):
     """ComfyUI validates before upstream nodes run and passes None for linked inputs; it also skips its own
     min/max checks for the inputs validate_inputs names."""
     nodes = env.nodes
-    assert nodes["ContentCondition"].validate_inputs(input_mode=None, on_no_face=None, start_percent=None,
-                                                     end_percent=0.5) is True
-    assert nodes["RIDFRSample"].validate_inputs(sampler_name=None, scheduler=None, settings=None) is True
-    assert nodes["FaceIDEncode"].validate_inputs(on_no_face=None) is True
-    assert nodes["LoadRIDFR"].validate_inputs(content_weights=None, ipadapter=None, clip_vision=None,
-                                              insightface=None, face_device=None) is True
-    error = nodes["ContentCondition"].validate_inputs(input_mode="aligned faces", on_no_face="error",
-                                                      start_percent=0.0, end_percent=1.5)
+    assert validate(env, "ContentCondition", input_mode=None, on_no_face=None, start_percent=None,
+                    end_percent=0.5) is True
+    assert validate(env, "RIDFRSample", sampler_name=None, scheduler=None, settings=None) is True
+    assert validate(env, "FaceIDEncode", on_no_face=None) is True
+    assert validate(env, "LoadRIDFR", content_weights=None, ipadapter=None, clip_vision=None, insightface=None,
+                    face_device=None) is True
+    error = validate(env, "ContentCondition", input_mode="aligned faces", on_no_face="error", start_percent=0.0,
+                     end_percent=1.5)
     assert error.startswith("ContentCondition (end_percent): 1.5 is outside 0..1")
     error = nodes["FaceIDEncode"].validate_inputs(on_no_face="maybe")
     assert error.startswith("FaceIDEncode (on_no_face): 'maybe' is not one of error, skip")
@@ -412,3 +428,26 @@ def test_ridfr_sample_takes_the_largest_seed(env):
     model, faces, _, _ = content_condition(env, lq_faces(2))
     restored = sample(env, model, faces, seed=0xFFFFFFFFFFFFFFFF, steps=1)[0]
     assert restored.shape == (2, FACE, FACE, 3)
+
+
+@pytest.mark.parametrize("sampler_name", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "uni_pc"])
+def test_a_face_restores_the_same_alone_as_in_a_batch(env, sampler_name):
+    """Face i samples with seed + i for its start noise and for every step's noise (ancestral and SDE
+    samplers draw noise each step), so the second face of a batch restores as it does alone with seed + 1."""
+    faces_in = lq_faces(2)
+    settings = dict(clip=env.clip, vae=env.vae, steps=3, guidance=1.0, sampler_name=sampler_name, scheduler="normal",
+                    settings="custom")
+    model, faces, _, _ = content_condition(env, faces_in)
+    together = run(env, "RIDFRSample", model=model, faces=faces, seed=5, **settings)[0]
+    model, face, _, _ = content_condition(env, faces_in[1:])
+    alone = run(env, "RIDFRSample", model=model, faces=face, seed=6, **settings)[0]
+    torch.testing.assert_close(alone[0], together[1], atol=2e-3, rtol=0)
+    assert not torch.allclose(together[0], together[1], atol=2e-3)
+
+
+def test_null_identity_is_computed_once_per_loaded_model(env):
+    """Content and Identity Condition both need the null identity's tokens: CLIP ViT-H and the adapter run
+    for it once per LoadRIDFR output, not once per node."""
+    conditions = env.pack.nodes.condition_nodes
+    first = conditions.null_identity_tokens(env.ridfr)
+    assert conditions.null_identity_tokens(env.ridfr) is first and first.shape[:2] == (1, 4)

@@ -259,7 +259,9 @@ def test_ridfr_sample_uses_the_backend_defaults_and_the_colour_fix(env, ridfr):
     assert (settings.steps, settings.guidance, settings.sampler_name, settings.scheduler) == (50, 4.0, "ddpm", "simple")
     tinted = lq_faces(2) * 0.3 + torch.tensor([0.6, 0.2, 0.1])
     model, faces, _, _ = content(env, ridfr, tinted)
-    restored, photo, masks = run(env, "RIDFRSample", model=model, clip=env.clip, vae=env.vae, faces=faces, seed=0,
-                                 steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple", settings="custom")
+    restored, photo, masks, report = run(env, "RIDFRSample", model=model, clip=env.clip, vae=env.vae, faces=faces,
+                                         seed=0, steps=2, guidance=4.0, sampler_name="ddpm", scheduler="simple",
+                                         settings="custom")
+    assert report.startswith("2 face(s) sampled with the widgets: ddpm / simple, 2 steps, CFG 4; seed 0")
     assert restored.shape == (2, FACE, FACE, 3) and torch.equal(photo, restored)
     torch.testing.assert_close(restored.mean(dim=(1, 2)), tinted.mean(dim=(1, 2)), atol=0.02, rtol=0)

@@ -100,6 +100,10 @@ def test_unusable_files_are_clear_errors(tmp_path):
     torch.save(torch.nn.Linear(2, 2), pickled_code)  # a whole pickled module: never unpickled
     with pytest.raises(CheckpointError, match="--preprocess: .*module.pth holds Python objects besides tensors"):
         load_preprocessor(pickled_code)
+    notes = tmp_path / "notes.pth"
+    notes.write_text("SwinIR settings: tile 512\n")  # torch.load's own answer: IndexError: pop from empty list
+    with pytest.raises(CheckpointError, match="--preprocess: .*notes.pth is no weight file: neither a PyTorch file"):
+        load_preprocessor(notes)
 
 
 @needs_faces

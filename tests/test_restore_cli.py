@@ -207,3 +207,55 @@ def test_nan_weights_fail_naming_the_module_instead_of_writing_black(tiny_models
     err = capsys.readouterr().err
     assert "NaN/inf" in err and "RIDFR content module" in err
     assert not out.exists()
+
+
+
+def restore_aligned_face(models, face_data, out, dtype, *options, config_dir=None) -> np.ndarray:
+    identity = face_data / "celebref-mini" / "00005"
+    lq, reference = next(identity.glob("lq_*.png")), sorted((identity / "refs").glob("*.jpg"))[0]
+    assert main(["--lq", str(lq), "--id", str(reference), "--aligned", "--aligned-references", "--out", str(out),
+                 "--models", str(models), "--steps", "1", "--device", "cpu", "--dtype", dtype, *options],
+                config_dir=config_dir) == 0, dtype
+    return np.asarray(Image.open(out)).astype(np.float32)
+
+
+def assert_alike(results: dict[str, np.ndarray], lq: np.ndarray) -> None:
+    """Half precision restores as float32 does: much closer to it than the restoration is to the input."""
+    reference = results.pop("float32")
+    change = np.abs(reference - lq).mean()
+    assert change > 1.0  # the sampler changed the face
+    for dtype, result in results.items():
+        assert result.shape == reference.shape == (512, 512, 3)
+        assert np.abs(result - reference).mean() < change / 4, dtype
+
+
+def lq_face(face_data) -> np.ndarray:
+    path = next((face_data / "celebref-mini" / "00005").glob("lq_*.png"))
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+
+
+def test_publisher_made_files_restore_in_float32_and_bfloat16(golden_models_dir, face_data, tmp_path):
+    """RestorerID weights and SD1.5 base from one publisher-made LDM checkpoint, an fp16 FaceID .bin, the CLIP
+    tower under its published names: the CLI restores with them (architectures from <models>/ridfr/configs).
+    float16 runs on the tiny fixtures below: CPU float16 convolutions are too slow for this SD1.5-deep model."""
+    results = {dtype: restore_aligned_face(golden_models_dir, face_data, tmp_path / f"{dtype}.png", dtype,
+                                           "--identity-scale", "0.75", "--guidance", "1")
+               for dtype in ("float32", "bfloat16")}
+    assert_alike(results, lq_face(face_data))
+
+
+@pytest.mark.parametrize("models_dir", ["ridfr_models_dir", "restorerid_models_dir"])
+def test_both_backends_restore_in_every_dtype(tiny_models, models_dir, face_data, tmp_path, request):
+    """fp16 FaceID and SD1.5 files, fp32 content weights: one compute dtype whatever the files hold."""
+    models = request.getfixturevalue(models_dir)
+    results = {dtype: restore_aligned_face(models, face_data, tmp_path / f"{dtype}.png", dtype,
+                                           config_dir=tiny_models.configs)
+               for dtype in ("float32", "float16", "bfloat16")}
+    assert_alike(results, lq_face(face_data))
+
+
+def test_dtype_is_checked_before_models_are_looked_for(tmp_path, capsys):
+    assert main(["--lq", "x.png", "--id", "y.png", "--out", str(tmp_path / "o.png"), "--models", str(tmp_path),
+                 "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype: 'fp8' is not one of auto, float32, float16, bfloat16" in err and "model files" not in err

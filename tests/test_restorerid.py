@@ -247,3 +247,22 @@ def test_weights_for_another_unet_are_refused_naming_the_file(tiny_models, tmp_p
         RIDFRPipeline.from_files(tiny_models.checkpoint, path, tiny_models.adapter_v1, tiny_models.clip_vision,
                                  config_dir=tiny_models.configs, cache_dir=tmp_path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("weights", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inputs", [torch.float32, torch.float16, torch.bfloat16])
+def test_group_norm_computes_in_float32_for_any_mix_of_dtypes(weights, inputs):
+    """Half-precision weights (ComfyUI's --fp16-unet / --bf16-unet) beside a float32 input, and the reverse:
+    LDM's GroupNorm32 normalises in float32 and answers in the input's dtype."""
+    from ridfr_core.backends.restorerid.lq_branch import GroupNorm32
+
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.group_norm(x.to(inputs).float(), 32, norm.weight.to(weights).float(),
+                                              norm.bias.to(weights).float(), norm.eps)
+    out = norm.to(weights)(x.to(inputs))
+    assert out.dtype == inputs
+    torch.testing.assert_close(out.float(), expected.to(inputs).float())

@@ -8,6 +8,7 @@ weights, and the exported file loads through the public loader and restores a fa
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,6 +101,32 @@ def test_validation_samples_with_the_mixed_precision_weights(tiny_models, small_
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert (tmp_path / "run" / "samples" / "step-00000000.png").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", ["content", "align"])
+def test_training_steps_in_mixed_precision(tiny_models, small_faces, cache_folder, tmp_path, stage, precision):  # noqa: F811
+    """What a GPU run does: frozen models (fp16 FaceID and SD1.5 files) in half precision, trained weights in
+    float32 under accelerate's autocast. CPU torch runs these ops in half precision too."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    config = make_config(stage, tmp_path / "run", tiny_models, small_faces, cache_folder, learning_rate=1e-3)
+    config.mixed_precision = precision
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one global precision per process
+    try:
+        trainer = Trainer(config, Accelerator(mixed_precision=precision, project_dir=config.out))
+        half = trainer.weight_dtype
+        frozen = [trainer.unet, trainer.vae] + ([trainer.adapter] if stage == "align" else [])
+        assert {p.dtype for module in frozen for p in module.parameters()} == {half}
+        before = {k: v.clone() for k, v in trainer.content.state_dict().items()}
+        losses = [trainer.train_step([fixed_batch(trainer)])["loss"] for _ in range(2)]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(math.isfinite(loss) for loss in losses), losses
+    after = trainer.content.state_dict()
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())
 
 
 def run_cli(stage: str, out: Path, models, faces, cache: Path | None = None, *extra: str) -> int:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from ridfr_core import backends, train
@@ -53,6 +54,24 @@ def test_a_new_run_in_a_used_folder_is_refused_unless_overwritten(tiny_models, s
     assert json.loads((out / "checkpoints" / "step-00000001" / "config.json").read_text())["seed"] == 5
     assert train.main(["--stage", "content", "--data", "x", "--base", "x", "--out", str(out), "--overwrite"]) == 2
     assert "--overwrite starts a new run" in capsys.readouterr().err
+
+
+def test_a_direct_trainer_run_refuses_a_used_folder_too(tiny_models, small_faces, tmp_path):  # noqa: F811
+    """The CLI refused ``--resume none`` over an earlier run; ``Trainer.run(resume="none")`` trained over it."""
+    from ridfr_core.run_folder import RunFolderError
+    from ridfr_core.train.options import build_parser, config_from_args
+    from ridfr_core.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    assert run_cli("content", out, tiny_models, small_faces, None, "--max-steps", "1") == 0
+    weights = out / "checkpoints" / "step-00000001" / "content.safetensors"
+    before = weights.read_bytes()
+    args = ["--stage", "content", "--data", str(small_faces.faces), "--base", str(tiny_models.checkpoint), "--out",
+            str(out), "--config-dir", str(tiny_models.configs), "--cache-dir", str(tmp_path / "prompt_cache"),
+            "--max-steps", "1", *[part for key, value in TINY.items() for part in ("--set", f"{key}={json.dumps(value)}")]]
+    with pytest.raises(RunFolderError, match="already holds a 'content' run"):
+        Trainer(config_from_args(build_parser().parse_args(args))).run(resume="none")
+    assert weights.read_bytes() == before
 
 
 def test_a_truncated_newest_checkpoint_gives_way_to_the_previous_one(tiny_models, small_faces, tmp_path, caplog):  # noqa: F811

@@ -1,9 +1,9 @@
 """Tiny RIDFR models with the real architectures, written to disk in the real file formats.
 
 ``tiny_models`` (session fixture) gives a folder laid out like ComfyUI's ``models/`` with:
-an SD1.5-style single-file checkpoint in the LDM key layout (``checkpoints/tiny-sd15.safetensors``),
-the same as ``.ckpt``, IP-Adapter FaceID PlusV2 as ``.bin`` (torch pickle of tensors) and Plus as
-``.safetensors``, a CLIP vision file in the transformers layout, RIDFR content weights in our format,
+an SD1.5-style single-file checkpoint in the LDM key layout (``checkpoints/tiny-sd15.safetensors``, fp16 as the
+registry's SD1.5 file), the same as ``.ckpt`` (fp32), IP-Adapter FaceID PlusV2 as ``.bin`` (torch pickle of fp16
+tensors, as h94 publishes them) and Plus as ``.safetensors``, a CLIP vision file in the transformers layout, RIDFR content weights in our format,
 and the config set (``configs/``) that describes these small architectures.
 """
 
@@ -62,7 +62,8 @@ class TinyModels:
 
 
 def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Random weights everywhere, zero-initialised convs included, so every path carries signal."""
+    """Random weights everywhere, zero-initialised convs included, so every path carries signal; each value
+    representable in float16, so the files stored in the published fp16 load back exactly."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -70,7 +71,12 @@ def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn
                 param.copy_(1 + std * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(std * torch.randn(param.shape, generator=generator))
+            param.copy_(param.half())
     return module.eval()
+
+
+def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def write_configs(folder: Path, configs: dict) -> Path:
@@ -100,14 +106,14 @@ def build_tiny_models(root: Path, comfy: bool = False) -> TinyModels:
     text_encoder = randomise(CLIPTextModel(CLIPTextConfig(**TINY_CONFIGS["text_encoder"])), 3)
     clip_vision = randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CONFIGS["clip_vision"])), 4)
 
+    # .safetensors in fp16 as the registry's v1-5-pruned-emaonly-fp16 (ComfyUI variant: only its VAE), .ckpt in fp32
     checkpoint = root / "checkpoints" / "tiny-sd15.safetensors"
     checkpoint.parent.mkdir(parents=True)
     vae_state = vae_to_ldm(vae.state_dict(), vae_config)
-    ldm = {**unet_to_ldm(unet.state_dict(), configs["unet"]),
-           **({k: v.half() for k, v in vae_state.items()} if comfy else vae_state),
+    ldm = {**unet_to_ldm(unet.state_dict(), configs["unet"]), **(half(vae_state) if comfy else vae_state),
            **text_encoder_to_ldm(text_encoder.state_dict())}
     ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    save_file({k: v.contiguous() for k, v in ldm.items()}, str(checkpoint))
+    save_file({k: v.contiguous() for k, v in (ldm if comfy else half(ldm)).items()}, str(checkpoint))
     checkpoint_ckpt = None if comfy else checkpoint.with_suffix(".ckpt")
     if checkpoint_ckpt is not None:
         torch.save({"state_dict": ldm, "global_step": 1}, checkpoint_ckpt)
@@ -115,6 +121,7 @@ def build_tiny_models(root: Path, comfy: bool = False) -> TinyModels:
     adapter_dir = root / "ipadapter"
     adapter_dir.mkdir()
     adapter = faceid_plus_state(configs["unet"], TINY_CONFIGS["clip_vision"]["hidden_size"], LORA_RANK, seed=5)
+    adapter = {part: half(sd) for part, sd in adapter.items()}  # h94's FaceID files are fp16
     adapter_v2 = adapter_dir / "ip-adapter-faceid-plusv2_sd15.bin"
     torch.save(adapter, adapter_v2)
     if comfy:  # RestorerID's FaceID Plus v1 under its real name (the same weights)

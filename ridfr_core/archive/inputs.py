@@ -43,15 +43,15 @@ def collect_inputs(lq: str, exclude: Path | None = None) -> list[ArchiveInput]:
     and hidden files are left out. Raises ValueError naming --lq when it names nothing."""
     path = Path(lq)
     if path.is_dir():
-        files, root = [p for p in path.rglob("*") if p.is_file()], path
+        files, root = [p for p in path.rglob("*") if is_file_entry(p)], path
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         files = listed_files(path)
         root = common_folder(files)
     elif path.is_file():
         files, root = [path], path.parent
     elif glob.has_magic(lq):
-        files = [Path(p) for p in glob.glob(lq, recursive=True) if Path(p).is_file()]
         root = glob_root(lq)
+        files = globbed_files(root, Path(lq).relative_to(root).as_posix() if root != Path(".") else lq)
     else:
         raise ValueError(f"--lq: {lq} is neither a file, a folder nor a glob that matches files; give a photo, "
                          "a folder of photos, a glob like 'scans/**/*.jpg', a text file listing paths, or a video.")
@@ -67,10 +67,36 @@ def collect_inputs(lq: str, exclude: Path | None = None) -> list[ArchiveInput]:
     return [ArchiveInput(items[relative], relative) for relative in sorted(items)]
 
 
+def is_file_entry(path: Path) -> bool:
+    """A file, or a broken link that names one (it gets its manifest line with the error); not a folder."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def globbed_files(root: Path, pattern: str) -> list[Path]:
+    """The files ``pattern`` matches below ``root``, each real file once: pathlib's ``**`` does not descend
+    into linked folders (as ``--lq FOLDER`` does not), so a link back to a parent is no endless tree."""
+    if pattern == "**" or pattern.endswith("/**"):
+        pattern += "/*"  # glob.glob's "dir/**" lists files too; pathlib's only folders
+    files, seen = [], set()
+    for file in sorted(root.glob(pattern), key=lambda found: (len(found.parts), found)):  # the shortest name kept
+        real = os.path.realpath(file)
+        if is_file_entry(file) and real not in seen:
+            seen.add(real)
+            files.append(file)
+    return files
+
+
 def listed_files(list_file: Path) -> list[Path]:
     """The paths in a list file; a missing one stays in (it is reported as that input's error)."""
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")  # -sig: the BOM Windows editors put first
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--lq {list_file}: the list file is not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "save it as UTF-8 with one path per line.") from None
+    except OSError as error:
+        raise ValueError(f"--lq {list_file}: cannot read the list file ({error.strerror or error}).") from None
     files = []
-    for line in list_file.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             entry = Path(line).expanduser()

@@ -8,10 +8,9 @@ faces of video track t get ``seed + t`` in every frame.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,12 +20,14 @@ import torch
 
 from ..faces import FaceError, align_photo, detect_and_align, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
+from ..io.atomic import atomic_path
 from ..io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
 from ..preprocess import preprocess_before
+from ..sampling.noise import face_seed
 from .inputs import ArchiveInput
 from .manifest import append_record
 from .tracking import match_tracks, track_faces
-from .video import decode_frames, probe, write_video
+from .video import VideoSource, write_video
 
 logger = logging.getLogger(__name__)
 # Frames held while their faces fill a sampler batch (frames showing nobody must not pile up in memory).
@@ -100,27 +101,6 @@ class ArchiveJob:
         self.progress(1, 0)
 
 
-def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    """``write`` to a hidden file beside ``target`` (same suffix, so PyAV picks the container from it), then
-    rename: a crash never leaves a half-written video under the output's name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def face_similarities(faces, embeddings: np.ndarray) -> np.ndarray:
-    """(F,K) ArcFace cosine of each detected face to each person."""
-    if not faces:
-        return np.zeros((0, len(embeddings)))
-    faces = np.stack([face.embedding for face in faces]).astype(np.float64)
-    people = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return faces / np.linalg.norm(faces, axis=1, keepdims=True) @ people.T
-
-
 @dataclass
 class PendingPhoto:
     item: ArchiveInput
@@ -163,7 +143,7 @@ class PhotoBatches:
         job = self.job
         crops = torch.cat([entry.photo.crops[entry.chosen] for entry in pending])
         identity_index = [entry.photo.identity_index[face] for entry in pending for face in entry.chosen]
-        seeds = [job.seed + face for entry in pending for face in entry.chosen]
+        seeds = [face_seed(job.seed, face) for entry in pending for face in entry.chosen]
         try:
             restored = job.sample(crops, identity_index, seeds)
         except Exception as error:
@@ -185,9 +165,8 @@ class PhotoBatches:
         except Exception as error:
             job.fail(entry.item, entry.started, error)
             return
-        similarity = face_similarities(photo.faces, job.embeddings)
-        faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], similarity[face], job,
-                             restored=face in entry.chosen, seed=job.seed + face) for face in range(len(photo.faces))]
+        faces = [face_record(face, photo.faces[face].bbox, photo.identity_index[face], photo.similarity[face], job,
+                             restored=face in entry.chosen, seed=face_seed(job.seed, face)) for face in range(len(photo.faces))]
         job.record(entry.item, "no_face" if photo.skipped else "done", entry.started, output=entry.item.relative,
                    faces=faces)
         job.progress(1, len(entry.chosen))
@@ -203,45 +182,45 @@ def face_record(number: int, box, identity: int | None, similarity: np.ndarray, 
 
 
 def restore_video(job: ArchiveJob, item: ArchiveInput) -> None:
-    """Detect faces in every frame, track them, match each track once, restore frame batches, encode."""
+    """Detect faces in every frame, track them, match each track once, restore frame batches, encode. The
+    video is opened once and closed before a failure is reported, whatever failed."""
     started = time.perf_counter()
     try:
-        detections, pts = detect_video(job, item.source)
-        tracks = track_faces([np.array([face.bbox for face in faces]).reshape(-1, 4) for faces in detections])
-        people = identify_tracks(job, detections, tracks)
-        info = probe(item.source, pts)
-        frames = restored_frames(job, item.source, detections, tracks, people)
-        with job.timings.measure("io"):
-            write_atomically(job.out / item.relative, lambda path: write_video(item.source, path, info, frames))
+        with VideoSource(item.source) as video:
+            detections = detect_video(job, video)
+            tracks = track_faces([np.array([face.bbox for face in faces]).reshape(-1, 4) for faces in detections])
+            people = identify_tracks(job, detections, tracks)
+            with closing(restored_frames(job, video, detections, tracks, people)) as frames, job.timings.measure("io"):
+                with atomic_path(job.out / item.relative) as partial:
+                    write_video(video, partial, frames)
     except Exception as error:
         job.fail(item, started, error)
         return
     report = [{"track": track, "person": job.names[who.identity] if who.identity is not None else None,
                "votes": round(who.votes, 3), "similarity": round(who.similarity, 3), "frames": who.frames,
-               "seed": job.seed + track} for track, who in people.items()]
-    job.record(item, "done" if people else "no_face", started, output=item.relative, frames=len(pts),
-               fps=float(info.rate), audio_streams=info.audio_streams, tracks=report)
+               "seed": face_seed(job.seed, track)} for track, who in people.items()]
+    job.record(item, "done" if people else "no_face", started, output=item.relative, frames=len(video.pts),
+               fps=float(video.rate), audio_streams=len(video.audio_streams), rotation=video.rotation, tracks=report)
     job.progress(1, 0)
 
 
-def detect_video(job: ArchiveJob, source: Path):
-    """(faces of each frame, each frame's pts)."""
-    detections, pts = [], []
-    frames = decode_frames(source)
-    while True:
-        with job.timings.measure("io"):
-            decoded = next(frames, None)
-        if decoded is None:
-            return detections, pts
-        name = f"{source} frame {len(pts)}"
-        with job.timings.measure("detection"):
-            try:
-                faces = job.restorer.analyzer.detect(decoded[0], embed=True, name=name)
-            except FaceError as error:  # e.g. a face too blank to recognise: this frame stays as it is
-                logger.warning("%s: %s; the frame is kept as it is.", name, error)
-                faces = []
-        detections.append(faces)
-        pts.append(decoded[1])
+def detect_video(job: ArchiveJob, video: VideoSource) -> list:
+    """The faces of each frame."""
+    detections = []
+    with closing(video.frames()) as frames:
+        while True:
+            with job.timings.measure("io"):
+                decoded = next(frames, None)
+            if decoded is None:
+                return detections
+            name = f"{video.path} frame {len(detections)}"
+            with job.timings.measure("detection"):
+                try:
+                    faces = job.restorer.analyzer.detect(decoded[0], embed=True, name=name)
+                except FaceError as error:  # e.g. a face too blank to recognise: this frame stays as it is
+                    logger.warning("%s: %s; the frame is kept as it is.", name, error)
+                    faces = []
+            detections.append(faces)
 
 
 def identify_tracks(job: ArchiveJob, detections, tracks):
@@ -251,19 +230,19 @@ def identify_tracks(job: ArchiveJob, detections, tracks):
     return match_tracks(embeddings, job.embeddings, tracks, MATCH_SIMILARITY)
 
 
-def restored_frames(job: ArchiveJob, source: Path, detections, tracks, people) -> Iterator[np.ndarray]:
+def restored_frames(job: ArchiveJob, video: VideoSource, detections, tracks, people) -> Iterator[np.ndarray]:
     """The frames in order with their faces restored; frames wait until their faces fill a batch."""
     pending, faces = [], 0
-    frames = decode_frames(source)
-    for number, (frame, _) in enumerate(frames):
-        identity_index = [people[track].identity for track in tracks[number]]
-        photo = align_photo(frame, detections[number], identity_index, name=f"{source} frame {number}")
-        chosen = photo.to_restore(job.unmatched)
-        pending.append((photo, chosen, [job.seed + tracks[number][face] for face in chosen]))
-        faces += len(chosen)
-        if faces >= job.batch_size or len(pending) >= MAX_PENDING_FRAMES:
-            yield from restore_frames(job, pending)
-            pending, faces = [], 0
+    with closing(video.frames()) as frames:
+        for number, (frame, _) in enumerate(frames):
+            identity_index = [people[track].identity for track in tracks[number]]
+            photo = align_photo(frame, detections[number], identity_index, name=f"{video.path} frame {number}")
+            chosen = photo.to_restore(job.unmatched)
+            pending.append((photo, chosen, [face_seed(job.seed, tracks[number][face]) for face in chosen]))
+            faces += len(chosen)
+            if faces >= job.batch_size or len(pending) >= MAX_PENDING_FRAMES:
+                yield from restore_frames(job, pending)
+                pending, faces = [], 0
     yield from restore_frames(job, pending)
 
 

@@ -14,15 +14,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..io.images import read_rgb
+from ..io.atomic import TEMP_FILE, probe_writable
+from ..io.images import IMAGE_SUFFIXES, read_rgb
 from ..restore_checks import same_file
-from .inputs import ArchiveInput, collect_inputs
+from .inputs import VIDEO_SUFFIXES, ArchiveInput, collect_inputs
 from .manifest import finished_inputs, latest_records, manifest_path, merge_parts, part_path
 from .people import people_folders
 from .restoring import ArchiveJob, PhotoBatches, Timings, restore_video
 
 logger = logging.getLogger(__name__)
 INTERRUPTED = 130
+LOCK_NAME = ".ridfr-archive.lock"  # held by the run writing into --out (released by the OS if it is killed)
+
+
+class ArchiveStopped(ValueError):
+    """Another process of the run failed; this one stops too instead of waiting for it."""
 
 
 def reference_people(args) -> list[tuple[str, list]]:
@@ -41,6 +47,9 @@ def check_outputs(items: list[ArchiveInput], out: Path) -> None:
     """--out is a folder (or will be), and never the input folder: no input is overwritten."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file; for an archive give a folder (it mirrors the input tree).")
+    if not out.exists() and out.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+        raise ValueError(f"--out {out}: names a {out.suffix} file, but the outputs of an archive or video go into a "
+                         f"folder that mirrors the input tree; give a folder, e.g. --out {out.with_suffix('')}.")
     for item in items:
         if same_file(out / item.relative, item.source):
             raise ValueError(f"--out: {out} would overwrite the input {item.source}; choose another output folder.")
@@ -74,6 +83,49 @@ class Progress:
     def close(self) -> None:
         self.files.close()
         self.faces.close()
+
+
+def on_every_process(state, step):
+    """``step()`` on this process; when it raised on any process, every process raises: the others would
+    otherwise wait in the next collective (``wait_for_everyone``) until its timeout. Also a barrier."""
+    error, result = None, None
+    try:
+        result = step()
+    except Exception as raised:
+        error = raised
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        mine = f"process {state.process_index}: {type(error).__name__}: {error}" if error is not None else None
+        failed = [text for text in gather_object([mine]) if text]
+        if error is None and failed:
+            raise ArchiveStopped(f"stopped because {'; '.join(failed)}. Rerun the same command to resume.")
+    if error is not None:
+        raise error
+    return result
+
+
+def take_output_folder(out: Path):
+    """Create --out, lock it against a second run (which would restore everything again and interleave the
+    manifest), merge the manifest parts and remove the temporary files of a run that was killed."""
+    from filelock import FileLock, Timeout
+
+    try:
+        probe_writable(out)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create or write to this folder ({error.strerror or error}); give a "
+                         "folder you can write to.") from None
+    lock = FileLock(out / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"--out {out}: another run is writing into this folder (it holds {out / LOCK_NAME}); let it "
+                         "finish, or give another --out.") from None
+    merge_parts(out)  # the parts of a run that crashed
+    for path in out.rglob(".*"):
+        if TEMP_FILE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+    return lock
 
 
 def restore_share(job: ArchiveJob, items: list[ArchiveInput]) -> None:
@@ -123,25 +175,23 @@ def run_archive(args, paths: dict, make_restorer) -> int:
     items = collect_inputs(args.lq, exclude=out)
     check_outputs(items, out)
     people = reference_people(args)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        merge_parts(out)  # the parts of a run that crashed
-    state.wait_for_everyone()
-    already = finished_inputs(out)
-    pending = [item for item in items if item.relative not in already]
-    record_to = manifest_path(out) if state.num_processes == 1 else part_path(out, state.process_index)
+    lock = on_every_process(state, lambda: take_output_folder(out) if state.is_main_process else None)
     try:
-        with state.split_between_processes(pending) as share:
-            if share:
-                restore_with_models(args, paths, make_restorer, people, share, out, record_to, state.process_index)
-    except KeyboardInterrupt:
-        print(f"interrupted; rerun the same command to resume (finished inputs are in {manifest_path(out)}).",
-              file=sys.stderr)
-        return INTERRUPTED
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merge_parts(out)
-    state.wait_for_everyone()
+        already = finished_inputs(out)
+        pending = [item for item in items if item.relative not in already]
+        record_to = manifest_path(out) if state.num_processes == 1 else part_path(out, state.process_index)
+        try:
+            with state.split_between_processes(pending) as share:
+                on_every_process(state, lambda: restore_with_models(args, paths, make_restorer, people, share, out,
+                                                                    record_to, state.process_index) if share else None)
+        except KeyboardInterrupt:
+            print(f"interrupted; rerun the same command to resume (finished inputs are in {manifest_path(out)}).",
+                  file=sys.stderr)
+            return INTERRUPTED
+        on_every_process(state, lambda: merge_parts(out) if state.is_main_process else None)
+    finally:
+        if lock is not None:
+            lock.release()
     text, failed = summary(items, latest_records(manifest_path(out)), already)
     if state.is_main_process:
         print(text)

@@ -86,8 +86,23 @@ def onnxruntime_install_problem(installed: list[str], available_providers: list[
     return None
 
 
-def choose_providers(device: str, available_providers: list[str]) -> list[str]:
-    """onnxruntime providers for ``device`` ('auto', 'cuda' or 'cpu')."""
+def cuda_provider() -> tuple[str, dict]:
+    """onnxruntime's CUDA provider on the GPU torch uses: under ``accelerate launch`` each process's own (set
+    by accelerate), not GPU 0 for every process."""
+    try:
+        import torch
+        device_id = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    except ImportError:
+        device_id = 0
+    return ("CUDAExecutionProvider", {"device_id": device_id})
+
+
+def provider_name(provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def choose_providers(device: str, available_providers: list[str]) -> list:
+    """onnxruntime providers for ``device`` ('auto', 'cuda' or 'cpu'); CUDA's with its device_id."""
     if device not in ("auto", "cuda", "cpu"):
         raise FaceInputError(f"device: {device!r} is not one of 'auto', 'cuda', 'cpu'.")
     has_cuda = "CUDAExecutionProvider" in available_providers
@@ -96,7 +111,7 @@ def choose_providers(device: str, available_providers: list[str]) -> list[str]:
             "device='cuda' but onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
             "(and uninstall the CPU onnxruntime) or use device='cpu'.")
     if device != "cpu" and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [cuda_provider(), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -193,8 +208,8 @@ class FaceAnalyzer:
             cuda_device = False
         report = f"insightface {self.model_dir.name} on {self.active_providers[0]}"
         problem = onnxruntime_install_problem(installed_onnxruntimes(), available, cuda_device)
-        if requested[0] != self.active_providers[0]:
-            problem = (f"{requested[0]} was requested but onnxruntime activated {self.active_providers[0]}. "
+        if provider_name(requested[0]) != self.active_providers[0]:
+            problem = (f"{provider_name(requested[0])} was requested but onnxruntime activated {self.active_providers[0]}. "
                        + (problem or ""))
         if problem:
             logger.warning(problem)

@@ -67,6 +67,7 @@ class FacesInPhoto:
     crops: torch.Tensor
     identity_index: list[int | None]
     skipped: bool = False
+    similarity: np.ndarray | None = None  # (F,K) ArcFace cosine of each face to each identity, when matched
 
     def to_restore(self, unmatched: str = "restore_without_identity") -> list[int]:
         """Indices of the faces a restorer gets: all, or only the matched ones with 'keep_original'."""
@@ -120,13 +121,14 @@ def detect_and_align(analyzer: FaceAnalyzer, image, identity_embeddings=None, ma
         photo = align_photo(rgb, [], face_size=face_size, name=name)
         photo.skipped = True
         return photo
-    identity_index = None
-    if identity_embeddings is not None:
-        matches = match_faces(np.stack([face.embedding for face in faces]), identity_embeddings,
-                              match_threshold, one_face_per_identity)
-        logger.info("%s: %s", name, matches.summary())
-        identity_index = matches.identity
-    return align_photo(rgb, faces, identity_index, face_size, name)
+    if identity_embeddings is None:
+        return align_photo(rgb, faces, None, face_size, name)
+    matches = match_faces(np.stack([face.embedding for face in faces]), identity_embeddings, match_threshold,
+                          one_face_per_identity)
+    logger.info("%s: %s", name, matches.summary())
+    photo = align_photo(rgb, faces, matches.identity, face_size, name)
+    photo.similarity = matches.similarity
+    return photo
 
 
 def paste_restored(photo: FacesInPhoto, restored: torch.Tensor, restored_faces: list[int] | None = None,

@@ -12,11 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")  # what temp_path names (a run folder clears leftovers of a kill)
+TEMP_FILE = re.compile(r"^\..+\.tmp-\d+(\.\w+)?$")  # what temp_path names (leftovers of a kill are cleared)
 
 
 def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """A hidden name beside ``path`` that ends in the same suffix, so writers that pick the format from the
+    name (PyAV's containers) write the same kind of file."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
 
 
 @contextmanager

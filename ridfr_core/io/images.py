@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .atomic import atomic_path
 
@@ -22,10 +22,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DEFAULT_QUALITY = 95
 MAX_JPEG_EXIF = 65_000  # one JPEG APP1 segment holds at most 65,533 bytes
 EXIF_ORIENTATION = 0x0112
-# EXIF orientation -> the transpose that makes the pixels upright (as PIL's ImageOps.exif_transpose).
-UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-           8: Image.Transpose.ROTATE_90}
 # PIL errors for a file that is not a usable image; DecompressionBombError is a plain Exception.
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -41,13 +37,21 @@ def read_rgb(path: Path | str, what: str = "image") -> np.ndarray:
             sixteen_bit_colour = image.format == "PNG" and image.tile and image.tile[0].args in ("RGB;16B", "RGBA;16B")
             image.load()  # a truncated file raises here
             rgb = png16_rgb(path) if sixteen_bit_colour else to_rgb8(image)
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            exif = image.getexif()
     except UNREADABLE as error:
         raise ImageReadError(f"{what}: cannot read image {path} ({type(error).__name__}: {error}); give a "
                              "PNG, JPEG or WebP file.") from error
-    if orientation in UPRIGHT:
-        rgb = np.array(Image.fromarray(rgb).transpose(UPRIGHT[orientation]))
-    return rgb
+    return upright(rgb, exif)
+
+
+def upright(rgb: np.ndarray, exif: Image.Exif) -> np.ndarray:
+    """The pixels turned as the EXIF orientation says (PIL's ``exif_transpose``, also for 16-bit PNGs, whose
+    pixels OpenCV decodes)."""
+    if exif.get(EXIF_ORIENTATION, 1) == 1:
+        return rgb
+    picture = Image.fromarray(rgb)
+    picture.info["exif"] = exif.tobytes()
+    return np.array(ImageOps.exif_transpose(picture))
 
 
 def scale_16_to_8(values: np.ndarray) -> np.ndarray:

@@ -69,10 +69,15 @@ def _records(models: Path) -> dict:
 
 
 def _remember(models: Path, relative: str, sha256: str) -> None:
-    """Record a verified file (its hash, size and mtime), written atomically."""
+    """Record a verified file (its hash, size and mtime), written atomically; locked (as huggingface_hub
+    locks its downloads) so that a concurrent download's record is not lost."""
+    from huggingface_hub.utils import WeakFileLock
+
     stat = (models / relative).stat()
-    records = {**_records(models), relative: {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
-    write_json_atomic(models / STAGING / RECORDS, records, sort_keys=True)
+    with WeakFileLock(models / STAGING / f"{RECORDS}.lock"):
+        records = {**_records(models), relative: {"sha256": sha256, "size": stat.st_size,
+                                                  "mtime_ns": stat.st_mtime_ns}}
+        write_json_atomic(models / STAGING / RECORDS, records, sort_keys=True)
 
 
 def file_state(models: Path, relative: str, sha256: str | None = None, size: int | None = None) -> str:
@@ -179,8 +184,9 @@ def ensure_writable(folder: Path) -> None:
                             "can write to, or fix its permissions.") from None
 
 
-def transfer(source: Source, part: Path, label: str, extra_space: int = 0) -> None:
-    """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar."""
+def transfer(source: Source, part: Path, label: str, extra_space: int = 0, tqdm_class=None) -> None:
+    """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar
+    (``tqdm_class``: huggingface_hub's by default; ComfyUI's download route passes one that reports)."""
     from huggingface_hub.file_download import http_get
 
     have = part.stat().st_size if part.is_file() else 0
@@ -197,7 +203,7 @@ def transfer(source: Source, part: Path, label: str, extra_space: int = 0) -> No
     with open(part, "ab") as handle:
         try:
             http_get(source.url, handle, resume_size=have, headers=source.headers, expected_size=source.size,
-                     displayed_filename=label.rsplit("/", 1)[-1])
+                     displayed_filename=label.rsplit("/", 1)[-1], tqdm_class=tqdm_class)
         except Exception as error:  # network, server or disk (ENOSPC): keep what arrived, resume next time
             handle.flush()
             got = part.stat().st_size
@@ -247,30 +253,52 @@ def unpack(archive: Path, file: ModelFile, models: Path) -> None:
         _remember(models, f"{file.relative}/{name}", sha)
 
 
-def fetch(file: ModelFile, models: Path) -> str:
+def fetch(file: ModelFile, models: Path, tqdm_class=None) -> str:
     """Make ``file`` present and intact under its real name; returns what was done. Never overwrites a file
-    that is there: one that differs from the published file is reported and left alone."""
-    current = state(file, models)
+    that is there: one that differs from the published file is reported and left alone. ``tqdm_class``:
+    the progress bar of the transfer (see :func:`transfer`)."""
+    from huggingface_hub.utils import WeakFileLock
+
+    current, target = state(file, models), models / file.relative
     if current == "intact":
         return "already there, intact"
-    target = models / file.relative
+    refuse_present(target, current)
+    source = source_of(file)  # first: offline or unreachable, nothing is created
+    staging = models / STAGING
+    ensure_writable(staging)
+    ensure_writable(target.parent)
+    # One download of a file at a time (huggingface_hub locks the same way): a second one waits, then finds the
+    # file in place, instead of appending to the same .part or moving it while the first still writes.
+    with WeakFileLock(staging / f"{source.sha256}.lock"):
+        try:
+            return place(file, models, source, state(file, models), tqdm_class)
+        except FileNotFoundError as error:
+            raise DownloadError(f"{file.relative}: {error.filename} disappeared during the download (deleted by "
+                                f"something else?); nothing was put in place. Run the same command again.") from None
+
+
+def refuse_present(target: Path, current: str) -> None:
     if current in ("different", "incomplete"):
         what = "some of its files are missing" if current == "incomplete" else "it is not the published file"
         raise DownloadError(f"{target} exists but {what}; it was left as it is. Move it away and run again to "
                             "download it.")
-    staging = models / STAGING
-    ensure_writable(staging)
-    ensure_writable(target.parent)
-    source = source_of(file)
+
+
+def place(file: ModelFile, models: Path, source: Source, current: str, tqdm_class=None) -> str:
+    """Verify what is there, or download, verify and move into place (under the file's download lock)."""
+    target = models / file.relative
+    if current == "intact":
+        return "already there, intact (placed by a concurrent download)"
+    refuse_present(target, current)
     if current == "unverified":
         if sha256_of(target) != source.sha256:
             raise DownloadError(f"{target} exists but is not the published file (sha256 differs from "
                                 f"{source.sha256}); it was left as it is. Move it away and run again to download it.")
         _remember(models, file.relative, source.sha256)
         return "already there, now verified"
-    part = staging / f"{source.sha256}.part"
+    part = models / STAGING / f"{source.sha256}.part"
     unpacked = sum(size for size, _ in file.members.values())
-    transfer(source, part, file.relative, extra_space=unpacked)
+    transfer(source, part, file.relative, extra_space=unpacked, tqdm_class=tqdm_class)
     verify(part, source, file.relative)
     if file.members:
         unpack(part, file, models)

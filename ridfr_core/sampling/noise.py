@@ -7,10 +7,14 @@ import torch
 SEED_RANGE = 2 ** 64  # any int is a seed, wrapped to 64 bits as the nodes' seed widget does
 
 
-def face_seeds(seed: int, count: int, first: int = 0) -> list[int]:
-    """The seeds of ``count`` faces: face i of a photo (or track i of a video) samples with ``seed + i``, however
-    the faces are batched."""
-    return [(seed + first + i) % SEED_RANGE for i in range(count)]
+def face_seed(seed: int, index: int) -> int:
+    """The seed of face ``index`` of a photo (or track ``index`` of a video, or sample ``index`` of best-of-N):
+    ``seed + index``, however the faces are batched."""
+    return (seed + index) % SEED_RANGE
+
+
+def face_seeds(seed: int, count: int) -> list[int]:
+    return [face_seed(seed, i) for i in range(count)]
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int | list[int], device, dtype) -> torch.Tensor:

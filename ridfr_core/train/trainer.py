@@ -19,7 +19,7 @@ from ..data.datasets import AlignDataset, FaceDataset, NoiseSpec, StepBatchSampl
 from ..data.streams import STREAM_VALIDATION, sample_rng
 from ..data.degrade import DegradationConfig
 from ..pipeline import place
-from ..run_folder import clear_previous_run, remove_leftovers
+from ..run_folder import check_new_run, clear_previous_run, remove_leftovers
 from .options import ConfigError, TrainConfig
 from .prepare import prepare_data
 from .state import TrainingState
@@ -33,7 +33,8 @@ def make_accelerator(config: TrainConfig):
     has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
     if config.mixed_precision != "no" and not has_gpu:
-        # CPU autocast leaves GroupNorm alone, so the bf16 UNet would get the fp32 content residuals and fail.
+        # Half-precision training is for GPUs: CPU half kernels are slow (fp16 several times slower than fp32).
+        # The tests still drive CPU training steps in fp16/bf16 with their own Accelerator, to catch dtype bugs.
         raise ConfigError(f"mixed_precision: '{config.mixed_precision}' needs a GPU; on CPU use "
                           "--set mixed_precision=no.")
     return Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out)
@@ -180,8 +181,9 @@ class Trainer(TrainingState):
 
         twice = lambda x: torch.cat([x, x])  # noqa: E731 - one forward for both references
         with torch.no_grad():
-            identity = Identity(torch.cat([batch["id1_embed"], batch["id2_embed"]]).to(device),
-                                torch.cat([batch["id1_clip"], batch["id2_clip"]]).to(device).float())
+            # float32 before cat: CPU autocast refuses float64 inputs to the ops it promotes
+            identity = Identity(torch.cat([batch["id1_embed"].float(), batch["id2_embed"].float()]).to(device),
+                                torch.cat([batch["id1_clip"].float(), batch["id2_clip"].float()]).to(device))
             id_tokens = self.adapter.identity_tokens(identity)
             if draws is not None and self.recipe.identity_dropout:  # both references: the align term is 0 there
                 dropped = twice(draws[:, 0] < self.recipe.identity_dropout).to(device).view(-1, 1, 1)
@@ -305,8 +307,10 @@ class Trainer(TrainingState):
 
     # -- the loop
     def run(self, resume: str = "auto", overwrite: bool = False) -> Path:
-        """Train to max_steps; ``overwrite`` (with ``resume='none'``) first deletes the run already in ``out``."""
+        """Train to max_steps; ``overwrite`` (with ``resume='none'``) first deletes the run already in ``out``.
+        A new run over an earlier one is refused here too (the CLI checks before loading the models)."""
         c, acc = self.config, self.accelerator
+        check_new_run(self.out, c.stage, resume, overwrite, c.init_content)
         if acc.is_main_process:
             remove_leftovers(self.out)
             if overwrite:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from .checkpoints import CheckpointError, load_strict, read_state_dict
+from .checkpoints import CheckpointError, cast, load_strict, read_state_dict
 from ..identity.adapter import IdentityAdapter, identity_processor_slots
 
 FACEID_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
@@ -91,8 +91,9 @@ def identity_adapter_from_state(image_proj_state: dict, attn_state: dict, unet: 
     if unexpected:
         raise CheckpointError(f"{what}: {path} has {len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}); "
                               "it was made for a different UNet layout.")
-    adapter = IdentityAdapter(image_proj.eval(), processors, shortcut=shortcut).requires_grad_(False)
-    return adapter, faceid_lora_deltas(lora, unet, path)
+    # one dtype: h94's .bin files are fp16, which the K/V loaded with assign=True keep, beside the fp32 projection
+    adapter = cast(IdentityAdapter(image_proj.eval(), processors, shortcut=shortcut), torch.float32)
+    return adapter.requires_grad_(False), faceid_lora_deltas(lora, unet, path)
 
 
 def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel, path: Path) -> dict:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                convert_ldm_vae_checkpoint)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -64,6 +65,7 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         if path.suffix in PICKLE_SUFFIXES:
+            check_pickle_container(path, what)
             # memory-mapped where the format allows: a multi-GB checkpoint of which a part is kept
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -90,6 +92,35 @@ def read_state_dict(path: Path | str, what: str) -> dict[str, torch.Tensor]:
         ) from err
     raise CheckpointError(f"{what}: {path} has unknown extension '{path.suffix}'; use one of "
                           f"{', '.join(WEIGHT_SUFFIXES)}.")
+
+
+def file_kind(path: Path) -> str:
+    """What a weight file is by its first bytes, whatever its name: 'zip' (torch.save), 'pickle' (older
+    torch.save), 'safetensors' (an 8-byte header length, then a JSON object) or 'other'."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2 and later
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    return "other"
+
+
+def check_pickle_container(path: Path, what: str) -> None:
+    """A ``.ckpt/.pt/.pth/.bin`` is a torch file: a renamed safetensors or a text file is said to be what it is
+    (torch's own messages would call it a pickle with Python objects, or an IndexError)."""
+    kind = file_kind(path)
+    if kind == "safetensors":
+        described = read_safetensors_metadata(path, what).get("format")
+        what_it_is = f"a safetensors file (format '{described}')" if described else "a safetensors file"
+        raise CheckpointError(f"{what}: {path} is {what_it_is} with a '{path.suffix}' name; rename it to "
+                              f"{path.with_suffix('.safetensors').name} and use that name.")
+    if kind == "other":
+        raise CheckpointError(f"{what}: {path} is no weight file: neither a PyTorch file nor safetensors (text, an "
+                              "HTML error page saved under this name, or a corrupt download); give the model file "
+                              "itself, or download it again.")
 
 
 def read_safetensors_metadata(path: Path | str, what: str) -> dict[str, str]:
@@ -125,6 +156,15 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
         raise CheckpointError(f"{what}: {path} does not match the expected architecture: "
                               + "; ".join(p for p in parts if p) + ". Check that it is the right file.")
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every floating parameter and buffer in ``dtype``. Files keep their own dtypes (h94's fp16 FaceID .bin,
+    fp16 SD1.5 files) and ``assign=True`` loading keeps them, so a loaded module may hold several; compute needs
+    one. Casts only when something differs (diffusers warns on every cast)."""
+    if any(t.is_floating_point() and t.dtype != dtype for t in (*module.parameters(), *module.buffers())):
+        module.to(dtype=dtype)
+    return module
 
 
 def on_meta(factory):
@@ -185,9 +225,8 @@ def load_base(path: Path | str, config_dir: Path | str | None = None, cache_dir:
     prompts = {**EMPTY_PROMPT, **(prompts or {})}
     base = (load_base_folder(path, config_dir, prompts) if path.is_dir()
             else load_base_single_file(path, config_dir, cache_dir, prompts, sd15_part))
-    if dtype != torch.float32:
-        base.unet.to(dtype=dtype)
-        base.vae.to(dtype=dtype)
+    cast(base.unet, dtype)
+    cast(base.vae, dtype)
     return base
 
 
@@ -236,13 +275,16 @@ def prompts_from_state(state: dict[str, torch.Tensor], path: Path, prompts: dict
                        config_dir=None) -> dict[str, torch.Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_state = {k[len(LDM_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_TEXT_PREFIX)}
+    text_state = convert_ldm_clip_checkpoint(state)
     if not text_state:
         raise CheckpointError(f"SD1.5 checkpoint: {path} has no text encoder ({LDM_TEXT_PREFIX}*); use a full "
                               "checkpoint, not a UNet-only or pruned-of-CLIP file.")
     text_encoder = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**load_config("text_encoder", config_dir))))
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (as diffusers does)
+        text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     load_strict(text_encoder, text_state, path, "SD1.5 checkpoint (text encoder)",
-                ignore=("text_model.embeddings.position_ids",))
+                ignore=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    cast(text_encoder, torch.float32)  # computed once and cached: in full precision whatever the file holds
     return {text: encode_prompt(text_encoder, ids) for text, ids in prompts.items()}
 
 

@@ -37,13 +37,14 @@ GROUPS = 32
 
 
 class GroupNorm32(nn.GroupNorm):
-    """LDM's ``normalization``: GroupNorm over 32 groups, computed in float32."""
+    """LDM's ``normalization``: GroupNorm over 32 groups, computed in float32 (its weights too, which a
+    half-precision model holds in fp16/bf16), returned in the input's dtype."""
 
     def __init__(self, channels: int):
         super().__init__(GROUPS, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):

@@ -34,7 +34,12 @@ class RIDFRDenoiser(torch.nn.Module):
     ) -> torch.Tensor:
         """``lq_image`` (B,3,H,W) in [-1,1] (any size; resized to the latent); ``id_tokens`` (B,4,C) or
         None for no identity; scales are floats or per-face (B,) tensors. Returns eps (B,4,h,w)."""
+        # the frozen UNet runs in its own dtype whatever it is handed: in training, accelerate returns the trained
+        # content module's residuals in float32, and CPU autocast (unlike CUDA's) leaves GroupNorm's inputs alone
+        unet_dtype = self.unet.dtype
         down, mid = self.content(latents, timestep, text_states, lq_image, content_scale)
+        down, mid = [residual.to(unet_dtype) for residual in down], mid.to(unet_dtype)
+        latents, text_states = latents.to(unet_dtype), text_states.to(unet_dtype)
         hidden = text_states
         if self.adapter is not None:
             if id_tokens is None:

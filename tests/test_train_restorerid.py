@@ -102,6 +102,32 @@ def test_only_the_chosen_parts_learn_and_everything_else_stays_bit_identical(
     assert all(torch.equal(ema[name], p) for name, p in named.items() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_restorerid_steps_in_mixed_precision(tiny_models, restorerid_checkpoint, small_faces, bgr_cache, tmp_path,  # noqa: F811
+                                             precision):
+    """As on a GPU: frozen SD1.5, VAE and FaceID in half precision, the LQ branch in float32 under autocast."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    config = make_config(tmp_path / "run", tiny_models, restorerid_checkpoint, small_faces, bgr_cache,
+                         "--set", "learning_rate=1e-3")
+    config.mixed_precision = precision
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one global precision per process
+    try:
+        trainer = Trainer(config, Accelerator(mixed_precision=precision, project_dir=config.out))
+        assert {p.dtype for m in (trainer.unet, trainer.vae, trainer.adapter) for p in m.parameters()} == {
+            trainer.weight_dtype}
+        before = {k: v.clone() for k, v in trainer.content.state_dict().items()}
+        losses = [trainer.train_step([fixed_batch(trainer)])["loss"] for _ in range(2)]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(np.isfinite(loss) for loss in losses), losses
+    after = trainer.content.state_dict()
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    assert {k for k, v in before.items() if not torch.equal(v, after[k])} and all(
+        torch.equal(v, after[k]) for k, v in before.items() if ".IDBalance." not in k)
+
+
 def plain_diffusion_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
     """mean over ID1 and ID2 of ||eps(z_t, ID) - eps||^2, each with its own forward pass."""
     with torch.no_grad():

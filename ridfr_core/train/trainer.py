@@ -310,7 +310,7 @@ class Trainer(TrainingState):
         """Train to max_steps; ``overwrite`` (with ``resume='none'``) first deletes the run already in ``out``.
         A new run over an earlier one is refused here too (the CLI checks before loading the models)."""
         c, acc = self.config, self.accelerator
-        check_new_run(self.out, c.stage, resume, overwrite, c.init_content)
+        check_new_run(self.out, c.stage, c.weights_name, resume, overwrite, c.init_content)
         if acc.is_main_process:
             remove_leftovers(self.out)
             if overwrite:

@@ -78,7 +78,9 @@ class RestorerIDDenoiser(torch.nn.Module):
         unet, batch = self.unet, latents.shape[0]
         timesteps = torch.as_tensor(timestep, device=latents.device)
         timesteps = (timesteps[None] if timesteps.ndim == 0 else timesteps).expand(batch)
-        features = self.content.features(lq_latent.to(latents.dtype), timesteps)
+        # the frozen UNet runs in its own dtype whatever it is handed, the LQ branch in its own (see modulate)
+        latents, text_states = latents.to(unet.dtype), text_states.to(unet.dtype)
+        features = self.content.features(lq_latent.to(next(self.content.parameters()).dtype), timesteps)
         context = text_states
         if self.adapter is not None:
             if id_tokens is None:

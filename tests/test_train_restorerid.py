@@ -128,6 +128,17 @@ def test_restorerid_steps_in_mixed_precision(tiny_models, restorerid_checkpoint,
         torch.equal(v, after[k]) for k, v in before.items() if ".IDBalance." not in k)
 
 
+def test_validation_restores_with_the_backends_sampler_and_the_trainers_null_identity(
+        tiny_models, restorerid_checkpoint, small_faces, bgr_cache, tmp_path):  # noqa: F811
+    trainer = Trainer(make_config(tmp_path / "run", tiny_models, restorerid_checkpoint, small_faces, bgr_cache,
+                                  "--set", "validation_count=2", "--set", "validation_steps=2"))
+    trainer.validate()
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step-00000000.png"))
+    assert grid.shape == (2 * 64, 3 * 64, 3)
+    restored = grid[:, 64:128].astype(float)
+    assert restored.std() > 2 and np.abs(restored - grid[:, :64]).mean() > 1  # not the LQ passed through
+
+
 def plain_diffusion_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
     """mean over ID1 and ID2 of ||eps(z_t, ID) - eps||^2, each with its own forward pass."""
     with torch.no_grad():

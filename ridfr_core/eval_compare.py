@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .eval_scores import evaluate
 
 COMPARE_RECOGNISERS = ("dlib", "facenet")
 

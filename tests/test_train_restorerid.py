@@ -24,7 +24,7 @@ from ridfr_core import backends, train
 from ridfr_core.backends.restorerid import RESTORERID
 from ridfr_core.backends.restorerid.lq_branch import LQBranch
 from ridfr_core.identity.adapter import Identity
-from ridfr_core.identity.cache import IdentityCache, IdentityEncoder
+from ridfr_core.identity.cache import IdentityEncoder
 from ridfr_core.train import ConfigError, Trainer, TrainConfig, complete_checkpoints
 from ridfr_core.weights import checkpoints
 from shared_data import FACES

@@ -273,7 +273,7 @@ def test_eval_compares_the_public_and_the_aligned_weights_in_one_table(
     out = tmp_path / "compare"
     assert evaluation.main(["compare", "--data", str(tmp_path / "data"), "--content", "RestorerIDFull.ckpt",
                             "--content", "aligned.safetensors", "--models", str(models), "--steps", "2",
-                            "--recognisers", "dlib", "--out", str(out)], config_dir=tiny_models.configs) == 0
+                            "--out", str(out)], config_dir=tiny_models.configs) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "comparison.json").read_text())
     table = report["metrics"]
@@ -281,8 +281,9 @@ def test_eval_compares_the_public_and_the_aligned_weights_in_one_table(
     assert {"psnr_y", "ssim_y", "musiq"} <= set(table)
     assert all(np.isfinite(value) for value in table["musiq"].values())
     assert table["psnr_y"]["RestorerIDFull"] != table["psnr_y"]["aligned"], "the two files restored the same"
-    # dlib scored, or skipped with the reason (FaceNet's OpenCV loader is gone from OpenCV 5)
-    assert "identity_variance_dlib" in table or "ids_hq_dlib" in report["skipped"]["aligned"], report["skipped"]
+    for recogniser in ("dlib", "facenet"):  # the default recognisers, independent of the ArcFace the models read
+        assert {f"ids_hq_{recogniser}", f"identity_variance_{recogniser}"} <= set(table), report["skipped"]
+        assert all(np.isfinite(v) for v in table[f"ids_hq_{recogniser}"].values())
     assert "RestorerIDFull" in printed.splitlines()[-len(table) - 1] and "musiq" in printed
     for label in ("RestorerIDFull", "aligned"):
         case = next((out / label / "restored").iterdir())

@@ -4,6 +4,7 @@
     python -m ridfr_core.eval degrade --split SPLIT_DIR/split.json --out DATA_DIR [--seed 0]
     python -m ridfr_core.eval score   --restored DIR --gt DIR [--refs DIR --lq DIR] --out DIR
     python -m ridfr_core.eval run     (--data DATA_DIR | --celebref ROOT) --out DIR [--models DIR | --restorer mod:fn]
+    python -m ridfr_core.eval compare --data DATA_DIR --content A --content B --models DIR --out DIR
     python -m ridfr_core.eval --restored DIR --gt DIR --out DIR      (same as "score")
 
 Layout (what ``degrade`` writes and ``score`` reads), one *case* = one LQ face:
@@ -30,7 +31,7 @@ import numpy as np
 
 from .constants import FACE_SIZE
 from .data.degrade import DegradationConfig, degrade
-from .eval_scores import DEFAULT_IQA, DEFAULT_RECOGNISERS, evaluate, unique_stems
+from .eval_scores import DEFAULT_IQA, DEFAULT_RECOGNISERS, evaluate, run_evaluation
 from .io.images import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
 
 
@@ -190,19 +191,6 @@ def load_restorer(spec: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return getattr(module, function_name)
 
 
-def restore_cases(data_dir: Path, restored_dir: Path, restore: Callable, refs_per_case: int = 1):
-    """Restore every lq/<case> with the first ``refs_per_case`` references of refs/<case>/."""
-    if refs_per_case < 1:
-        raise ValueError(f"--refs-per-case {refs_per_case}: restore each case with at least 1 reference.")
-    for lq_path in unique_stems(list_images(data_dir / "lq")):
-        lq = read_rgb(lq_path)
-        references = list_images(data_dir / "refs" / lq_path.stem)[:refs_per_case]
-        if not references:
-            raise ValueError(f"{data_dir / 'refs' / lq_path.stem}: no reference images for case {lq_path.stem}.")
-        for ref_path in references:
-            write_rgb(restored_dir / lq_path.stem / f"{ref_path.stem}.png", np.asarray(restore(lq, read_rgb(ref_path))))
-
-
 def check_face_size(data_dir: Path, size: int) -> None:
     """Every LQ face of ``data_dir`` is ``size`` x ``size``: checked from the file headers, before any
     restoration, since a restorer for another size fails (or is scored against the wrong size) at the end."""
@@ -215,16 +203,6 @@ def check_face_size(data_dir: Path, size: int) -> None:
             raise ValueError(f"--data {data_dir}: {path.name} is {width}x{height}, but --size is {size} (RIDFR restores "
                              f"{FACE_SIZE}x{FACE_SIZE} faces). Degrade again with --size {size}, or pass --size "
                              f"{width} with a restorer made for that size.")
-
-
-def run_evaluation(data_dir: Path, out_dir: Path, restore: Callable, refs_per_case: int = 1, **score_options) -> dict:
-    """Restore a degraded split (``degrade`` output) and score it, all under ``out_dir``."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    restore_cases(data_dir, out_dir / "restored", restore, refs_per_case)
-    return evaluate(
-        out_dir / "restored", data_dir / "gt", out_dir / "scores",
-        refs_dir=data_dir / "refs", lq_dir=data_dir / "lq", **score_options,
-    )
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -312,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(run)
     _add_degrade_options(run, "face size: the data is degraded at it (--celebref) or must have it (--data)")
     _add_score_options(run)
+
+    compare = commands.add_parser("compare", help="two or more content files on the same split, as one table "
+                                  "(IDS by dlib/FaceNet, Identity Variance, MUSIQ, PSNR/SSIM)")
+    compare.add_argument("--data", type=Path, required=True, help="a folder written by 'degrade'")
+    compare.add_argument("--content", action="append", required=True, help="a content file (a path or a name in "
+                         "MODELS/ridfr); repeat, e.g. RestorerIDFull.ckpt and its alignment-trained .safetensors")
+    compare.add_argument("--models", type=Path, default=Path("models"), help="the other model files (as for restore)")
+    compare.add_argument("--out", type=Path, required=True)
+    compare.add_argument("--steps", type=int, help="sampling steps (default: the backend's)")
+    compare.add_argument("--refs-per-case", type=int, default=2, help="restorations per case, one per reference "
+                         "(>= 2: Identity Variance)")
+    compare.add_argument("--size", type=int, default=FACE_SIZE, help=f"face size the data must have ({FACE_SIZE})")
+    compare.add_argument("--recognisers", type=_names, default=["dlib", "facenet"],
+                         help="comma-separated: dlib, facenet (default both; not the ArcFace the models read)")
+    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--channel", choices=("y", "rgb"), default="y")
+    compare.add_argument("--grid-rows", type=int, default=8)
     return parser
 
 
@@ -329,6 +324,13 @@ def main(argv: Sequence[str] | None = None, config_dir=None) -> int:
         if args.command == "degrade":
             split = _read_json(args.split, "--split", "the split.json written by the 'split' command")
             print(f"-> {degrade_split(split, args.out, args.seed, _degradation_config(args.config), args.size)}")
+            return 0
+        if args.command == "compare":
+            from .eval_compare import compare
+
+            check_face_size(args.data, args.size)
+            compare(args.data, args.out, args.models, args.content, args.steps, args.refs_per_case, args.recognisers,
+                    config_dir, device=args.device, channel=args.channel, grid_rows=args.grid_rows)
             return 0
         score_options = dict(
             recognisers=args.recognisers, arcface_model=args.arcface_model, iqa=args.iqa,

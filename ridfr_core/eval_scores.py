@@ -9,7 +9,7 @@ import glob
 import json
 import platform
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -75,8 +75,10 @@ def evaluate(
     device: str = "cpu",
     channel: str = "y",
     grid_rows: int = 8,
+    scorers: dict | None = None,
 ) -> dict:
-    """Score every case in ``gt_dir``; returns the summary also written to ``out_dir``."""
+    """Score every case in ``gt_dir``; returns the summary also written to ``out_dir``. ``scorers``: more
+    no-reference metrics, ``{name: score(restored uint8 RGB) -> float}`` (e.g. our own MUSIQ)."""
     restored_dir, gt_dir = Path(restored_dir), Path(gt_dir)
     for option, folder in (("--restored", restored_dir), ("--gt", gt_dir)):
         if not folder.is_dir():
@@ -121,6 +123,8 @@ def evaluate(
                 )
         for name, score in iqa_metrics.items():
             row[name] = _finite_mean(score(image, gt) for image in images)
+        for name, score in (scorers or {}).items():
+            row[name] = _finite_mean(score(image) for image in images)
         rows.append(row)
 
     columns = [key for key in rows[0] if key not in ("case", "restorations")]
@@ -193,3 +197,24 @@ def write_grid(path: Path, gt_paths, restorations, refs_dir, lq_dir, tile: int =
     write_rgb(path, np.concatenate(rows, axis=0))
 
 
+def restore_cases(data_dir: Path, restored_dir: Path, restore: Callable, refs_per_case: int = 1):
+    """Restore every lq/<case> with the first ``refs_per_case`` references of refs/<case>/."""
+    if refs_per_case < 1:
+        raise ValueError(f"--refs-per-case {refs_per_case}: restore each case with at least 1 reference.")
+    for lq_path in unique_stems(list_images(data_dir / "lq")):
+        lq = read_rgb(lq_path)
+        references = list_images(data_dir / "refs" / lq_path.stem)[:refs_per_case]
+        if not references:
+            raise ValueError(f"{data_dir / 'refs' / lq_path.stem}: no reference images for case {lq_path.stem}.")
+        for ref_path in references:
+            write_rgb(restored_dir / lq_path.stem / f"{ref_path.stem}.png", np.asarray(restore(lq, read_rgb(ref_path))))
+
+
+def run_evaluation(data_dir: Path, out_dir: Path, restore: Callable, refs_per_case: int = 1, **score_options) -> dict:
+    """Restore a degraded split (``degrade`` output) and score it, all under ``out_dir``."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    restore_cases(data_dir, out_dir / "restored", restore, refs_per_case)
+    return evaluate(
+        out_dir / "restored", data_dir / "gt", out_dir / "scores",
+        refs_dir=data_dir / "refs", lq_dir=data_dir / "lq", **score_options,
+    )

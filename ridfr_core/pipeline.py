@@ -40,6 +40,7 @@ class PipelineModules:
     clip_vision: torch.nn.Module | None = None
     lora_deltas: dict = field(default_factory=dict)
     prompts: dict = field(default_factory=dict)
+    null_tokens: torch.Tensor | None = None  # the null identity's tokens when already computed (the trainer's)
 
     @property
     def backend(self) -> ContentBackend:
@@ -102,7 +103,7 @@ class RIDFRPipeline:
                 place(module, self.device, self.dtype).requires_grad_(False).eval()
         self.backend = models.backend
         self.denoiser = self.backend.make_denoiser(models.unet, models.content, models.adapter)
-        self._null_tokens: torch.Tensor | None = None
+        self._null_tokens: torch.Tensor | None = models.null_tokens
 
     @classmethod
     def from_files(cls, base, content, adapter=None, clip_vision=None, device="cpu", dtype=None, **kwargs):

@@ -117,6 +117,8 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
             paths[slot.option] = content if slot.option == "base" else None
             continue
         path = content if slot.option == "content" else pick_file(models, slot, choices.get(slot.option), backend)
+        if path is None and slot.option == "base" and backend is not None and not choices.get("base"):
+            path = backend.base_file(content)  # RestorerID's checkpoint (or the one a converted/trained file names)
         if path is None:
             explicit = choices.get(slot.option)
             where = (f"{explicit} (given with {option_name(slot)}: neither a file nor a name in "
@@ -235,10 +237,11 @@ class Restorer:
 class AlignedFaceRestorer:
     """``python -m ridfr_core.eval run``'s own restorer: an aligned LQ face and an aligned reference (uint8 RGB)
     -> restored, with the models in ``models`` (laid out as for the CLI, either backend), loaded at the first
-    face. ``steps``: None for the backend's; ``config_dir``: architectures other than SD1.5's (tiny test models)."""
+    face. ``steps``: None for the backend's; ``config_dir``: architectures other than SD1.5's (tiny test models);
+    ``content``: the content file (a path or a name in ``ridfr/``) when that folder holds several."""
 
-    def __init__(self, models: Path, steps: int | None = None, config_dir=None):
-        self.models, self.steps, self.config_dir = Path(models), steps, config_dir
+    def __init__(self, models: Path, steps: int | None = None, config_dir=None, content: str | None = None):
+        self.models, self.steps, self.config_dir, self.content = Path(models), steps, config_dir, content
         self.restorer: Restorer | None = None
 
     def __call__(self, lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -246,7 +249,7 @@ class AlignedFaceRestorer:
             raise ValueError(f"the LQ face is {lq.shape[1]}x{lq.shape[0]}; RIDFR restores {FACE_SIZE}x{FACE_SIZE} "
                              f"aligned faces (evaluate with --size {FACE_SIZE}).")
         if self.restorer is None:
-            self.restorer = Restorer(resolve_models(self.models, {}, need_insightface=True),
+            self.restorer = Restorer(resolve_models(self.models, {"content": self.content}, need_insightface=True),
                                      config_dir=self.config_dir, steps=self.steps)
         return self.restorer.restore(lq, [[reference]], aligned=True, aligned_references=True)
 

@@ -32,23 +32,23 @@ def require_writable(out: Path) -> None:
                              "folder.") from None
 
 
-def previous_run(out: Path, stage: str) -> list[Path]:
-    """What an earlier run of ``stage`` left in ``out``: checkpoints, samples, logs, exported weights.
-    The identity cache and the data report are not a run's: they are reused."""
-    found = [out / f"ridfr-{stage}.safetensors"] if (out / f"ridfr-{stage}.safetensors").exists() else []
+def previous_run(out: Path, stage: str, weights: str) -> list[Path]:
+    """What an earlier run of ``stage`` left in ``out``: checkpoints, samples, logs, exported weights (named
+    ``weights``). The identity cache and the data report are not a run's: they are reused."""
+    found = [out / weights] if (out / weights).exists() else []
     for folder in (out / "checkpoints", out / "samples", out / "logs" / stage):
         if folder.is_dir():
             found += sorted(p for p in folder.iterdir() if not PARTIAL_CHECKPOINT.match(p.name))
     return found
 
 
-def check_new_run(out: Path, stage: str, resume: str, overwrite: bool, init_content: str | None) -> None:
+def check_new_run(out: Path, stage: str, weights: str, resume: str, overwrite: bool, init_content: str | None) -> None:
     """Refuse to start a new run (``--resume none``) over an earlier one unless ``overwrite``."""
     if overwrite and resume != "none":
         raise RunFolderError(f"--overwrite starts a new run in {out}: pass it with --resume none.")
     if resume != "none":
         return
-    found = previous_run(out, stage)
+    found = previous_run(out, stage, weights)
     if not found:
         return
     if not overwrite:
@@ -59,8 +59,8 @@ def check_new_run(out: Path, stage: str, resume: str, overwrite: bool, init_cont
         raise RunFolderError(f"--overwrite would delete --init-content {init_content}; copy it out of {out} first.")
 
 
-def clear_previous_run(out: Path, stage: str) -> None:
-    for path in previous_run(out, stage):
+def clear_previous_run(out: Path, stage: str, weights: str) -> None:
+    for path in previous_run(out, stage, weights):
         if path.is_dir():
             shutil.rmtree(path)
         else:

@@ -96,7 +96,6 @@ def lq_faces(count: int, seed: int = 1) -> torch.Tensor:
 
 def diffusers_denoiser(env):
     from ridfr_core import backends
-    from ridfr_core.backends.ridfr import files as content_files
     from ridfr_core.weights import adapter_files
     from ridfr_core.backends.ridfr.denoiser import RIDFRDenoiser
 

@@ -60,7 +60,6 @@ def rounded_vae(env):
 def denoiser(env):
     """ridfr_core's diffusers backend over the same files: RestorerIDDenoiser with FaceID Plus v1 and its LoRA."""
     from ridfr_core import backends
-    from ridfr_core.backends.ridfr import files as content_files
     from ridfr_core.weights import adapter_files
     from ridfr_core.backends.restorerid.denoiser import RestorerIDDenoiser
 
@@ -278,7 +277,6 @@ def cli_modules(env, ridfr):
     """What the CLI's load_models gives for the same files: the UNet with FaceID Plus v1's LoRA fused, the LQ
     branch, the VAE as ComfyUI reads it and the text states of RestorerID's prompts."""
     from ridfr_core import backends
-    from ridfr_core.backends.ridfr import files as content_files
     from ridfr_core.weights import adapter_files, checkpoints
     from ridfr_core.pipeline import PipelineModules
 

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from shared_data import SHARED
 from restorerid_layout import tiny_branch
 from ridfr_core import backends
-from ridfr_core.backends.ridfr import files as content_files
 from ridfr_core.weights import checkpoints
 from ridfr_core.backends import RESTORERID
 from ridfr_core.weights.checkpoints import CheckpointError

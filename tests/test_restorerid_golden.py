@@ -13,7 +13,7 @@ import torch
 from shared_data import SHARED
 from ridfr_core.backends import RESTORERID
 from ridfr_core.sampling.ldm_ddim import RESTORERID_DDIM
-from ridfr_core.identity.adapter import Identity, clip_pixel_values, encode_clip_features, identity_context
+from ridfr_core.identity.adapter import Identity, clip_pixel_values, encode_clip_features
 from ridfr_core.pipeline import RIDFRPipeline
 from ridfr_core.backends.restorerid.prompts import PROMPT_TOKENS, RESTORERID_NEGATIVE, RESTORERID_POSITIVE
 from ridfr_core.weights.checkpoints import token_ids

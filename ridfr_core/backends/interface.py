@@ -19,6 +19,22 @@ from ..weights.adapter_files import is_faceid_v2_file
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """How a backend's content module was trained, so fine-tuning keeps the conditions it knows.
+
+    ``identity_dropout`` / ``content_dropout``: per sample, the identity tokens become the null identity's /
+    the content input becomes zeros (classifier-free-guidance training); ``identity_scale``: the decoupled
+    attention's scale while training; ``parts``: what fine-tuning trains by default (see
+    :meth:`ContentBackend.trainable_parameters`)."""
+
+    prompt: str = ""
+    identity_dropout: float = 0.0
+    content_dropout: float = 0.0
+    identity_scale: float = 1.0
+    parts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ContentBackend:
     """A content backend and the sampling settings it was published with. Subclasses implement the methods."""
 
@@ -40,6 +56,7 @@ class ContentBackend:
     clip_bgr: bool = False              # CLIP sees the reference crop in BGR order (as the backend was trained)
     sample_posterior: bool = False      # its LQ latent is a sample of the VAE posterior, not the mode
     color_fix_unclamped: bool = False   # colour fix on the unclamped decode, then clamp
+    training: TrainingRecipe = field(default_factory=TrainingRecipe)
 
     # --- files ------------------------------------------------------------------------------------------
     def recognises_keys(self, keys: list[str]) -> bool:
@@ -94,9 +111,28 @@ class ContentBackend:
         IP-Adapter pack), refused when it is not the version this backend was trained with."""
         return is_faceid_v2_file(adapter) if shortcut is None else shortcut
 
+    def base_file(self, content: Path) -> Path | None:
+        """The file that holds the SD1.5 base this content file goes with, when no base is given (None: none)."""
+        return content if "base" in self.bundled_parts(content) else None
+
     # --- training ---------------------------------------------------------------------------------------
     def trainable_parameters(self, content: torch.nn.Module, parts: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
         """The parameters fine-tuning trains (``parts``: a backend's named subsets; empty = its default)."""
         if parts:
             raise ValueError(f"{self.label}: trains as a whole; it has no parts to choose ({', '.join(parts)}).")
         return list(content.parameters())
+
+    def new_content(self, unet) -> torch.nn.Module:
+        """A content module to train from scratch next to ``unet`` (stage 'content')."""
+        raise ValueError(f"{self.label}: is not trained from scratch here; start from its published weights "
+                         "(--init FILE).")
+
+    def enable_gradient_checkpointing(self, denoiser: torch.nn.Module) -> None:
+        """Recompute activations in the backward pass instead of keeping them (default: the UNet's own)."""
+        denoiser.unet.enable_gradient_checkpointing()
+
+    def save_trained(self, content: torch.nn.Module, path: Path, metadata: dict[str, str], init: Path | None = None
+                     ) -> None:
+        """Write trained content weights in this backend's ``.safetensors`` format with ``metadata`` added
+        (``init``: the file training started from)."""
+        raise NotImplementedError

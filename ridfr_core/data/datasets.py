@@ -290,6 +290,9 @@ class AlignDataset(FaceDataset):
         for name, photo in zip(("id1", "id2"), self.id_photos(index, rng)):
             embed, clip = self.cache.features(self.key(photo), int(rng.integers(self.cache.variants)))
             sample[f"{name}_embed"], sample[f"{name}_clip"] = embed, clip
+        # uniform draws for the backend's condition dropout (identity, content): drawn last, so the draws
+        # above stay what they were
+        sample["condition_draws"] = torch.from_numpy(rng.random(2, dtype=np.float32))
         return sample
 
 

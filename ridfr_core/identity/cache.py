@@ -26,7 +26,8 @@ CACHE_VERSION = 1
 class IdentityCache:
     """ArcFace embeddings + CLIP features of ``variants`` downsampled versions of every ID photo.
 
-    A folder of shards (``shard-NNNNN.safetensors``: ``id_embeds`` (n,K,512) float32, ``clip_embeds``
+    ``clip_bgr``: the CLIP features were computed from BGR crops (a backend trained that way, see
+    :attr:`~ridfr_core.backends.interface.ContentBackend.clip_bgr`). A folder of shards (``shard-NNNNN.safetensors``: ``id_embeds`` (n,K,512) float32, ``clip_embeds``
     (n,K,257,C) float16) and ``index.json`` mapping each photo's path relative to the data root to
     its shard row. Shards are memory-mapped, so workers read two rows per sample and the cache can be
     larger than RAM (fp16 CLIP ViT-H features: ~0.66 MB per variant, ~25 GB for CelebRef-HQ at K=4).
@@ -80,13 +81,14 @@ class IdentityCache:
 
     # -- building
     def settings(self) -> dict:
-        return {key: self.index.get(key) for key in ("variants", "min_size", "max_size", "seed")}
+        return ({key: self.index.get(key) for key in ("variants", "min_size", "max_size", "seed")}
+                | {"clip_bgr": self.index.get("clip_bgr", False)})
 
-    def check_settings(self, variants: int, min_size: int, max_size: int, seed: int) -> None:
-        wanted = {"variants": variants, "min_size": min_size, "max_size": max_size, "seed": seed}
+    def check_settings(self, variants: int, min_size: int, max_size: int, seed: int, clip_bgr: bool = False) -> None:
+        wanted = {"variants": variants, "min_size": min_size, "max_size": max_size, "seed": seed, "clip_bgr": clip_bgr}
         if self.index and self.settings() != wanted:
             raise DataError(f"identity_cache: {self.folder} was built with {self.settings()} but the config asks "
-                            f"for {wanted} (identity_variants, identity_min_size, identity_max_size). "
+                            f"for {wanted} (identity_variants, identity_min_size, identity_max_size; clip_bgr follows the backend). "
                             "Set identity_cache to a new folder, or use the settings it was built with.")
 
     def missing(self, root: Path, paths: list[Path]) -> list[Path]:
@@ -96,11 +98,11 @@ class IdentityCache:
     def build(self, root: Path, paths: list[Path], encoder: "IdentityEncoder", variants: int, min_size: int,
               max_size: int, seed: int, shard_size: int = 256, progress=None) -> None:
         """Compute the photos not cached yet; unreadable ones are recorded (and skipped) in the index."""
-        self.check_settings(variants, min_size, max_size, seed)
+        self.check_settings(variants, min_size, max_size, seed, encoder.bgr)
         if not self.index:
             self.index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "variants": variants,
-                          "min_size": min_size, "max_size": max_size, "seed": seed, "entries": {}, "unreadable": {},
-                          "models": encoder.description}
+                          "min_size": min_size, "max_size": max_size, "seed": seed, "clip_bgr": encoder.bgr,
+                          "entries": {}, "unreadable": {}, "models": encoder.description}
         elif self.index.get("models") != encoder.description:
             raise DataError(f"identity_cache: {self.folder} was built with {self.index.get('models')}, now "
                             f"{encoder.description}; features of different models cannot be mixed. Set "
@@ -144,10 +146,11 @@ class IdentityCache:
 
 class IdentityEncoder:
     """Frozen identity features of aligned faces: insightface ArcFace at the FFHQ template landmarks
-    (no detection: the data is aligned) and CLIP ViT-H/14 on the ArcFace-aligned 224 crop."""
+    (no detection: the data is aligned) and CLIP ViT-H/14 on the ArcFace-aligned 224 crop (in BGR order with
+    ``bgr``)."""
 
-    def __init__(self, analyzer, clip_vision, description: dict):
-        self.analyzer, self.clip_vision, self.description = analyzer, clip_vision, description
+    def __init__(self, analyzer, clip_vision, description: dict, bgr: bool = False):
+        self.analyzer, self.clip_vision, self.description, self.bgr = analyzer, clip_vision, description, bgr
 
     def __call__(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,512) ArcFace embeddings and (K,257,C) CLIP features of K versions of one aligned face."""
@@ -158,5 +161,5 @@ class IdentityEncoder:
         references = encode_references(self.analyzer, images, aligned=True)
         embeds = torch.from_numpy(np.stack([reference.embedding for reference in references]))
         crops = rgb_to_tensor([reference.clip_crop for reference in references])
-        return embeds, encode_clip_features(self.clip_vision, crops).float().cpu()
+        return embeds, encode_clip_features(self.clip_vision, crops, self.bgr).float().cpu()
 

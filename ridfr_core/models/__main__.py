@@ -43,7 +43,30 @@ def list_files(backends: list[str], models: Path) -> int:
         print(f"\nbackend {backend}:")
         for file in BACKENDS[backend]:
             print("\n".join(describe(file, models)))
+        print("\n".join(describe_content_files(backend, models)))
     return 0
+
+
+def describe_content_files(backend: str, models: Path) -> list[str]:
+    """The content files of ``backend`` in our format under ``ridfr/`` that the registry does not name (trained or
+    fine-tuned ones), with what their metadata says they are."""
+    from ..backends import BACKENDS as CONTENT_BACKENDS, file_backend
+    from ..weights.checkpoints import read_safetensors_metadata
+
+    folder, registered = models / "ridfr", {file.name for file in BACKENDS[backend]}
+    lines = []
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        if path.name in registered or file_backend(path, quick=True) is not CONTENT_BACKENDS[backend]:
+            continue
+        meta = read_safetensors_metadata(path, "content weights")
+        made = (f"{'alignment' if meta.get('stage') == 'align' else meta.get('stage', '')}-trained from "
+                f"{meta['fine_tuned_from']} ({meta.get('step', '?')} steps, lambda {meta.get('align_weight', '?')}, "
+                f"parts {meta.get('train_parts', 'all')}, data {meta.get('data', '?')})" if meta.get("fine_tuned_from")
+                else f"trained by {meta['trainer']} (stage {meta.get('stage')}, {meta.get('step')} steps)"
+                if meta.get("trainer") else f"converted from {meta.get('source', '?')}")
+        lines += [f"  ridfr/{path.name:<52} {human(path.stat().st_size):>16}  present (yours)",
+                  f"      {CONTENT_BACKENDS[backend].label} content weights, {made}"]
+    return lines
 
 
 def print_licences(files: list[ModelFile]) -> None:

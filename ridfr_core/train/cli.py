@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..backends import BACKENDS
 from ..weights import checkpoints
 from ..data.streams import DataError
 from ..run_folder import RunFolderError, check_new_run, require_writable
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
             prepared = prepare_data(config, accelerator)
             print(f"{prepared.image_count} usable images; report in {Path(config.out) / 'data_report.json'}")
             return 0
-        check_new_run(Path(config.out), config.stage, args.resume, args.overwrite, config.init_content)
+        check_new_run(Path(config.out), config.stage, config.weights_name, args.resume, args.overwrite,
+                      config.init_content)
         path = Trainer(config).run(args.resume, args.overwrite)
     except (ConfigError, DataError, checkpoints.CheckpointError, RunFolderError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # e.g. the disk filled up or --out became unwritable during the run
         print(f"error: {error}. Fix that and rerun: the run resumes from its last checkpoint.", file=sys.stderr)
         return 2
-    print(f"RIDFR content weights: {path}")
+    print(f"{BACKENDS[config.backend].label} content weights: {path}")
     return 0
 
 

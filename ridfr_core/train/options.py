@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..backends import BACKENDS, file_backend
 from ..data.degrade import DegradationConfig
 
 
@@ -37,16 +40,18 @@ class TrainConfig:
     """Every training option. Defaults are the paper's stage-1 settings (see the stage JSON files)."""
 
     stage: str = "content"
+    backend: str = "ridfr"               # the content backend trained (default: the --init file's)
+    train_parts: str = ""                # comma-separated parts of the content module to train ("" = backend's)
     # Files and folders
     data: str | None = None              # content: folder of aligned faces; align: <data>/<identity>/*.jpg
     base: str | None = None              # SD1.5 single file or diffusers folder
     out: str | None = None               # run folder: checkpoints, logs, samples, exported weights
-    adapter: str | None = None           # align: ip-adapter-faceid-plusv2_sd15.bin
-    clip_vision: str | None = None       # align, to build the identity cache: CLIP ViT-H/14
+    adapter: str | None = None           # align: the FaceID Plus file the backend was trained with
+    clip_vision: str | None = None       # align: CLIP ViT-H/14 (identity cache; the null identity if the backend uses it)
     insightface_root: str | None = None  # align, to build the identity cache: folder with models/buffalo_l
     insightface_model_dir: str | None = None
     identity_cache: str | None = None    # align: default <out>/identity_cache; reuse one across runs
-    init_content: str | None = None      # RIDFR content weights to start from (align: the content stage's)
+    init_content: str | None = None      # content weights to start from (--init; align: the content stage's)
     config_dir: str | None = None        # model architecture configs (default: ridfr_core/configs/sd15)
     cache_dir: str | None = None         # where the empty-prompt embedding is cached
     # Optimisation
@@ -98,6 +103,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def parts(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.train_parts.split(",") if part.strip())
+
+    @property
+    def weights_name(self) -> str:
+        """The file users load, refreshed at each checkpoint: ``<backend>-<stage>.safetensors``."""
+        return f"{self.backend}-{self.stage}.safetensors"
+
     def set(self, key: str, value, source: str) -> None:
         """Set one option (``degradation.<name>`` for a degradation range), converting JSON types."""
         name, _, sub = key.partition(".")
@@ -131,11 +144,23 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(self.stage in STAGES, f"stage: {self.stage!r} is not one of {list(STAGES)}.")
+        need(self.backend in BACKENDS, f"backend: {self.backend!r} is not one of {list(BACKENDS)}.")
+        backend = BACKENDS[self.backend]
+        need(self.stage == "align" or not backend.null_identity_tokens,
+             f"stage: {backend.label} reads identity tokens for every face, so it is fine-tuned with --stage align "
+             "(from its published weights, --init FILE).")
+        try:
+            backend.trainable_parameters(torch.nn.Module(), self.parts())
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for name, flag in (("data", "--data"), ("base", "--base"), ("out", "--out")):
             need(getattr(self, name), f"{name}: not set; pass {flag} PATH (or set it in the config file).")
         if self.stage == "align":
-            need(self.adapter, "adapter: stage 'align' needs the frozen identity module; pass --adapter "
-                               "ip-adapter-faceid-plusv2_sd15.bin.")
+            faceid = "ip-adapter-faceid-plusv2_sd15.bin" if backend.faceid_v2 else "ip-adapter-faceid-plus_sd15.bin"
+            need(self.adapter, f"adapter: stage 'align' needs the frozen identity module; pass --adapter {faceid}.")
+            need(self.clip_vision or not backend.null_identity_tokens,
+                 f"clip_vision: {backend.label} trains with the null identity (CLIP features of a blank image) for "
+                 "dropped identities; pass --clip-vision CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors.")
         for name in ("resolution", "batch_size", "gradient_accumulation_steps", "max_steps", "identity_variants",
                      "identity_min_size", "validation_steps", "min_image_size", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}.")
@@ -206,12 +231,14 @@ PATH_FLAGS = {
     "data": "content: folder of aligned 512 px faces; align: <data>/<identity>/<photo>.jpg",
     "base": "SD1.5 checkpoint (single file) or diffusers folder",
     "out": "run folder (checkpoints, logs, samples, ridfr-<stage>.safetensors); rerun to resume",
-    "adapter": "align: ip-adapter-faceid-plusv2_sd15.bin (frozen identity module)",
-    "clip_vision": "align, to build the identity cache: CLIP ViT-H/14 image encoder",
+    "adapter": "align: the frozen FaceID Plus file (RIDFR: ip-adapter-faceid-plusv2_sd15.bin, RestorerID: "
+               "ip-adapter-faceid-plus_sd15.bin)",
+    "clip_vision": "align: CLIP ViT-H/14 image encoder (to build the identity cache; RestorerID: the null identity)",
     "insightface_root": "align, to build the identity cache: folder holding models/buffalo_l",
     "insightface_model_dir": "align, to build the identity cache: the buffalo_l folder itself",
     "identity_cache": "align: identity feature cache folder (default <out>/identity_cache)",
-    "init_content": "RIDFR content weights to start from (align: the content stage's output)",
+    "init_content": "content weights to start from (RIDFR align: the content stage's output; RestorerID: its "
+                    "RestorerIDFull.ckpt); its backend is the one trained, and a RestorerID file also gives --base",
     "config_dir": "model architecture configs (default ridfr_core/configs/sd15)",
     "cache_dir": "where the empty-prompt embedding is cached",
 }
@@ -221,8 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ridfr_core.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=STAGES, help="which stage to train (default: the config's)")
     parser.add_argument("--config", type=Path, help="JSON options (default: ridfr_core/configs/train_<stage>.json)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), help="content backend to train (default: the --init "
+                        "file's, else ridfr)")
     for name, help_text in PATH_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="PATH", help=help_text)
+        flags = ["--" + name.replace("_", "-")] + (["--init"] if name == "init_content" else [])
+        parser.add_argument(*flags, dest=name, metavar="PATH", help=help_text)
+    parser.add_argument("--train-parts", help="comma-separated parts of the content module to train (RestorerID: "
+                        "IDBalance (default), spade, encoder); shortcut for --set train_parts=...")
     parser.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any option; VALUE is JSON (e.g. --set degradation.blur_sigma=[0.1,10])")
@@ -257,5 +289,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             setattr(config, name, getattr(args, name))
     if args.max_steps is not None:
         config.max_steps = args.max_steps
+    if args.train_parts is not None:
+        config.train_parts = args.train_parts
+    choose_backend(config, args.backend)
     config.validate()
     return config
+
+
+def choose_backend(config: TrainConfig, requested: str | None) -> None:
+    """The backend is the --init file's (``--backend`` must agree); a RestorerID file also serves as --base."""
+    init = Path(config.init_content) if config.init_content else None
+    found = file_backend(init) if init is not None and init.is_file() else None
+    if requested and found is not None and found.name != requested:
+        raise ConfigError(f"--backend {requested}: --init {init} holds {found.label} weights; pass --backend "
+                          f"{found.name} or another --init file.")
+    if requested or found is not None:
+        config.backend = requested or found.name
+    if config.base is None and init is not None and config.backend in BACKENDS:
+        base = BACKENDS[config.backend].base_file(init)
+        config.base = str(base) if base is not None else None

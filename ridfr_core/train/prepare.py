@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends import BACKENDS
 from ..weights import checkpoints
 from ..io.atomic import write_json_atomic
 from ..data.datasets import IdentityGroup, SkipReport, exclude_small_identities, scan_faces, scan_identities
@@ -66,7 +67,7 @@ def prepare_identity_cache(config: TrainConfig, root: Path, groups: list[Identit
     settings = dict(variants=config.identity_variants, min_size=config.identity_min_size,
                     max_size=config.identity_max_size, seed=IDENTITY_VARIANT_SEED)
     cache = IdentityCache(folder)
-    cache.check_settings(**settings)
+    cache.check_settings(**settings, clip_bgr=BACKENDS[config.backend].clip_bgr)
     paths = [path for group in groups for path in group.paths]
     missing = cache.missing(root, paths)
     if missing and accelerator.is_main_process:
@@ -90,4 +91,4 @@ def make_identity_encoder(config: TrainConfig, device, folder: Path, missing: in
     analyzer = load_face_analyzer(models_root=config.insightface_root, model_dir=config.insightface_model_dir)
     clip_vision = checkpoints.load_clip_vision(config.clip_vision, config.config_dir).to(device)
     description = {"arcface": Path(analyzer.recognizer.model_file).name, "clip_vision": Path(config.clip_vision).name}
-    return IdentityEncoder(analyzer, clip_vision, description)
+    return IdentityEncoder(analyzer, clip_vision, description, bgr=BACKENDS[config.backend].clip_bgr)

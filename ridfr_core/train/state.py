@@ -172,8 +172,8 @@ class TrainingState:
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ConfigError(f"--resume: {folder} is not a RIDFR training checkpoint of version {STATE_VERSION}.")
         saved = json.loads((folder / "config.json").read_text())
-        current = self.config.to_dict()
-        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+        current, defaults = self.config.to_dict(), type(self.config)().to_dict()  # an option newer than the run: default
+        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ConfigError(f"--resume: {folder} was trained with other settings ({details}). Resume with the same "

@@ -11,14 +11,32 @@ from pathlib import Path
 import torch
 
 from ...weights.adapter_files import is_faceid_v2_file
-from ...weights.checkpoints import CheckpointError, read_state_dict
 from ...sampling.ldm_ddim import RESTORERID_DDIM
-from ..interface import ContentBackend
+from ...weights.checkpoints import CheckpointError, read_state_dict
+from ..interface import ContentBackend, TrainingRecipe
 from .bundled import checkpoint_parts, clip_vision_from_checkpoint, identity_adapter_from_checkpoint
 from .denoiser import RestorerIDDenoiser, check_branch_fits
-from .files import RESTORERID_FORMAT, WHAT, is_restorerid_state, load_lq_branch, without_restorerid_extras
+from .files import (RESTORERID_FORMAT, WHAT, is_restorerid_state, load_lq_branch, save_lq_branch, source_name,
+                    without_restorerid_extras)
 from .lq_branch import LQBranch
 from .prompts import PROMPT_TOKENS, RESTORERID_NEGATIVE, RESTORERID_POSITIVE
+
+
+# What each of RestorerID's two training stages trained (its train_RestorerID.py and ddpm.py): stage 1 the
+# structure encoder and spade (how the LQ face shapes the UNet), stage 2 only IDBalance (how the LQ features and
+# the FaceID tokens are balanced, with everything else frozen).
+PARTS = {"encoder": "structure encoder (stage 1)", "spade": "spade modulation (stage 1)",
+         "IDBalance": "IDBalance identity/LQ balance (stage 2)"}
+# RestorerID's training (ddpm.py LatentDiffusionRestorerID): empty prompt, IPA_dropout / structcond_dropout 0.05
+# (configs/v15/v15-RestorerID.yaml), ip_scale 0.75 fixed in p_losses (the MUSIQ-adaptive scale is inference only).
+# Alignment Learning trains what balances identity against the LQ face: IDBalance.
+RESTORERID_TRAINING = TrainingRecipe(prompt="", identity_dropout=0.05, content_dropout=0.05, identity_scale=0.75,
+                                     parts=("IDBalance",))
+
+
+def part_of(name: str) -> str:
+    """``encoder.*`` -> encoder; ``modulations.<block>.spade.*`` -> spade; ``...IDBalance.*`` -> IDBalance."""
+    return "encoder" if name.startswith("encoder.") else name.split(".")[2]
 
 
 @dataclass(frozen=True)
@@ -71,9 +89,30 @@ class RestorerIDBackend(ContentBackend):
                                   "(https://huggingface.co/h94/IP-Adapter-FaceID) in models/ipadapter.")
         return False
 
+    def base_file(self, content: Path) -> Path | None:
+        """The publisher's checkpoint (it holds the SD1.5 base): the file itself, or the one our file was
+        converted or fine-tuned from when it lies beside it."""
+        source = content.parent / source_name(content)
+        return source if source.is_file() and source.suffix != ".safetensors" else None
+
+    def trainable_parameters(self, content, parts: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+        parts = tuple(parts) or self.training.parts
+        unknown = [part for part in parts if part not in PARTS]
+        if unknown:
+            raise ValueError(f"train_parts: {', '.join(unknown)} is not a part of {self.label}; choose from "
+                             + "; ".join(f"{name} ({what})" for name, what in PARTS.items()) + ".")
+        return [param for name, param in content.named_parameters() if part_of(name) in parts]
+
+    def enable_gradient_checkpointing(self, denoiser) -> None:
+        denoiser.gradient_checkpointing = True
+
+    def save_trained(self, content, path: Path, metadata: dict[str, str], init: Path | None = None) -> None:
+        save_lq_branch(content, path, source_name(init) if init is not None else "", metadata)
+
 
 RESTORERID = RestorerIDBackend(
     name="restorerid", label="RestorerID (LQ branch)", sampler=RESTORERID_DDIM, steps=50, guidance=4.0,
     positive_prompt=RESTORERID_POSITIVE, negative_prompt=RESTORERID_NEGATIVE, color_fix=True, identity_scale=0.75,
     file_format=RESTORERID_FORMAT, faceid_v2=False, ddim_eta=1.0, ddim_spacing="trailing", prompt_tokens=PROMPT_TOKENS,
-    null_identity_tokens=True, clip_bgr=True, sample_posterior=True, color_fix_unclamped=True)
+    null_identity_tokens=True, clip_bgr=True, sample_posterior=True, color_fix_unclamped=True,
+    training=RESTORERID_TRAINING)

@@ -9,6 +9,7 @@ the UNet, and with ``content_scale=0`` the result is exactly the plain UNet's.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 
 from ...weights.checkpoints import CheckpointError
@@ -66,6 +67,7 @@ class RestorerIDDenoiser(torch.nn.Module):
         super().__init__()
         check_branch_fits(content, unet)
         self.unet, self.content, self.adapter = unet, content, adapter
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass
         self.modulated = resnet_names(unet)
         if adapter is not None:
             install_identity_processors(unet, adapter)
@@ -76,7 +78,9 @@ class RestorerIDDenoiser(torch.nn.Module):
         unet, batch = self.unet, latents.shape[0]
         timesteps = torch.as_tensor(timestep, device=latents.device)
         timesteps = (timesteps[None] if timesteps.ndim == 0 else timesteps).expand(batch)
-        features = self.content.features(lq_latent.to(latents.dtype), timesteps)
+        # the frozen UNet runs in its own dtype whatever it is handed, the LQ branch in its own (see modulate)
+        latents, text_states = latents.to(unet.dtype), text_states.to(unet.dtype)
+        features = self.content.features(lq_latent.to(next(self.content.parameters()).dtype), timesteps)
         context = text_states
         if self.adapter is not None:
             if id_tokens is None:
@@ -87,11 +91,16 @@ class RestorerIDDenoiser(torch.nn.Module):
             raise ValueError("RestorerIDDenoiser: identity tokens given but no identity adapter is loaded.")
 
         def resnet(path: str, module, h):
-            return modulated_resnet(module, h, emb, self.content.modulation(self.modulated[path]), features, id_tokens,
-                                    content_scale)
+            return checkpointed(modulated_resnet, module, h, emb, self.content.modulation(self.modulated[path]), features,
+                                id_tokens, content_scale)
 
         def attention(module, h):
-            return module(h, encoder_hidden_states=context, return_dict=False)[0]
+            return checkpointed(lambda x: module(x, encoder_hidden_states=context, return_dict=False)[0], h)
+
+        def checkpointed(function, *args):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+            return function(*args)
 
         emb = unet.time_embedding(unet.time_proj(timesteps).to(latents.dtype))
         h = unet.conv_in(latents)

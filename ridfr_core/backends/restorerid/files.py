@@ -80,12 +80,30 @@ def converted_path(path: Path, cache_dir) -> Path:
     return cache_folder(cache_dir) / f"restorerid_lq_{cache_key(path)}.safetensors"
 
 
+def branch_metadata(branch_state: dict[str, torch.Tensor], source: str) -> dict[str, str]:
+    """Our format's metadata; ``source``: the name of the publisher's checkpoint the weights come from."""
+    return {"format": RESTORERID_FORMAT, "format_version": str(RESTORERID_FORMAT_VERSION), "source": source,
+            "config": json.dumps(LQBranch.config_from_state(branch_state))}
+
+
+def source_name(path: Path) -> str:
+    """The publisher's checkpoint a RestorerID file comes from: itself, or what our file records."""
+    if path.suffix == ".safetensors" and read_safetensors_metadata(path, WHAT).get("format") == RESTORERID_FORMAT:
+        return read_safetensors_metadata(path, WHAT).get("source", path.name)
+    return path.name
+
+
+def save_lq_branch(branch: LQBranch, path: Path, source: str, extra: dict[str, str]) -> None:
+    """Trained LQ-branch weights in our format, loaded like the converted public ones."""
+    state = {k: v.detach().contiguous() for k, v in branch.state_dict().items()}
+    save_safetensors_atomic(state, path, {**extra, **branch_metadata(state, source)})
+
+
 def convert_checkpoint(state: dict[str, torch.Tensor], path: Path, target: Path) -> dict:
     """The LQ-branch tensors of a full RestorerID checkpoint, also written to ``target`` (our format)."""
     branch_state = {k: v.contiguous() for k, v in branch_state_from_checkpoint(state).items()}
     check_complete(branch_state, path)
-    metadata = {"format": RESTORERID_FORMAT, "format_version": str(RESTORERID_FORMAT_VERSION), "source": path.name,
-                "config": json.dumps(LQBranch.config_from_state(branch_state))}
+    metadata = branch_metadata(branch_state, path.name)
     groups = partition(state)
     logger.info("RestorerID: kept the LQ branch of %s (%s tensors); left the rest (%s) to the SD1.5, FaceID and "
                 "CLIP files.", path.name, ", ".join(f"{group} {len(groups.get(group, []))}" for group in LQ_BRANCH_GROUPS),

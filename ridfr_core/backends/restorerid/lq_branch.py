@@ -205,17 +205,19 @@ def modulate(block: BlockModulation, residual: torch.Tensor, skip: torch.Tensor,
              id_tokens: torch.Tensor | None, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
     """A ResBlock's output from its residual branch ``h`` and skip ``x``: ``y = x + spade(h)``, then
     ``y + IDBalance(y)`` (skipped when ``id_tokens`` is None). ``strength`` (float or per-sample (B,))
-    blends each term from the plain UNet (0) to the trained modulation (1)."""
+    blends each term from the plain UNet (0) to the trained modulation (1). The modules compute in their own
+    dtype and hand back the UNet's (in training the LQ branch is float32 beside a half-precision UNet)."""
     if isinstance(strength, torch.Tensor):
         strength = strength.to(residual.device, residual.dtype).view(-1, 1, 1, 1)
     elif strength == 0:
         return skip + residual
-    feature = features[residual.shape[-1]].to(residual.dtype)
-    spaded = block.spade(residual, feature)
+    dtype, own = residual.dtype, block.spade.mlp_gamma.weight.dtype
+    feature = features[residual.shape[-1]].to(own)
+    spaded = block.spade(residual.to(own), feature).to(dtype)
     out = skip + (spaded if _is_one(strength) else residual + strength * (spaded - residual))
     if id_tokens is None:
         return out
-    balance = block.IDBalance(out, feature, id_tokens)
+    balance = block.IDBalance(out.to(own), feature, id_tokens).to(dtype)
     return out + (balance if _is_one(strength) else strength * balance)
 
 

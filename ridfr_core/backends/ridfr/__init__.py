@@ -11,7 +11,7 @@ import torch
 from ..interface import ContentBackend
 from .controlnet import ContentControlNet, lq_to_latent_size
 from .denoiser import RIDFRDenoiser
-from .files import CONTENT_FORMAT, load_ridfr_content
+from .files import CONTENT_FORMAT, load_ridfr_content, save_content
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class RIDFRBackend(ContentBackend):
                       ) -> torch.Tensor:
         """The LQ image resized to the latent size (paper Sec. 3.2)."""
         return lq_to_latent_size(lq, latent_hw)
+
+    def new_content(self, unet) -> ContentControlNet:
+        """The paper's stage 1 starts from a copy of the UNet encoder (the FaceID LoRA is not fused yet)."""
+        return ContentControlNet.from_unet(unet)
+
+    def enable_gradient_checkpointing(self, denoiser) -> None:
+        denoiser.content.enable_gradient_checkpointing()
+        denoiser.unet.enable_gradient_checkpointing()  # gradients flow through the frozen UNet to the residuals
+
+    def save_trained(self, content, path: Path, metadata: dict[str, str], init: Path | None = None) -> None:
+        save_content(content, path, metadata)
 
 
 RIDFR = RIDFRBackend(name="ridfr", label="RIDFR (content ControlNet)", sampler="unipc", steps=20, guidance=1.0,

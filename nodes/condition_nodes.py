@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,6 +95,31 @@ def lq_posterior(model, vae, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 VALIDATED = ("input_mode", "on_no_face", "start_percent", "end_percent")
 
 
+def ridfr_content(model, ridfr, lq_faces: torch.Tensor, vae, strength: float, sigmas: SigmaRange):
+    """RIDFR: the content ControlNet's residuals from the LQ faces resized to the latent size."""
+    return apply_content(model, ridfr, lq_faces, strength, sigmas)
+
+
+def restorerid_content(model, ridfr, lq_faces: torch.Tensor, vae, strength: float, sigmas: SigmaRange):
+    """RestorerID: the structure encoder reads a sample of the LQ faces' VAE posterior at every step."""
+    mean, std = lq_posterior(model, vae, lq_faces)
+    return apply_structure(model, ridfr, mean, strength, sigmas, null_identity_tokens(ridfr), std)
+
+
+@dataclass(frozen=True)
+class ComfyBackend:
+    """How a content backend (``ridfr_core.backends``) patches ComfyUI's MODEL: the node-side twin of its core
+    package. A third backend adds its entry to :data:`COMFY_BACKENDS`."""
+
+    needs_vae: bool                            # its content input is the LQ faces' VAE latent
+    condition: Callable                        # (model, ridfr, lq_faces, vae, strength, sigmas) -> patched MODEL
+    identity_reader: Callable | None = None    # (patched, tokens): a module of it that also reads the tokens
+
+
+COMFY_BACKENDS = {"ridfr": ComfyBackend(False, ridfr_content),
+                  "restorerid": ComfyBackend(True, restorerid_content, add_balance_tokens)}
+
+
 def content_problems(input_mode, on_no_face, start_percent, end_percent) -> str | None:
     """What is wrong with ContentCondition's choices (None for a linked input: known when it runs)."""
     for option, value, choices in (("input_mode", input_mode, INPUT_MODES), ("on_no_face", on_no_face, ON_NO_FACE)):
@@ -167,27 +194,21 @@ class ContentCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
                 on_no_face, vae=None, track_faces=False) -> io.NodeOutput:
-        from ..ridfr_core.backends import RESTORERID
-
         problem = content_problems(input_mode, on_no_face, start_percent, end_percent)  # linked inputs now known
         if problem:
             raise ValueError(problem)
         if face_size % LATENT_FACTOR:
             raise NodeError("ContentCondition", "face_size", f"{face_size} is not a multiple of {LATENT_FACTOR}.")
-        restorerid = ridfr.backend is RESTORERID
-        if restorerid and vae is None:
-            raise NodeError("ContentCondition", "vae", "the RestorerID weights condition on the VAE latent of the "
-                            "low-quality faces: connect the checkpoint's VAE to the vae input.")
+        backend = COMFY_BACKENDS[ridfr.backend.name]
+        if backend.needs_vae and vae is None:
+            raise NodeError("ContentCondition", "vae", f"the {ridfr.backend.label.partition(' (')[0]} weights condition "
+                            "on the VAE latent of the low-quality faces: connect the checkpoint's VAE to the vae input.")
         if input_mode == "aligned faces":
             faces = aligned_faces(image, face_size, ridfr.backend)
         else:
             faces = faces_in_photos(ridfr, image, face_size, on_no_face, track_faces)
         sigmas = SigmaRange(model, start_percent, end_percent)
-        if restorerid:
-            mean, std = lq_posterior(model, vae, faces.lq)
-            patched = apply_structure(model, ridfr, mean, strength, sigmas, null_identity_tokens(ridfr), std)
-        else:
-            patched = apply_content(model, ridfr, faces.lq, strength, sigmas)
+        patched = backend.condition(model, ridfr, faces.lq, vae, strength, sigmas)
         latent = torch.zeros(faces.count, LATENT_CHANNELS, face_size // LATENT_FACTOR, face_size // LATENT_FACTOR)
         lq_faces = faces.lq.permute(0, 2, 3, 1).contiguous()
         return io.NodeOutput(patched, faces, {"samples": latent}, lq_faces)
@@ -229,7 +250,6 @@ class IdentityCondition(io.ComfyNode):
     @classmethod
     def execute(cls, model, ridfr, identity, weight, lora_strength, auto_weight=False, faces=None) -> io.NodeOutput:
         import comfy.model_management as mm
-        from ..ridfr_core.backends import RESTORERID
 
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
         with torch.no_grad():
@@ -242,8 +262,9 @@ class IdentityCondition(io.ComfyNode):
             scales = scales.float() * auto
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)
         patched = apply_identity(model, ridfr, tokens, lora_strength)
-        if ridfr.backend is RESTORERID:
-            add_balance_tokens(patched, tokens)
+        identity_reader = COMFY_BACKENDS[ridfr.backend.name].identity_reader
+        if identity_reader is not None:
+            identity_reader(patched, tokens)
         return io.NodeOutput(patched, ui=ui.PreviewText(shown) if shown else None)
 
 

@@ -284,8 +284,7 @@ def cli_modules(env, ridfr):
     unet = copy.deepcopy(env.tiny.unet)
     adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
     adapter_files.apply_weight_deltas(unet, deltas, 1.0)
-    prompts = {text: checkpoints.encode_prompt(env.tiny.text_encoder, text)
-               for text in ("", backend.positive_prompt, backend.negative_prompt)}
+    prompts = {text: checkpoints.encode_prompt(env.tiny.text_encoder, ids) for text, ids in backend.prompt_tokens.items()}
     branch = backends.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
     clip_vision = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.clip_vision))
     return PipelineModules(unet, rounded_vae(env), branch, prompts[""], SCHEDULER, adapter, clip_vision, prompts=prompts)
@@ -301,7 +300,7 @@ def test_ridfr_sample_backend_defaults_give_the_cli_image(env, ridfr):
     model, faces, _, _ = content(env, ridfr, lq_faces(2, seed=7) * 0.6 + 0.2)
     people = random_identity(1, seed=8)
     patched = identity_condition(env, ridfr, model, face_identity(env, people), weight=0.75)
-    restored, _, _ = run(env, "RIDFRSample", model=patched, clip=env.clip, vae=env.vae, faces=faces, seed=3, steps=1,
+    restored, _, _, _ = run(env, "RIDFRSample", model=patched, clip=env.clip, vae=env.vae, faces=faces, seed=3, steps=1,
                          guidance=1.0, sampler_name="euler", scheduler="normal", settings="backend defaults")
     pipeline = RIDFRPipeline(cli_modules(env, ridfr))
     expected = pipeline(faces.lq, people, seed=3, identity_scale=0.75).permute(0, 2, 3, 1)

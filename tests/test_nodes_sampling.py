@@ -1,0 +1,41 @@
+"""RIDFRSample's seeds in a real ComfyUI: the largest seed, per-face noise for every sampler (a face restores the
+same alone as in a batch), and the null identity computed once per loaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_host import requires_comfyui
+from test_nodes import FACE, content_condition, env, lq_faces, run, sample  # noqa: F401 (env: fixture)
+
+pytestmark = requires_comfyui
+
+
+def test_ridfr_sample_takes_the_largest_seed(env):
+    model, faces, _, _ = content_condition(env, lq_faces(2))
+    restored = sample(env, model, faces, seed=0xFFFFFFFFFFFFFFFF, steps=1)[0]
+    assert restored.shape == (2, FACE, FACE, 3)
+
+
+@pytest.mark.parametrize("sampler_name", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "uni_pc"])
+def test_a_face_restores_the_same_alone_as_in_a_batch(env, sampler_name):
+    """Face i samples with seed + i for its start noise and for every step's noise (ancestral and SDE
+    samplers draw noise each step), so the second face of a batch restores as it does alone with seed + 1."""
+    faces_in = lq_faces(2)
+    settings = dict(clip=env.clip, vae=env.vae, steps=3, guidance=1.0, sampler_name=sampler_name, scheduler="normal",
+                    settings="custom")
+    model, faces, _, _ = content_condition(env, faces_in)
+    together = run(env, "RIDFRSample", model=model, faces=faces, seed=5, **settings)[0]
+    model, face, _, _ = content_condition(env, faces_in[1:])
+    alone = run(env, "RIDFRSample", model=model, faces=face, seed=6, **settings)[0]
+    torch.testing.assert_close(alone[0], together[1], atol=2e-3, rtol=0)
+    assert not torch.allclose(together[0], together[1], atol=2e-3)
+
+
+def test_null_identity_is_computed_once_per_loaded_model(env):
+    """Content and Identity Condition both need the null identity's tokens: CLIP ViT-H and the adapter run
+    for it once per LoadRIDFR output, not once per node."""
+    conditions = env.pack.nodes.condition_nodes
+    first = conditions.null_identity_tokens(env.ridfr)
+    assert conditions.null_identity_tokens(env.ridfr) is first and first.shape[:2] == (1, 4)

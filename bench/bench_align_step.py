@@ -52,7 +52,6 @@ def build(device: str):
 
 def step(denoiser, vae, batch: int, size: int, device: str, saved: list):
     """One training step's work; ``saved`` collects the bytes autograd keeps for the backward."""
-    latent = size // 8
     with torch.no_grad():
         images = torch.randn(2 * batch, 3, size, size, device=device)
         latents = vae.encode(images).latent_dist.mode().contiguous() * 0.18215  # target and LQ (see the trainer)

@@ -22,19 +22,19 @@ import torch
 
 from .archive.inputs import is_archive_input
 from .archive.run import reference_people, run_archive
+from .backends import RIDFR, file_backend
+from .backends.interface import ContentBackend
+from .backends.restorerid.identity_scale import parse_identity_scale
 from .best_of_n import best_of_n
+from .constants import FACE_SIZE
+from .faces.errors import FaceError
+from .io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
+from .models import download_command
+from .preprocess import load_preprocessor
+from .restore_checks import DTYPES, check_restore_options
 from .sampling.schedulers import SAMPLERS
 from .weights.adapter_files import is_faceid_v2_file
 from .weights.checkpoints import WEIGHT_SUFFIXES, CheckpointError
-from .faces.errors import FaceError
-from .backends import RIDFR, file_backend
-from .backends.interface import ContentBackend
-from .io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
-from .models import download_command
-from .constants import FACE_SIZE
-from .preprocess import load_preprocessor
-from .backends.restorerid.identity_scale import parse_identity_scale
-from .restore_checks import DTYPES, check_restore_options
 
 
 @dataclass(frozen=True)

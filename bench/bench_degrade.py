@@ -1,4 +1,4 @@
-"""Images/s per CPU core of ridfr_core.degrade at 512x512 (one thread, as a data-loader worker runs).
+"""Images/s per CPU core of ridfr_core.data.degrade at 512x512 (one thread, as a data-loader worker runs).
 
     python bench/bench_degrade.py [--size 512] [--count 200]
 """

@@ -7,7 +7,7 @@ second backend, is in :mod:`.restorerid_patches`).
   with any ControlNet already there. Wrappers chain, so other packs' wrappers keep working.
 - Identity: an ``attn2`` replacement on every cross-attention computes
   ``Attn(Q,K,V) + scale * Attn(Q,K',V')``, both terms with ComfyUI's ``optimized_attention`` (what
-  ``ridfr_core.identity.identity_attention`` computes); an existing replacement at the same block (another
+  ``ridfr_core.identity.adapter.identity_attention`` computes); an existing replacement at the same block (another
   pack's) computes the first term.
 - The FaceID LoRA goes in as ordinary weight patches (``ModelPatcher.add_patches``).
 

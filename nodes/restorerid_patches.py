@@ -6,7 +6,7 @@
   branch ``h`` and the skip ``x`` separately. It is not a ``TimestepBlock``, so ComfyUI's
   ``forward_timestep_embed`` hands it to :func:`modulated_forward` (a ``forward_timestep_embed_patch``),
   which receives the per-call ``transformer_options`` and combines ``h`` and ``x`` with
-  ``ridfr_core.restorerid.modulate``. Unpatching puts the original ResBlocks back.
+  ``ridfr_core.backends.restorerid.lq_branch.modulate``. Unpatching puts the original ResBlocks back.
 - :class:`StructurePatch` (a DIFFUSION_MODEL wrapper) runs the structure encoder on the LQ faces' VAE
   latent (a posterior sample when RestorerID's sampler hands it the eps, as RestorerID's inference takes;
   else the posterior mean) and the UNet's timestep each step and passes the maps to the ResBlocks in a copy of
@@ -83,7 +83,7 @@ class StructurePatch:
 
     def __init__(self, content, lq_latent: torch.Tensor, strength: float, sigmas: SigmaRange,
                  null_tokens: torch.Tensor, lq_std: torch.Tensor | None = None):
-        self.content = content            # ModelPatcher around ridfr_core.restorerid.LQBranch
+        self.content = content            # ModelPatcher around ridfr_core.backends.restorerid.lq_branch.LQBranch
         self.lq_latent = lq_latent        # (F,4,h,w): the LQ faces' VAE posterior mean, scaled as the UNet's input
         self.lq_std = lq_std              # (F,4,h,w): the posterior's std, same scale
         self.strength, self.sigmas = strength, sigmas

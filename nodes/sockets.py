@@ -54,7 +54,7 @@ class LoadedRIDFR:
 
     content: object            # ModelPatcher around ContentControlNet (RIDFR) or restorerid.LQBranch (RestorerID)
     backend: object            # ridfr_core.backends.Backend of the content module (published sampling defaults)
-    adapter: object            # ModelPatcher around ridfr_core.identity.IdentityAdapter
+    adapter: object            # ModelPatcher around ridfr_core.identity.adapter.IdentityAdapter
     lora_deltas: dict          # {diffusers UNet param name: dense FaceID LoRA delta}
     clip_vision: object        # ModelPatcher around transformers CLIPVisionModelWithProjection
     face_models: Path          # insightface model pack folder (…/models/<pack>)
@@ -74,7 +74,7 @@ class FaceIdentity:
     that face without identity) or is None (1 for all); ``embedding`` is the combined ArcFace
     embedding used to recognise this person in a photo (None for per-face identities)."""
 
-    adapter_input: object      # ridfr_core.identity.Identity: what the identity adapter turns into tokens
+    adapter_input: object      # ridfr_core.identity.adapter.Identity: what the identity adapter turns into tokens
     embedding: np.ndarray | None
     face_scales: torch.Tensor | None
     label: str

@@ -237,7 +237,7 @@ def check_images(images: torch.Tensor) -> None:
 def load_musiq(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Musiq:
     """The published ``musiq_koniq`` state dict at ``path`` as a :class:`Musiq` in eval mode.
 
-    Raises :class:`~ridfr_core.checkpoints.CheckpointError` naming the file and the fix when it is missing,
+    Raises :class:`~ridfr_core.weights.checkpoints.CheckpointError` naming the file and the fix when it is missing,
     unreadable or not MUSIQ-KonIQ (wrong keys or shapes, e.g. the 10-class AVA model)."""
     state = read_state_dict(path, WHAT)
     with torch.device("meta"):

@@ -151,7 +151,7 @@ def fetch_hint(backend: str, models: Path, absent: list[str]) -> str:
 class Restorer:
     """The pipeline plus face handling: references -> identity; photos or aligned faces -> restored.
 
-    ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.quality`) or None for the
+    ``identity_scale``: a float, "auto" (MUSIQ of each LQ face, see :mod:`ridfr_core.backends.restorerid.identity_scale`) or None for the
     backend's default; ``preprocess``: a model run on each aligned LQ face first; ``best_of``: best-of-N
     ranking; ``dtype``: the compute dtype (None: float16 on CUDA, float32 on the CPU); ``sampling``: the
     pipeline's options (None = the backend's published setting)."""

@@ -1,4 +1,4 @@
-"""ridfr_core.degrade: Eq. 7 stages each do what they should, deterministically, with checked configs."""
+"""ridfr_core.data.degrade: Eq. 7 stages each do what they should, deterministically, with checked configs."""
 
 import cv2
 import numpy as np

@@ -57,7 +57,7 @@ class ArchiveJob:
     """Everything one process needs to restore its share of the inputs and report them."""
 
     restorer: object               # ridfr_core.restore.Restorer
-    identities: list               # ridfr_core.identity.Identity per person
+    identities: list               # ridfr_core.identity.adapter.Identity per person
     names: list[str]               # the people's names, as the report gives them
     out: Path
     manifest: Path                 # this process's manifest (or manifest part)

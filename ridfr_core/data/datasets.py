@@ -6,7 +6,7 @@ function of its number: data order and augmentation survive a resume, any number
 workers and any number of GPUs without saving worker RNG states.
 
 - Stage ``content`` (paper Sec. 3.2): every image under ``--data`` (FFHQ-style, searched recursively)
-  is a high-quality target; its LQ is synthesised online with Eq. 7 (:mod:`ridfr_core.degrade`).
+  is a high-quality target; its LQ is synthesised online with Eq. 7 (:mod:`ridfr_core.data.degrade`).
 - Stage ``align`` (paper Sec. 3.3): ``--data`` holds one folder per identity (CelebRef-HQ layout,
   images directly inside). Each epoch visits every image once as the target; ID1 and ID2 are two
   other photos of the same person, so the identity never comes from the target itself (which would
@@ -15,7 +15,7 @@ workers and any number of GPUs without saving worker RNG states.
   ``min_images_per_identity = 2`` two-image identities are kept with ID1 = ID2 (their alignment term
   is 0, they still train the diffusion term).
 - The identity module is frozen, so ArcFace embeddings and CLIP features of every ID photo are
-  computed once (:class:`~ridfr_core.identity_cache.IdentityCache`). The paper downsamples ID photos to 64..512 px per sample;
+  computed once (:class:`~ridfr_core.identity.cache.IdentityCache`). The paper downsamples ID photos to 64..512 px per sample;
   the cache keeps ``identity_variants`` independently downsampled versions of each photo and a
   sample draws one of them, which keeps that augmentation at a fixed, documented granularity.
 """

@@ -160,7 +160,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def combine_identity(embeddings, clip_features: torch.Tensor, weights=None):
-    """One :class:`ridfr_core.identity.Identity` (B=1) from N references.
+    """One :class:`ridfr_core.identity.adapter.Identity` (B=1) from N references.
 
     ``embeddings`` (N,512): normalised, weighted-averaged, re-normalised (a direction, like each
     input). ``clip_features`` (N,257,C): weighted average. ``weights`` (N,) >= 0, default equal.

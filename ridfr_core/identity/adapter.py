@@ -206,7 +206,7 @@ def identity_processor_slots(unet) -> list[tuple[int, str, IdentityAttnProcessor
 
 def build_identity_adapter(unet, clip_hidden: int = 1280, shortcut: bool = True) -> IdentityAdapter:
     """A FaceID-Plus(v2)-shaped adapter with random weights, for benchmarks (speed does not depend on
-    weight values); real weights come from :func:`ridfr_core.adapter_files.load_identity_adapter`."""
+    weight values); real weights come from :func:`ridfr_core.weights.adapter_files.load_identity_adapter`."""
     cross = unet.config.cross_attention_dim
     image_proj = IPAdapterFaceIDPlusImageProjection(embed_dims=cross, output_dims=cross, hidden_dims=clip_hidden,
                                                     heads=cross // 64)

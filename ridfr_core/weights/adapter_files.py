@@ -1,5 +1,5 @@
 """IP-Adapter FaceID Plus / PlusV2 files (the identity module RIDFR keeps frozen): the image projection and
-the decoupled attention weights as an :class:`~ridfr_core.identity.IdentityAdapter`, and the FaceID LoRA as
+the decoupled attention weights as an :class:`~ridfr_core.identity.adapter.IdentityAdapter`, and the FaceID LoRA as
 dense weight deltas for the UNet."""
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def parse_identity_scale(text: str) -> float | str:
 
 def load_musiq(models: Path):
     """(MUSIQ model, None), or (None, why it is not available) when its weights file is absent. A file that is
-    there but cannot be used raises :class:`~ridfr_core.checkpoints.CheckpointError`."""
+    there but cannot be used raises :class:`~ridfr_core.weights.checkpoints.CheckpointError`."""
     from ...musiq import load_musiq as load_weights
 
     path = models / MUSIQ_KONIQ.relative

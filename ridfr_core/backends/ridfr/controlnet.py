@@ -44,7 +44,7 @@ class ContentControlNet(ControlNetModel):
     """diffusers ``ControlNetModel`` with a 7-channel ``conv_in`` and no ``controlnet_cond_embedding``.
 
     Build it with :meth:`from_unet` (training start) or ``ContentControlNet(**config)`` + a state dict
-    (loading, see :mod:`ridfr_core.checkpoints`). ``config["in_channels"]`` must be 7.
+    (loading, see :mod:`ridfr_core.weights.checkpoints`). ``config["in_channels"]`` must be 7.
     """
 
     def __init__(self, *args, **kwargs):

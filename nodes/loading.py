@@ -221,7 +221,7 @@ class LoadRIDFR(io.ComfyNode):
                 raise NodeError("LoadRIDFR", "ipadapter", str(error)) from None
             unet_layout = checkpoints.on_meta(
                 lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
-            adapter, lora_deltas = adapter_files.load_identity_adapter(adapter_path, unet_layout, shortcut)
+            adapter, lora = adapter_files.load_identity_adapter(adapter_path, unet_layout, shortcut)
             clip = checkpoints.load_clip_vision(folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_vision), configs)
         except checkpoints.CheckpointError as error:
             raise NodeError("LoadRIDFR", None, str(error)) from None
@@ -232,6 +232,6 @@ class LoadRIDFR(io.ComfyNode):
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
         return io.NodeOutput(LoadedRIDFR(content=model_patcher(content), backend=backend,
-                                         adapter=model_patcher(adapter), lora_deltas=lora_deltas,
+                                         adapter=model_patcher(adapter), lora=lora,
                                          clip_vision=model_patcher(clip),
                                          face_models=face_models, face_device=face_device))

@@ -227,7 +227,10 @@ def attention_block(key_map: dict[str, str], processor_name: str) -> tuple[str, 
 
 
 def apply_identity(model, ridfr, tokens: IdentityTokens, lora_strength: float):
-    """A clone of ``model`` with the identity attention, the FaceID LoRA and the adapter registered."""
+    """A clone of ``model`` with the identity attention, the FaceID LoRA (as ComfyUI's own low-rank LoRA patches)
+    and the adapter registered."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
     patched = model.clone()
     key_map = diffusers_to_comfy_keys(model)
     replaced = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
@@ -236,12 +239,13 @@ def apply_identity(model, ridfr, tokens: IdentityTokens, lora_strength: float):
         wrapped = replaced.get((block, number, index), replaced.get((block, number)))
         patched.set_model_attn2_replace(IdentityAttentionPatch(ridfr.adapter, name, tokens, wrapped),
                                         block, number, index)
-    if lora_strength != 0 and ridfr.lora_deltas:
-        missing = [name for name in ridfr.lora_deltas if name not in key_map]
+    if lora_strength != 0 and ridfr.lora:
+        missing = [name for name in ridfr.lora if name not in key_map]
         if missing:
             raise NodeError("IdentityCondition", "model", f"the FaceID LoRA targets {missing[0]}, which this MODEL "
                             "does not have; use an SD1.5 checkpoint.")
-        patches = {key_map[name]: ("diff", (delta,)) for name, delta in ridfr.lora_deltas.items()}
+        patches = {key_map[name]: LoRAAdapter(set(), (up, down, None, None, None, None))  # alpha None: scale 1
+                   for name, (up, down) in ridfr.lora.items()}
         applied = patched.add_patches(patches, strength_patch=lora_strength)
         if len(applied) != len(patches):
             raise NodeError("IdentityCondition", "model", f"only {len(applied)} of {len(patches)} FaceID LoRA weights "

@@ -55,7 +55,7 @@ class LoadedRIDFR:
     content: object            # ModelPatcher around ContentControlNet (RIDFR) or restorerid.LQBranch (RestorerID)
     backend: object            # ridfr_core.backends.Backend of the content module (published sampling defaults)
     adapter: object            # ModelPatcher around ridfr_core.identity.adapter.IdentityAdapter
-    lora_deltas: dict          # {diffusers UNet param name: dense FaceID LoRA delta}
+    lora: dict                 # {diffusers UNet param name: (up, down)}: the FaceID LoRA, low-rank
     clip_vision: object        # ModelPatcher around transformers CLIPVisionModelWithProjection
     face_models: Path          # insightface model pack folder (…/models/<pack>)
     face_device: str           # onnxruntime device: auto, cpu or cuda

@@ -38,7 +38,7 @@ class PipelineModules:
     scheduler_config: dict
     adapter: IdentityAdapter | None = None
     clip_vision: torch.nn.Module | None = None
-    lora_deltas: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)  # FaceID LoRA {UNet weight: (up, down)}, fused
     prompts: dict = field(default_factory=dict)
     null_tokens: torch.Tensor | None = None  # the null identity's tokens when already computed (the trainer's)
 
@@ -67,10 +67,10 @@ def load_models(base: Path | str, content: Path | str, adapter: Path | str | Non
     own = backend.bundled_parts(Path(content)) if None in (adapter, clip_vision) else set()
     if adapter is not None:
         shortcut = backend.faceid_shortcut(Path(adapter), shortcut)
-        models.adapter, models.lora_deltas = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
+        models.adapter, models.lora = adapter_files.load_identity_adapter(adapter, sd.unet, shortcut)
     elif "adapter" in own:
-        models.adapter, models.lora_deltas = backend.bundled_adapter(Path(content), sd.unet)
-    adapter_files.apply_weight_deltas(sd.unet, models.lora_deltas, lora_strength)
+        models.adapter, models.lora = backend.bundled_adapter(Path(content), sd.unet)
+    adapter_files.fuse_lora(sd.unet, models.lora, lora_strength)
     if clip_vision is not None:
         models.clip_vision = checkpoints.load_clip_vision(clip_vision, config_dir)
     elif "clip_vision" in own:

@@ -100,8 +100,8 @@ def diffusers_denoiser(env):
     from ridfr_core.backends.ridfr.denoiser import RIDFRDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
-    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.adapter_v2, unet)
-    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    adapter, lora = adapter_files.load_identity_adapter(env.tiny.adapter_v2, unet)
+    adapter_files.fuse_lora(unet, lora, 1.0)
     return RIDFRDenoiser(unet, backends.load_content(env.tiny.content), adapter).eval()
 
 

@@ -64,8 +64,8 @@ def denoiser(env):
     from ridfr_core.backends.restorerid.denoiser import RestorerIDDenoiser
 
     unet = copy.deepcopy(env.tiny.unet)
-    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
-    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    adapter, lora = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
+    adapter_files.fuse_lora(unet, lora, 1.0)
     branch = backends.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
     return RestorerIDDenoiser(unet, branch, adapter).eval()
 
@@ -282,8 +282,8 @@ def cli_modules(env, ridfr):
 
     backend = pack_core("backends").RESTORERID
     unet = copy.deepcopy(env.tiny.unet)
-    adapter, deltas = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
-    adapter_files.apply_weight_deltas(unet, deltas, 1.0)
+    adapter, lora = adapter_files.load_identity_adapter(env.tiny.root / "ipadapter" / RESTORERID_ADAPTER, unet)
+    adapter_files.fuse_lora(unet, lora, 1.0)
     prompts = {text: checkpoints.encode_prompt(env.tiny.text_encoder, ids) for text, ids in backend.prompt_tokens.items()}
     branch = backends.load_content(env.tiny.root / "ridfr" / RESTORERID_FILE)
     clip_vision = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.clip_vision))

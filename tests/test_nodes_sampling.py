@@ -1,5 +1,6 @@
-"""RIDFRSample's seeds in a real ComfyUI: the largest seed, per-face noise for every sampler (a face restores the
-same alone as in a batch), and the null identity computed once per loaded model."""
+"""RIDFRSample's seeds and the identity patch's memory in a real ComfyUI: the largest seed, per-face noise for every
+sampler (a face restores the same alone as in a batch), the null identity computed once per loaded model, the
+FaceID LoRA patched low-rank."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from comfy_host import requires_comfyui
-from test_nodes import FACE, content_condition, env, lq_faces, run, sample  # noqa: F401 (env: fixture)
+from test_nodes import (FACE, content_condition, env, face_identity, lq_faces, random_identity, run,  # noqa: F401
+                        sample)
 
 pytestmark = requires_comfyui
 
@@ -39,3 +41,20 @@ def test_null_identity_is_computed_once_per_loaded_model(env):
     conditions = env.pack.nodes.condition_nodes
     first = conditions.null_identity_tokens(env.ridfr)
     assert conditions.null_identity_tokens(env.ridfr) is first and first.shape[:2] == (1, 4)
+
+
+def test_faceid_lora_is_patched_low_rank(env):
+    """The FaceID LoRA reaches ComfyUI as its own LoRA patches holding the file's (up, down) factors, one per
+    UNet weight it changes, not as dense UNet-sized deltas."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    identity = face_identity(env, random_identity(1))
+    patched = run(env, "IdentityCondition", model=env.model, ridfr=env.ridfr, identity=identity, weight=1.0,
+                  lora_strength=0.5)[0]
+    patches = [patch for patches in patched.patches.values() for patch in patches]
+    assert len(patches) == len(env.ridfr.lora) > 0
+    factors = {(up.data_ptr(), down.data_ptr()) for up, down in env.ridfr.lora.values()}
+    for strength, adapter, *_ in patches:
+        assert strength == 0.5 and isinstance(adapter, LoRAAdapter)
+        up, down, alpha = adapter.weights[:3]
+        assert (up.data_ptr(), down.data_ptr()) in factors and alpha is None and up.shape[1] == down.shape[0]

@@ -89,7 +89,7 @@ class Trainer(TrainingState):
         if c.stage == "align":
             shortcut = backend.faceid_shortcut(Path(c.adapter))
             self.adapter, lora = adapter_files.load_identity_adapter(c.adapter, base.unet, shortcut)
-            adapter_files.apply_weight_deltas(base.unet, lora, 1.0)
+            adapter_files.fuse_lora(base.unet, lora, 1.0)
             place(self.adapter, self.device, self.weight_dtype).requires_grad_(False).eval()
         self.unet = place(base.unet, self.device, self.weight_dtype).requires_grad_(False).eval()
         self.vae = place(base.vae, self.device, self.weight_dtype).requires_grad_(False).eval()

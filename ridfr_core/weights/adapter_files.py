@@ -93,14 +93,15 @@ def identity_adapter_from_state(image_proj_state: dict, attn_state: dict, unet: 
                               "it was made for a different UNet layout.")
     # one dtype: h94's .bin files are fp16, which the K/V loaded with assign=True keep, beside the fp32 projection
     adapter = cast(IdentityAdapter(image_proj.eval(), processors, shortcut=shortcut), torch.float32)
-    return adapter.requires_grad_(False), faceid_lora_deltas(lora, unet, path)
+    return adapter.requires_grad_(False), faceid_lora(lora, unet, path)
 
 
-def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel, path: Path) -> dict:
-    """The published LoRA (rank 128, on every attention's q/k/v/out) as dense deltas of UNet weights."""
+def faceid_lora(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel, path: Path) -> dict:
+    """The published LoRA (rank 128, on every attention's q/k/v/out) as ``{UNet weight name: (up, down)}``: kept
+    low-rank (ComfyUI patches it as a LoRA; :func:`fuse_lora` adds ``up @ down`` where a UNet is owned)."""
     names = list(unet.attn_processors)
     params = dict(unet.named_parameters())
-    deltas = {}
+    factors = {}
     for key in lora:
         index, proj, part = FACEID_LORA_KEY.match(key).groups()
         if part != "down":
@@ -114,18 +115,19 @@ def faceid_lora_deltas(lora: dict[str, torch.Tensor], unet: UNet2DConditionModel
                                   "is incomplete: download it again.")
         attn = names[int(index)].removesuffix(".processor")
         target = f"{attn}.to_out.0.weight" if proj == "out" else f"{attn}.to_{proj}.weight"
-        delta = up.float() @ lora[key].float()
-        if delta.shape != params[target].shape:
-            raise CheckpointError(f"IP-Adapter FaceID Plus: {path}: LoRA '{key}' makes a {tuple(delta.shape)} delta for "
+        down = lora[key]
+        shape = (up.shape[0], down.shape[1])
+        if up.shape[1] != down.shape[0] or shape != tuple(params[target].shape):
+            raise CheckpointError(f"IP-Adapter FaceID Plus: {path}: LoRA '{key}' makes a {shape} delta for "
                                   f"{target} {tuple(params[target].shape)}; the file is for a different base model: "
                                   "use the _sd15 file.")
-        deltas[target] = delta
-    return deltas
+        factors[target] = (up.float(), down.float())
+    return factors
 
 
-def apply_weight_deltas(module: torch.nn.Module, deltas: dict[str, torch.Tensor], strength: float = 1.0) -> None:
-    """Add ``strength * delta`` to named parameters in place (the FaceID LoRA on a UNet the caller owns)."""
+def fuse_lora(module: torch.nn.Module, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], strength: float = 1.0) -> None:
+    """Add ``strength * up @ down`` to named parameters in place (the FaceID LoRA on a UNet the caller owns)."""
     params = dict(module.named_parameters())
     with torch.no_grad():
-        for name, delta in deltas.items():
-            params[name].add_(delta.to(params[name]), alpha=strength)
+        for name, (up, down) in lora.items():
+            params[name].add_((up @ down).to(params[name]), alpha=strength)

@@ -207,6 +207,7 @@ class LoadRIDFR(io.ComfyNode):
     @classmethod
     def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
         from diffusers import UNet2DConditionModel
+        from comfy.patcher_extension import CallbacksMP
         from ..ridfr_core.backends import backend_of, load_content
         from ..ridfr_core.weights import adapter_files, checkpoints
 
@@ -231,7 +232,8 @@ class LoadRIDFR(io.ComfyNode):
                             "models/ any more; put buffalo_l there or pick another pack.")
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
-        return io.NodeOutput(LoadedRIDFR(content=model_patcher(content), backend=backend,
-                                         adapter=model_patcher(adapter), lora=lora,
-                                         clip_vision=model_patcher(clip),
-                                         face_models=face_models, face_device=face_device))
+        loaded = LoadedRIDFR(content=model_patcher(content), backend=backend, adapter=model_patcher(adapter), lora=lora,
+                             clip_vision=model_patcher(clip), face_models=face_models, face_device=face_device)
+        # the face-analysis sessions are no ModelPatcher: they go when ComfyUI unloads the CLIP vision model
+        loaded.clip_vision.add_callback(CallbacksMP.ON_DETACH, loaded.release_face_analyzer)
+        return io.NodeOutput(loaded)

@@ -62,9 +62,16 @@ class LoadedRIDFR:
     derived: dict = field(default_factory=dict)  # constants computed once from these modules (null identity)
 
     def face_analyzer(self):
-        from ..ridfr_core.faces import load_face_analyzer
+        """The insightface sessions of this model pack, made at first use and held here until ComfyUI frees
+        memory (:meth:`release_face_analyzer` runs when it unloads the CLIP vision model)."""
+        from ..ridfr_core.faces.analysis import FaceAnalyzer
 
-        return load_face_analyzer(model_dir=self.face_models, device=self.face_device)
+        if "face_analyzer" not in self.derived:
+            self.derived["face_analyzer"] = FaceAnalyzer(self.face_models, device=self.face_device)
+        return self.derived["face_analyzer"]
+
+    def release_face_analyzer(self, *_detach_args) -> None:
+        self.derived.pop("face_analyzer", None)
 
 
 @dataclass(eq=False)

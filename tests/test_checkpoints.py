@@ -77,7 +77,8 @@ def test_identity_adapter_v2_bin_and_v1_safetensors(tiny_models, tmp_path):
     assert torch.equal(v2.attn_processors[names[1].replace(".", "__")].to_k_ip[0].weight,
                        published["ip_adapter"]["1.to_k_ip.weight"].float())
     # the LoRA delta of attention #0's query is up @ down
-    delta = lora_v2[names[0].removesuffix(".processor") + ".to_q.weight"]
+    up, down = lora_v2[names[0].removesuffix(".processor") + ".to_q.weight"]  # kept low-rank
+    delta = up @ down
     ip = {k: v.float() for k, v in published["ip_adapter"].items()}
     assert torch.allclose(delta, ip["0.to_q_lora.up.weight"] @ ip["0.to_q_lora.down.weight"])
     assert len(lora_v2) == 4 * len(names)
@@ -195,7 +196,7 @@ def test_full_size_faceid_plus_layout_maps_every_key():
     assert adapter.image_proj.proj_in.in_features == 1280
     assert len(adapter.attn_processors) == 16
     unet_params = dict(unet.named_parameters())
-    assert len(lora) == 128 and all(lora[k].shape == unet_params[k].shape for k in lora)
+    assert len(lora) == 128 and all((up @ down).shape == unet_params[k].shape for k, (up, down) in lora.items())
 
 
 def test_full_size_clip_vision_layout():

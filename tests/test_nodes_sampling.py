@@ -1,6 +1,6 @@
 """RIDFRSample's seeds and the identity patch's memory in a real ComfyUI: the largest seed, per-face noise for every
 sampler (a face restores the same alone as in a batch), the null identity computed once per loaded model, the
-FaceID LoRA patched low-rank."""
+FaceID LoRA patched low-rank, the face-analysis sessions released when ComfyUI frees memory."""
 
 from __future__ import annotations
 
@@ -58,3 +58,16 @@ def test_faceid_lora_is_patched_low_rank(env):
         assert strength == 0.5 and isinstance(adapter, LoRAAdapter)
         up, down, alpha = adapter.weights[:3]
         assert (up.data_ptr(), down.data_ptr()) in factors and alpha is None and up.shape[1] == down.shape[0]
+
+
+def test_face_analysis_sessions_go_when_comfyui_frees_memory(env):
+    """The insightface sessions are made once per loaded model and dropped when ComfyUI unloads its models
+    (as its /free endpoint and memory pressure do), then made again at the next use."""
+    import comfy.model_management as mm
+
+    first = env.ridfr.face_analyzer()
+    assert env.ridfr.face_analyzer() is first
+    mm.load_models_gpu([env.ridfr.clip_vision])
+    mm.unload_all_models()
+    assert "face_analyzer" not in env.ridfr.derived
+    assert env.ridfr.face_analyzer() is not first

@@ -59,7 +59,7 @@ def golden(tmp_path_factory):
     # the checkpoint is RestorerID weights, base, FaceID adapter and CLIP vision at once
     pipeline = RIDFRPipeline.from_files(ckpt, ckpt, config_dir=configs, cache_dir=tmp_path_factory.mktemp("cache"))
     inputs = torch.load(files[1], weights_only=True)
-    return pipeline, inputs, torch.load(files[2], weights_only=False)
+    return pipeline, inputs, torch.load(files[2], weights_only=True)
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:

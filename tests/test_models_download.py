@@ -272,17 +272,24 @@ def wait_for_part(models, process: subprocess.Popen) -> None:
     assert process.poll() is None, process.communicate()
 
 
-def test_two_concurrent_downloads_of_one_file_write_it_once(hub, tmp_path):
-    """Without a lock both appended to the same .part, and one's verify moved it while the other wrote."""
+def start_stalled_fetch(hub, tmp_path, name: str, chunks: int, seed: int, stall_seconds: float):
+    """A download of a hub file of ``chunks`` download chunks that stalls after the first chunk, started in
+    another process and waited for until its .part exists: (file, data, sha, models, env, process)."""
     from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
-    data = content(DOWNLOAD_CHUNK_SIZE * 3, seed=11)
-    file = hub_file("shared.bin")
+    data = content(DOWNLOAD_CHUNK_SIZE * chunks, seed=seed)
+    file = hub_file(name)
     sha = hub.add(f"{file.repo}/{file.path}", data)
-    hub.stall_after[sha] = (DOWNLOAD_CHUNK_SIZE + 1000, 3.0)
+    hub.stall_after[sha] = (DOWNLOAD_CHUNK_SIZE + 1000, stall_seconds)
     env, models = hub_env(hub, tmp_path), tmp_path / "models"
-    first = start_fetch(file, models, env)
-    wait_for_part(models, first)  # the first is mid-file, stalled
+    process = start_fetch(file, models, env)
+    wait_for_part(models, process)
+    return file, data, sha, models, env, process
+
+
+def test_two_concurrent_downloads_of_one_file_write_it_once(hub, tmp_path):
+    """Without a lock both appended to the same .part, and one's verify moved it while the other wrote."""
+    file, data, sha, models, env, first = start_stalled_fetch(hub, tmp_path, "shared.bin", 3, 11, 3.0)  # mid-file
     second = start_fetch(file, models, env)
     results = [process.communicate(timeout=120) for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], results
@@ -293,15 +300,7 @@ def test_two_concurrent_downloads_of_one_file_write_it_once(hub, tmp_path):
 
 
 def test_a_part_file_removed_mid_download_is_a_clear_error(hub, tmp_path):
-    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
-
-    data = content(DOWNLOAD_CHUNK_SIZE * 2, seed=12)
-    file = hub_file("removed.bin")
-    sha = hub.add(f"{file.repo}/{file.path}", data)
-    hub.stall_after[sha] = (DOWNLOAD_CHUNK_SIZE + 1000, 2.0)
-    env, models = hub_env(hub, tmp_path), tmp_path / "models"
-    process = start_fetch(file, models, env)
-    wait_for_part(models, process)
+    _, _, _, models, _, process = start_stalled_fetch(hub, tmp_path, "removed.bin", 2, 12, 2.0)
     for part in (models / STAGING).glob("*.part"):
         part.unlink()  # e.g. a user cleaning up hidden folders
     _, err = process.communicate(timeout=120)

@@ -25,7 +25,7 @@ from comfy_host import REPO_ROOT, ComfyServer, build_comfy_models, requires_comf
 from comfy_workflows import FACE, WORKFLOWS
 from fake_hub import FakeHub
 from ridfr_core.models.registry import CLIP_VIT_H, FACE_SWINIR, FACEID_PLUS_V1, RESTORERID, SD15
-from test_frontend_missing_models import CHROMIUM, playwright_missing
+from test_frontend_missing_models import CHROMIUM, OPEN_COMFYUI, playwright_missing
 
 pytestmark = [requires_comfyui, pytest.mark.skipif(playwright_missing() is not None, reason=str(playwright_missing()))]
 WORKFLOW = next(path for path in WORKFLOWS if path.stem.startswith("4_"))
@@ -34,14 +34,7 @@ const { chromium } = require('playwright-core');
 const [url, workflowPath, chromiumPath, face] = process.argv.slice(2);
 const workflow = JSON.parse(require('fs').readFileSync(workflowPath, 'utf8'));
 (async () => {
-  const browser = await chromium.launch({ executablePath: chromiumPath, args: ['--no-sandbox'] });
-  const page = await browser.newPage();
-  const origin = new URL(url).origin;
-  await page.route('**/*', (route) => route.request().url().startsWith(origin) ? route.continue() : route.abort());
-  await page.goto(url);
-  await page.waitForFunction(() => window.app && window.app.vueAppReady, null, { timeout: 90000 });
-  await page.waitForLoadState('networkidle');
-  await page.evaluate((wf) => window.app.loadGraphData(wf, true, true, null,
+""" + OPEN_COMFYUI + r"""  await page.evaluate((wf) => window.app.loadGraphData(wf, true, true, null,
     { showMissingNodesDialog: false, showMissingModelsDialog: false }), workflow);
   await page.waitForSelector('#ridfr-downloads', { timeout: 20000 });
   const result = { rows: await page.$$eval('#ridfr-downloads li', (rows) => rows.map((row) => row.innerText)) };

@@ -21,11 +21,8 @@ from ridfr_core.models import frontend_models
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
-DRIVER = r"""
-const { chromium } = require('playwright-core');
-const [url, workflowsPath, chromiumPath] = process.argv.slice(2);
-const workflows = JSON.parse(require('fs').readFileSync(workflowsPath, 'utf8'));
-(async () => {
+OPEN_COMFYUI = r"""
+  // in an async function with url and chromiumPath: the frontend of the server at url, ready, offline but for it
   const browser = await chromium.launch({ executablePath: chromiumPath, args: ['--no-sandbox'] });
   const page = await browser.newPage();
   const origin = new URL(url).origin;
@@ -33,7 +30,13 @@ const workflows = JSON.parse(require('fs').readFileSync(workflowsPath, 'utf8'));
   await page.goto(url);
   await page.waitForFunction(() => window.app && window.app.vueAppReady, null, { timeout: 90000 });
   await page.waitForLoadState('networkidle');  // the start-up workflow's model checks are done
-  const results = {};
+"""
+DRIVER = r"""
+const { chromium } = require('playwright-core');
+const [url, workflowsPath, chromiumPath] = process.argv.slice(2);
+const workflows = JSON.parse(require('fs').readFileSync(workflowsPath, 'utf8'));
+(async () => {
+""" + OPEN_COMFYUI + r"""  const results = {};
   for (const [name, workflow] of Object.entries(workflows)) {
     await page.evaluate((wf) => window.app.loadGraphData(wf, true, true, null,
       { showMissingNodesDialog: false, showMissingModelsDialog: true }), workflow);

@@ -214,13 +214,7 @@ def test_sigkill_and_resume_is_bit_exact_and_the_file_restores_through_the_cli(
     assert (metadata["data"], metadata["data_images"], metadata["data_identities"]) == ("identities", "16", "4")
 
     # `models list` shows it; the CLI restores with it, the base coming from the RestorerIDFull.ckpt beside it.
-    models = tmp_path / "models"
-    models.mkdir()
-    for folder in ("ipadapter", "clip_vision", "insightface"):
-        (models / folder).symlink_to((restorerid_models_dir / folder).resolve())
-    (models / "ridfr").mkdir()
-    (models / "ridfr" / "RestorerIDFull.ckpt").symlink_to(restorerid_checkpoint)
-    (models / "ridfr" / "aligned.safetensors").write_bytes(weights.read_bytes())
+    models = models_with_aligned(tmp_path, restorerid_models_dir, restorerid_checkpoint, weights)
     from ridfr_core.models.__main__ import main as models_main
     from ridfr_core.restore import main as restore_main, resolve_models
 
@@ -243,6 +237,19 @@ def test_sigkill_and_resume_is_bit_exact_and_the_file_restores_through_the_cli(
     assert restored.shape == (512, 512, 3) and restored.std() > 2
 
 
+def models_with_aligned(tmp_path, restorerid_models_dir, restorerid_checkpoint, aligned: Path) -> Path:
+    """A models folder with the public RestorerID checkpoint and ``aligned`` (as ridfr/aligned.safetensors) beside
+    it, and the other model files of ``restorerid_models_dir``."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for folder in ("ipadapter", "clip_vision", "insightface"):
+        (models / folder).symlink_to((restorerid_models_dir / folder).resolve())
+    (models / "ridfr").mkdir()
+    (models / "ridfr" / "RestorerIDFull.ckpt").symlink_to(restorerid_checkpoint)
+    (models / "ridfr" / "aligned.safetensors").symlink_to(aligned)
+    return models
+
+
 @pytest.fixture(scope="module")
 def aligned_file(tiny_models, restorerid_checkpoint, small_faces, bgr_cache, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("aligned") / "run"
@@ -259,13 +266,7 @@ def test_eval_compares_the_public_and_the_aligned_weights_in_one_table(
     from ridfr_core import eval as evaluation
     from ridfr_core.models.registry import MUSIQ_KONIQ
 
-    models = tmp_path / "models"
-    models.mkdir()
-    for folder in ("ipadapter", "clip_vision", "insightface"):
-        (models / folder).symlink_to((restorerid_models_dir / folder).resolve())
-    (models / "ridfr").mkdir()
-    (models / "ridfr" / "RestorerIDFull.ckpt").symlink_to(restorerid_checkpoint)
-    (models / "ridfr" / "aligned.safetensors").symlink_to(aligned_file)
+    models = models_with_aligned(tmp_path, restorerid_models_dir, restorerid_checkpoint, aligned_file)
     (models / MUSIQ_KONIQ.relative).parent.mkdir(parents=True)
     torch.save(random_state(), models / MUSIQ_KONIQ.relative)
     split = evaluation.build_split(FACES, num_test_ids=1, seed=0, pattern="refs/*.jpg", max_images_per_id=1)

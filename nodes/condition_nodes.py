@@ -15,6 +15,7 @@ from .patches import IdentityTokens, SigmaRange, apply_content, apply_identity
 from .restorerid_patches import add_balance_tokens, apply_structure
 from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
                     module_of)
+from .vae_moments import encode_moments
 from .validation import node_inputs
 
 logger = logging.getLogger(__name__)
@@ -77,16 +78,8 @@ def null_identity_tokens(ridfr) -> torch.Tensor:
 def lq_posterior(model, vae, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE posterior of the LQ faces (F,3,S,S) in [0,1], scaled like the UNet's input
     (``latent_format.process_in``). RestorerID's structure encoder reads a sample ``mean + std * eps``;
-    ComfyUI's VAE Encode returns only the mean, so the encoder's moments are read here."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([vae.patcher])
-    engine = vae.first_stage_model
-    with torch.no_grad():
-        moments = engine.encoder(vae.process_input(lq).to(vae.device, vae.vae_dtype))
-        if getattr(engine, "quant_conv", None) is not None:
-            moments = engine.quant_conv(moments)
-    mean, logvar = moments.float().chunk(2, dim=1)
+    ComfyUI's VAE Encode returns only the mean, so the moments are encoded (batched like it: .vae_moments)."""
+    mean, logvar = encode_moments(vae, lq).chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     latent_format = model.get_model_object("latent_format")
     return latent_format.process_in(mean).cpu(), (std * latent_format.scale_factor).cpu()

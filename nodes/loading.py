@@ -21,7 +21,8 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from .sockets import LoadedRIDFR, ModuleHolder, NodeError, RIDFRModelsSocket, invalid_choice
+from .memory import whole_module_patcher
+from .sockets import LoadedRIDFR, NodeError, RIDFRModelsSocket, invalid_choice
 from .validation import node_inputs
 
 CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
@@ -76,17 +77,6 @@ def architecture_configs() -> str | None:
         if (Path(root) / ARCHITECTURE_FOLDER / "unet.json").is_file():
             return str(Path(root) / ARCHITECTURE_FOLDER)
     return None
-
-
-def model_patcher(module):
-    """Wrap a module so that ComfyUI loads it to the GPU and offloads it like any model. The module sits
-    in a plain holder because ModelPatcher sets ``.device`` on its model, a read-only property of
-    diffusers and transformers models."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    return comfy.model_patcher.ModelPatcher(ModuleHolder(module), load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
 
 
 def compute_dtype(module):
@@ -232,8 +222,9 @@ class LoadRIDFR(io.ComfyNode):
                             "models/ any more; put buffalo_l there or pick another pack.")
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
-        loaded = LoadedRIDFR(content=model_patcher(content), backend=backend, adapter=model_patcher(adapter), lora=lora,
-                             clip_vision=model_patcher(clip), face_models=face_models, face_device=face_device)
+        loaded = LoadedRIDFR(content=whole_module_patcher(content), backend=backend, adapter=whole_module_patcher(adapter),
+                             lora=lora, clip_vision=whole_module_patcher(clip), face_models=face_models,
+                             face_device=face_device)
         # the face-analysis sessions are no ModelPatcher: they go when ComfyUI unloads the CLIP vision model
         loaded.clip_vision.add_callback(CallbacksMP.ON_DETACH, loaded.release_face_analyzer)
         return io.NodeOutput(loaded)

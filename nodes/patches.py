@@ -11,7 +11,8 @@ second backend, is in :mod:`.restorerid_patches`).
   pack's) computes the first term.
 - The FaceID LoRA goes in as ordinary weight patches (``ModelPatcher.add_patches``).
 
-The modules are registered as additional models of the patched MODEL, so ComfyUI loads them with it.
+The modules are registered with the patched MODEL (:func:`.memory.register_modules`), so ComfyUI loads them with it,
+whole (never split between GPU and CPU by a partial load).
 Patch objects are immutable (apart from caches of step-independent tensors: the resized LQ faces, the
 identity K'/V' projections): ``ModelPatcher.clone`` deep-copies ``model_options``, and they return
 themselves from ``__deepcopy__`` so that clones share the modules instead of copying them.
@@ -28,6 +29,7 @@ import re
 
 import torch
 
+from .memory import register_modules
 from .sockets import NodeError, module_of
 
 LDM_ATTENTION = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?1\.transformer_blocks\.(\d+)\.attn2\.")
@@ -250,7 +252,7 @@ def apply_identity(model, ridfr, tokens: IdentityTokens, lora_strength: float):
         if len(applied) != len(patches):
             raise NodeError("IdentityCondition", "model", f"only {len(applied)} of {len(patches)} FaceID LoRA weights "
                             "fit this MODEL; use an SD1.5 checkpoint.")
-    patched.set_additional_models(f"ridfr_identity_{id(tokens)}", [ridfr.adapter])
+    register_modules(patched, f"ridfr_identity_{id(tokens)}", [ridfr.adapter])
     return patched
 
 
@@ -261,5 +263,5 @@ def apply_content(model, ridfr, lq_faces: torch.Tensor, strength: float, sigmas:
     patched = model.clone()
     patch = ContentPatch(ridfr.content, lq_faces, strength, sigmas)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"ridfr_content_{id(patch)}", patch)
-    patched.set_additional_models(f"ridfr_content_{id(patch)}", [ridfr.content])
+    register_modules(patched, f"ridfr_content_{id(patch)}", [ridfr.content])
     return patched

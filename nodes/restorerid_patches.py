@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .memory import register_modules
 from .patches import SigmaRange, chunks_of
 from .restorerid_sampler import POSTERIOR_EPS
 from .sockets import NodeError, module_of
@@ -168,7 +169,7 @@ def apply_structure(model, ridfr, lq_latent: torch.Tensor, strength: float, sigm
     patch = StructurePatch(ridfr.content, lq_latent, strength, sigmas, null_tokens, lq_std)
     key = f"ridfr_restorerid_{id(patch)}"
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, patch)
-    patched.set_additional_models(key, [ridfr.content])
+    register_modules(patched, key, [ridfr.content])
     return patched
 
 

@@ -40,7 +40,7 @@ def with_branch(env, ridfr, change):
     branch = copy.deepcopy(env.pack.nodes.sockets.module_of(ridfr.content))
     with torch.no_grad():
         change(branch)
-    return dataclasses.replace(ridfr, content=env.pack.nodes.loading.model_patcher(branch))
+    return dataclasses.replace(ridfr, content=env.pack.nodes.memory.whole_module_patcher(branch))
 
 
 def prompt(env, text):

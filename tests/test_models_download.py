@@ -163,6 +163,22 @@ def test_a_models_folder_linked_to_another_disk_gets_its_file_and_is_not_hashed_
         shutil.rmtree(elsewhere, ignore_errors=True)
 
 
+def test_bytes_an_earlier_version_staged_are_not_downloaded_again(hub, tmp_path):
+    """Earlier versions kept the .part in models/.ridfr-downloads (where a finished one could stay forever when
+    the target folder was on another disk)."""
+    data = content(600_000, seed=15)
+    file = hub_file()
+    sha = hub.add(f"{file.repo}/{file.path}", data)
+    models = tmp_path / "models"
+    (models / STAGING).mkdir(parents=True)
+    (models / STAGING / f"{sha}.part").write_bytes(data[:200_000])
+    result = run_fetch(file, models, hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert [entry[3] for entry in hub.requests("cdn", "GET")] == ["bytes=200000-"]
+    assert (models / file.relative).read_bytes() == data
+    assert not (models / STAGING / f"{sha}.part").exists()
+
+
 def test_checksum_mismatch_is_never_put_in_place(hub, tmp_path):
     data = content(100_000, seed=2)
     file = hub_file()

@@ -193,6 +193,13 @@ def part_path(target: Path, sha256: str) -> Path:
     return target.with_name(f".{target.name}.{sha256[:16]}.part")
 
 
+def adopt_staged_part(staged: Path, part: Path) -> None:
+    """Earlier versions collected the bytes in ``models/.ridfr-downloads/<sha256>.part`` (and could never move a
+    finished one onto another disk): continue from it instead of downloading those bytes again."""
+    if staged.is_file() and not part.exists():
+        shutil.move(staged, part)  # a copy where the disks differ
+
+
 def transfer(source: Source, part: Path, label: str, extra_space: int = 0, tqdm_class=None) -> None:
     """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar
     (``tqdm_class``: huggingface_hub's by default; ComfyUI's download route passes one that reports)."""
@@ -301,6 +308,7 @@ def place(file: ModelFile, models: Path, source: Source, current: str, tqdm_clas
         _remember(models, file.relative, source.sha256)
         return "already there, now verified"
     part = part_path(target, source.sha256)
+    adopt_staged_part(models / STAGING / f"{source.sha256}.part", part)
     unpacked = sum(size for size, _ in file.members.values())
     transfer(source, part, file.relative, extra_space=unpacked, tqdm_class=tqdm_class)
     verify(part, source, file.relative)

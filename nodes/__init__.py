@@ -8,7 +8,7 @@
 - :mod:`.patches`: the content-ControlNet wrapper and the identity attention replacement themselves.
 - :mod:`.restorerid_patches`: RestorerID's LQ branch as ResBlock object patches (the second content backend).
 - :mod:`.validation`: one validation message per node; :mod:`.downloads`: the in-UI model download routes
-  (with the frontend extension in ``web/``).
+  (with the frontend extension in ``web/``), offering what :mod:`.model_needs` says the graph's nodes need.
 """
 
 from comfy_api.latest import ComfyExtension, io

@@ -118,7 +118,7 @@ def test_downloads_from_another_machine_need_the_users_consent(tmp_path, allowed
                          extra_env={"RIDFR_ALLOW_REMOTE_DOWNLOADS": "1"} if allowed else None)
     try:
         request = urllib.request.Request(f"http://{address}:{server.port}/ridfr/models/download", data=b'{"files": []}',
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", "X-RIDFR-Request": "1"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         answer = json.loads(refused.value.read())

@@ -94,6 +94,7 @@ def test_registry_names_are_unique_and_every_file_has_exactly_one_source():
         sources = [bool(file.repo and file.path), bool(file.url and file.sha256 and file.size), bool(file.how_to_get)]
         assert sum(sources) == 1, file
         assert file.downloadable == (file.licence is not None), file
+        assert not file.downloadable or file.size or file.approx_size, f"{file.relative}: no size to show"
 
 
 def test_restorerid_download_skips_what_the_checkpoint_holds(hub, tmp_path):

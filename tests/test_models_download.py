@@ -11,16 +11,18 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from shared_data import REPO_ROOT
 from fake_hub import FakeHub
 from ridfr_core.models import ModelFile
-from ridfr_core.models.fetch import STAGING
+from ridfr_core.models.fetch import STAGING, part_path
 
 RUNNER = """
 import json, sys
@@ -58,6 +60,11 @@ def run_fetch(file: ModelFile, models, env: dict, prefix: tuple[str, ...] = ()) 
                           text=True, timeout=120)
 
 
+def parts(models) -> list:
+    """Every partial download under ``models`` (hidden .part files beside their targets)."""
+    return sorted(Path(models).rglob(".*.part"))
+
+
 def content(size: int, seed: int = 0) -> bytes:
     return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"x" * (size % 32)
 
@@ -75,7 +82,7 @@ def test_fresh_download_lands_verified_and_is_not_fetched_again(hub, tmp_path):
     assert first.returncode == 0, first.stderr
     assert "downloaded" in first.stdout
     assert (models / "ipadapter" / "adapter.bin").read_bytes() == data
-    assert not list((models / STAGING).glob("*.part"))
+    assert parts(models) == []
     # the token goes to the hub, never to the CDN that serves the bytes
     assert all(auth == f"Bearer {TOKEN}" for *_, auth in hub.requests("hub"))
     assert hub.requests("cdn", "GET") and all(auth is None for *_, auth in hub.requests("cdn"))
@@ -85,28 +92,91 @@ def test_fresh_download_lands_verified_and_is_not_fetched_again(hub, tmp_path):
     assert hub.log == []  # verified on download and unchanged since: no network at all
 
 
-def test_resume_after_the_connection_drops_mid_file(hub, tmp_path):
-    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE  # what it writes at a time
-
-    data = content(2 * DOWNLOAD_CHUNK_SIZE + 12345, seed=1)
+def test_a_dropped_connection_keeps_every_byte_that_arrived_and_resumes_next_run(hub, tmp_path):
+    """huggingface_hub's http_get lost a dropped body's last 10 MB block: the .part stayed empty below 10 MB
+    ("stopped after 0 B") and the next run started over."""
+    data = content(3_000_000, seed=1)
     file = hub_file()
     sha = hub.add(f"{file.repo}/{file.path}", data)
     env, models = hub_env(hub, tmp_path), tmp_path / "models"
-    hub.drop_after[sha] = DOWNLOAD_CHUNK_SIZE + 5000
+    hub.drop_after[sha] = 100_000
     hub.down_after_drop = True  # after the drop the server is gone: this run stops with what it has
     stopped = run_fetch(file, models, env)
     assert stopped.returncode == 3
+    assert "stopped after 100.0 KB of 3.0 MB" in stopped.stderr, stopped.stderr
     assert "run the same command again to resume" in stopped.stderr and "Traceback" not in stopped.stderr
-    assert not (models / "ipadapter" / "adapter.bin").exists()
-    part = (models / STAGING / f"{sha}.part").read_bytes()
-    assert 0 < len(part) <= DOWNLOAD_CHUNK_SIZE + 5000 and data.startswith(part)
-    assert ("cdn", "GET", f"/blobs/{sha}", f"bytes={len(part)}-", None) in hub.log  # huggingface_hub retried in-run
+    assert not (models / file.relative).exists()
+    assert part_path(models / file.relative, sha).read_bytes() == data[:100_000]
+    assert ("cdn", "GET", f"/blobs/{sha}", "bytes=100000-", None) in hub.log  # resumed in the same run first
     hub.down = False
     hub.log.clear()
     resumed = run_fetch(file, models, env)
     assert resumed.returncode == 0, resumed.stderr
-    assert [entry[3] for entry in hub.requests("cdn", "GET")] == [f"bytes={len(part)}-"]
-    assert (models / "ipadapter" / "adapter.bin").read_bytes() == data
+    assert [entry[3] for entry in hub.requests("cdn", "GET")] == ["bytes=100000-"]
+    assert (models / file.relative).read_bytes() == data
+    assert not part_path(models / file.relative, sha).exists()
+
+
+def test_a_dropped_connection_is_resumed_in_the_same_run(hub, tmp_path):
+    data = content(1_000_000, seed=13)
+    file = hub_file()
+    sha = hub.add(f"{file.repo}/{file.path}", data)
+    hub.drop_after[sha] = 250_000
+    models = tmp_path / "models"
+    result = run_fetch(file, models, hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert [entry[3] for entry in hub.requests("cdn", "GET")] == [None, "bytes=250000-"]
+    assert (models / file.relative).read_bytes() == data
+
+
+def other_filesystem(tmp_path):
+    """A folder on another filesystem than ``tmp_path`` (/dev/shm), or None."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        return None
+    return tempfile.mkdtemp(prefix="ridfr-linked-", dir=shm)
+
+
+def test_a_models_folder_linked_to_another_disk_gets_its_file_and_is_not_hashed_again(hub, tmp_path):
+    """The .part was staged in models/.ridfr-downloads and renamed across filesystems: EXDEV on every run,
+    each run hashing the whole file again."""
+    elsewhere = other_filesystem(tmp_path)
+    if elsewhere is None:
+        pytest.skip("needs a writable /dev/shm on another filesystem than the temporary folder")
+    try:
+        data = content(400_000, seed=14)
+        file = hub_file()
+        hub.add(f"{file.repo}/{file.path}", data)
+        env, models = hub_env(hub, tmp_path), tmp_path / "models"
+        models.mkdir()
+        (models / file.folder).symlink_to(elsewhere)  # e.g. a shared ipadapter folder on a data disk
+        first = run_fetch(file, models, env)
+        assert first.returncode == 0, first.stderr
+        assert "downloaded" in first.stdout
+        assert (Path(elsewhere) / file.name).read_bytes() == data
+        assert [path.name for path in Path(elsewhere).iterdir()] == [file.name]  # no .part left
+        hub.log.clear()
+        again = run_fetch(file, models, env)
+        assert again.returncode == 0 and again.stdout.strip() == "already there, intact"
+        assert hub.log == []  # the record of its verification holds: no hashing, no network
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_bytes_an_earlier_version_staged_are_not_downloaded_again(hub, tmp_path):
+    """Earlier versions kept the .part in models/.ridfr-downloads (where a finished one could stay forever when
+    the target folder was on another disk)."""
+    data = content(600_000, seed=15)
+    file = hub_file()
+    sha = hub.add(f"{file.repo}/{file.path}", data)
+    models = tmp_path / "models"
+    (models / STAGING).mkdir(parents=True)
+    (models / STAGING / f"{sha}.part").write_bytes(data[:200_000])
+    result = run_fetch(file, models, hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert [entry[3] for entry in hub.requests("cdn", "GET")] == ["bytes=200000-"]
+    assert (models / file.relative).read_bytes() == data
+    assert not (models / STAGING / f"{sha}.part").exists()
 
 
 def test_checksum_mismatch_is_never_put_in_place(hub, tmp_path):
@@ -119,7 +189,7 @@ def test_checksum_mismatch_is_never_put_in_place(hub, tmp_path):
     assert result.returncode == 3
     assert "expected sha256" in result.stderr and "not put in place" in result.stderr
     assert not (models / "ipadapter" / "adapter.bin").exists()
-    assert not list((models / STAGING).glob("*.part"))
+    assert parts(models) == []
 
 
 def test_file_missing_on_the_hub_is_a_clear_error(hub, tmp_path):
@@ -217,7 +287,7 @@ def test_disk_filling_up_mid_download_leaves_nothing_under_the_real_name(hub, tm
     models = tmp_path / "models"
     models.mkdir()
     # A tmpfs with room for the file; once the first chunk has landed, another writer fills it up.
-    fill_when_started = (f'timeout 60 sh -c \'until [ "$(stat -c %s "{models}"/{STAGING}/*.part 2>/dev/null)" -gt 0 ]; '
+    fill_when_started = (f'timeout 60 sh -c \'until [ "$(stat -c %s "{models}"/ipadapter/.*.part 2>/dev/null)" -gt 0 ]; '
                          f'do sleep 0.05; done; cat /dev/zero > "{models}/filler" 2>/dev/null\' &')
     listing = tmp_path / "left_on_the_small_disk.txt"  # the tmpfs goes with its namespace: list it from inside
     # (the mount ends its own list: joined by && to the background filler it would race the download)
@@ -228,8 +298,10 @@ def test_disk_filling_up_mid_download_leaves_nothing_under_the_real_name(hub, tm
     assert result.returncode == 3, result.stdout + result.stderr
     assert "No space left on device" in result.stderr and "run the same command again" in result.stderr
     assert "Traceback" not in result.stderr
-    # the part is kept to resume (beside its download lock); nothing is named adapter.bin
-    assert sorted(listing.read_text().split()) == [f"./{STAGING}/{sha}.lock", f"./{STAGING}/{sha}.part"]
+    # the part is kept to resume (beside the file it becomes; its download lock in the staging folder); nothing is
+    # named adapter.bin
+    part = part_path(models / file.relative, sha).relative_to(models)
+    assert sorted(listing.read_text().split()) == [f"./{STAGING}/{sha}.lock", f"./{part}"]
 
 
 def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path):
@@ -251,7 +323,7 @@ def test_release_archive_is_verified_and_unpacked_into_its_folder(hub, tmp_path)
     folder = models / "insightface" / "models" / "buffalo_l"
     assert sorted(p.name for p in folder.iterdir()) == sorted(members)
     assert all((folder / name).read_bytes() == data for name, data in members.items())
-    assert not list((models / STAGING).glob("*.part")) and not list(folder.parent.glob(".buffalo_l.*"))
+    assert parts(models) == [] and not list(folder.parent.glob(".buffalo_l.*"))
     (folder / "genderage.onnx").unlink()  # a pack of only the files RIDFR uses (as the README once said) is fine
     assert run_fetch(pack, models, env).stdout.strip() == "already there, intact"
     (folder / "w600k_r50.onnx").unlink()
@@ -267,7 +339,7 @@ def start_fetch(file: ModelFile, models, env: dict) -> subprocess.Popen:
 
 def wait_for_part(models, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + 60
-    while not list((models / STAGING).glob("*.part")) and process.poll() is None and time.monotonic() < deadline:
+    while not parts(models) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, process.communicate()
 
@@ -301,7 +373,7 @@ def test_two_concurrent_downloads_of_one_file_write_it_once(hub, tmp_path):
 
 def test_a_part_file_removed_mid_download_is_a_clear_error(hub, tmp_path):
     _, _, _, models, _, process = start_stalled_fetch(hub, tmp_path, "removed.bin", 2, 12, 2.0)
-    for part in (models / STAGING).glob("*.part"):
+    for part in parts(models):
         part.unlink()  # e.g. a user cleaning up hidden folders
     _, err = process.communicate(timeout=120)
     assert process.returncode == 3, err

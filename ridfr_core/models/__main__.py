@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
-from .fetch import DownloadError, fetch, human, state
-from .registry import BACKENDS, HELD_BY, LICENCE_FLAG, ModelFile
+from .fetch import human, state
+from .plan import fetch_in_order, in_download_order, not_needed, size_text
+from .registry import BACKENDS, LICENCE_FLAG, ModelFile
 
 STATE_TEXT = {"missing": "missing", "intact": "intact", "unverified": "present, not verified yet",
               "different": "DIFFERS from the published file", "incomplete": "INCOMPLETE"}
-
-
-def size_text(file: ModelFile) -> str:
-    if file.size is not None:
-        return human(file.size)
-    return f"~{human(file.approx_size)}" if file.approx_size else "size from the hub"
 
 
 def describe(file: ModelFile, models: Path) -> list[str]:
@@ -75,24 +71,16 @@ def print_licences(files: list[ModelFile]) -> None:
         print(f"  {licence.name}: {licence.terms}\n      {licence.url}\n      ({names})")
 
 
-def held_elsewhere(backend: str, file: ModelFile, models: Path) -> str | None:
-    """Why ``file`` is not needed (another file of the backend that is here holds its part), else None."""
-    from ..backends import BACKENDS as CONTENT_BACKENDS
-
-    holder, part, why = HELD_BY.get(backend, {}).get(file.relative, (None, None, None))
-    if holder is None or not (models / holder.relative).is_file():
-        return None
-    try:
-        held = CONTENT_BACKENDS[backend].bundled_parts(models / holder.relative)
-    except ValueError:  # unreadable: the loader will say so; fetch the separate file meanwhile
-        return None
-    return f"not needed: {holder.name} holds {why}" if part in held else None
+def found_under(models: Path, file: ModelFile) -> Path | None:
+    """Where a registered file is under ``models``, or None."""
+    path = models / file.relative
+    return path if path.exists() else None
 
 
 def download(backend: str, models: Path, accepted: bool) -> int:
-    files = BACKENDS[backend]
+    files, locate = in_download_order(BACKENDS[backend]), partial(found_under, models)
     wanted = [file for file in files if file.downloadable and state(file, models) != "intact"
-              and held_elsewhere(backend, file, models) is None]
+              and not_needed(file, files, locate) is None]
     print(f"backend {backend}, models folder {models.resolve()}")
     if wanted:
         print("licences of the files to download:")
@@ -102,21 +90,10 @@ def download(backend: str, models: Path, accepted: bool) -> int:
                   f"{len(wanted)} file(s).", file=sys.stderr)
             return 2
     failed = 0
-    for number, file in enumerate(files, 1):
-        prefix = f"[{number}/{len(files)}] {file.relative}"
-        if not file.downloadable:
-            there = state(file, models) != "missing"
-            print(f"{prefix}: {'present' if there else 'still missing'} ({file.how_to_get})")
-            continue
-        skip = held_elsewhere(backend, file, models)  # decided once the holder (fetched first) is here
-        if skip:
-            print(f"{prefix}: {skip}", flush=True)
-            continue
-        try:
-            print(f"{prefix}: {fetch(file, models)}", flush=True)
-        except DownloadError as error:
-            failed += 1
-            print(f"{prefix}: error: {error}", file=sys.stderr, flush=True)
+    for number, outcome in enumerate(fetch_in_order(files, models, locate), 1):
+        failed += outcome.failed
+        print(f"[{number}/{len(files)}] {outcome.file.relative}: {outcome.text}", flush=True,
+              file=sys.stderr if outcome.failed else sys.stdout)
     if failed:
         print(f"{failed} file(s) failed; nothing partial was put in place.", file=sys.stderr)
     return 1 if failed else 0

@@ -1,10 +1,12 @@
 """Checking and fetching registered model files: resumable, verified, then moved into place atomically.
 
-huggingface_hub does the talking (hub metadata and its LFS sha256, ``HF_ENDPOINT``, tokens, offline
-mode, its cache, the HTTP transfer with ranges and its progress bar). What no library does is kept here:
-a partial download that survives the process (``models/.ridfr-downloads/<sha256>.part``, resumed next
-time), the sha256 check before anything gets its real name, unpacking an archive into a folder, and a
-record of what was verified so that ``list`` can say "intact" without hashing gigabytes each time.
+huggingface_hub does the talking to the hub (metadata and its LFS sha256, ``HF_ENDPOINT``, tokens, offline
+mode, its cache, its HTTP session and progress bar). What no library does is kept here: a partial download
+that survives the process and keeps every byte that arrived (``.<name>.<sha256 prefix>.part`` beside the
+target, resumed next time; :mod:`.transfer`), the sha256 check before anything gets its real name, unpacking
+an archive into a folder, and a record of what was verified (``models/.ridfr-downloads/verified.json``) so
+that ``list`` and later runs say "intact" without hashing gigabytes each time. The ``.part`` sits in the
+target's own folder, so the final rename never crosses filesystems (a models folder linked to another disk).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from urllib.parse import urlparse
 
 from ..io.atomic import probe_writable, write_json_atomic
 from .registry import ModelFile
+from .transfer import append_missing
 
 STAGING = ".ridfr-downloads"
 RECORDS = "verified.json"
@@ -184,11 +187,22 @@ def ensure_writable(folder: Path) -> None:
                             "can write to, or fix its permissions.") from None
 
 
+def part_path(target: Path, sha256: str) -> Path:
+    """Where the download of ``target`` collects its bytes: beside it (same filesystem, so the final rename is
+    atomic and never fails with EXDEV), hidden, under a name that no ComfyUI model list shows."""
+    return target.with_name(f".{target.name}.{sha256[:16]}.part")
+
+
+def adopt_staged_part(staged: Path, part: Path) -> None:
+    """Earlier versions collected the bytes in ``models/.ridfr-downloads/<sha256>.part`` (and could never move a
+    finished one onto another disk): continue from it instead of downloading those bytes again."""
+    if staged.is_file() and not part.exists():
+        shutil.move(staged, part)  # a copy where the disks differ
+
+
 def transfer(source: Source, part: Path, label: str, extra_space: int = 0, tqdm_class=None) -> None:
     """Append the missing bytes to ``part`` (resuming what an earlier run left), with a progress bar
     (``tqdm_class``: huggingface_hub's by default; ComfyUI's download route passes one that reports)."""
-    from huggingface_hub.file_download import http_get
-
     have = part.stat().st_size if part.is_file() else 0
     if have > source.size:
         part.unlink()
@@ -200,15 +214,12 @@ def transfer(source: Source, part: Path, label: str, extra_space: int = 0, tqdm_
     if source.cached is not None and have == 0:
         shutil.copyfile(source.cached, part)  # already in the Hugging Face cache
         return
-    with open(part, "ab") as handle:
-        try:
-            http_get(source.url, handle, resume_size=have, headers=source.headers, expected_size=source.size,
-                     displayed_filename=label.rsplit("/", 1)[-1], tqdm_class=tqdm_class)
-        except Exception as error:  # network, server or disk (ENOSPC): keep what arrived, resume next time
-            handle.flush()
-            got = part.stat().st_size
-            raise DownloadError(f"{label}: download stopped after {human(got)} of {human(source.size)} "
-                                f"({_reason(error)}); run the same command again to resume.") from None
+    try:
+        append_missing(source.url, source.headers, part, source.size, label.rsplit("/", 1)[-1], tqdm_class)
+    except Exception as error:  # network, server or disk (ENOSPC): what arrived is kept, resumed next time
+        got = part.stat().st_size if part.is_file() else 0
+        raise DownloadError(f"{label}: download stopped after {human(got)} of {human(source.size)} "
+                            f"({_reason(error)}); run the same command again to resume.") from None
 
 
 def verify(part: Path, source: Source, label: str) -> None:
@@ -296,7 +307,8 @@ def place(file: ModelFile, models: Path, source: Source, current: str, tqdm_clas
                                 f"{source.sha256}); it was left as it is. Move it away and run again to download it.")
         _remember(models, file.relative, source.sha256)
         return "already there, now verified"
-    part = models / STAGING / f"{source.sha256}.part"
+    part = part_path(target, source.sha256)
+    adopt_staged_part(models / STAGING / f"{source.sha256}.part", part)
     unpacked = sum(size for size, _ in file.members.values())
     transfer(source, part, file.relative, extra_space=unpacked, tqdm_class=tqdm_class)
     verify(part, source, file.relative)

@@ -111,9 +111,11 @@ FACEID_PLUS_V1 = ModelFile(
 RIDFR_CONTENT = ModelFile(
     "ridfr", "ridfr-sd15.safetensors", "RIDFR content weights",
     how_to_get="no public weights: train them with `python -m ridfr_core.train` and put the .safetensors here")
+# Size estimated from the layout RestorerID's code builds (1.95 G parameters, fp32 but for the fp16 identity
+# Adapter; not checked against the hub from here): shown as "~6.5 GB"; the download takes the hub's exact size.
 RESTORERID = ModelFile(
     "ridfr", "RestorerIDFull.ckpt", "RestorerID weights", RESTORERID_LICENCE,
-    repo="YingJiacheng/RestorerID", path="RestorerIDFull.ckpt")
+    repo="YingJiacheng/RestorerID", path="RestorerIDFull.ckpt", approx_size=6.46e9)
 
 # RestorerID's adaptive identity scale scores each LQ face with pyiqa's MUSIQ (KonIQ-10k); ridfr_core.musiq
 # reads this file. The name's suffix is torch.hub's sha256 prefix.
@@ -123,23 +125,25 @@ MUSIQ_KONIQ = ModelFile(
     url="https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.1-weights/musiq_koniq_ckpt-e95806b9.pth",
     sha256="e95806b9eae5f3814c410f574ba8e552362bd5bc63d758ed5b97860f5d6185aa", size=108_610_983)
 
+# Estimated from DiffBIR's face SwinIR configuration (15.8 M fp32 parameters); the hub gives the exact size.
 FACE_SWINIR = ModelFile(
     "upscale_models", "face_swinir_v1.ckpt", "DiffBIR's stage-1 face SwinIR (the paper's pre-processing, optional)",
-    DIFFBIR_LICENCE, repo="lxq007/DiffBIR", path="face_swinir_v1.ckpt")
+    DIFFBIR_LICENCE, repo="lxq007/DiffBIR", path="face_swinir_v1.ckpt", approx_size=6.4e7)
 
 BACKENDS: dict[str, tuple[ModelFile, ...]] = {
     "ridfr": (SD15, RIDFR_CONTENT, FACEID_PLUS_V2, CLIP_VIT_H, BUFFALO_L),
     "restorerid": (RESTORERID, SD15, FACEID_PLUS_V1, CLIP_VIT_H, BUFFALO_L, MUSIQ_KONIQ),  # the checkpoint first
 }
-# Files a backend needs only where another file of it lacks what they hold: {backend: {file: (holder, part, why)}}.
+# Files needed only where a file fetched with them lacks what they hold: {file: (holder, part, why)}.
 # RestorerIDFull.ckpt is RestorerID's whole model: the SD1.5 it was trained against, the FaceID LoRA and K/V
 # merged into the UNet and usually the identity Adapter (CLIP ViT-H/14 and FaceID image projection); which
-# parts it holds is read from its key names once it is here (the backend's bundled_parts).
-HELD_BY = {"restorerid": {
+# parts it holds is read from its key names once it is here (the backend's bundled_parts), so it is fetched
+# first and these only for a part it lacks (ridfr_core.models.plan, for the CLI and ComfyUI's dialog alike).
+HELD_BY = {
     SD15.relative: (RESTORERID, "base", "the SD1.5 RestorerID was trained against"),
     FACEID_PLUS_V1.relative: (RESTORERID, "adapter", "FaceID Plus v1's LoRA, K/V and image projection"),
     CLIP_VIT_H.relative: (RESTORERID, "clip_vision", "the CLIP ViT-H/14 vision tower"),
-}}
+}
 LICENCE_FLAG = "--accept-licences"
 
 

@@ -57,8 +57,8 @@ def check_dtype(dtype: str) -> None:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """The same file after symlinks and ``..`` are resolved (or a hard link to it)."""
-    if a.resolve() == b.resolve():
+    """The same file after symlinks and ``..`` are resolved (or a hard link to it); a link that loops is no file."""
+    if os.path.realpath(a) == os.path.realpath(b):
         return True
     return a.exists() and b.exists() and os.path.samefile(a, b)
 

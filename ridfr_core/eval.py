@@ -20,156 +20,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import shutil
 import sys
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 
 from .constants import FACE_SIZE
-from .data.degrade import DegradationConfig, degrade
+from .data.degrade import DegradationConfig
 from .eval_scores import DEFAULT_IQA, DEFAULT_RECOGNISERS, evaluate, run_evaluation
-from .io.images import IMAGE_SUFFIXES, image_size, list_images, read_rgb, write_rgb
-
-
-
-# ------------------------------------------------------------------------------------ split
-
-def build_split(
-    celebref_root: Path, num_test_ids: int = 100, seed: int = 0, pattern: str = "*", max_images_per_id: int | None = None
-) -> dict:
-    """Hold out ``num_test_ids`` random identities (paper: 100 of CelebRef-HQ's 1,005). Every image
-    of a held-out identity is one case; its references are that identity's other images."""
-    root = Path(celebref_root)
-    if num_test_ids < 1:
-        raise ValueError(f"--num-test-ids {num_test_ids}: hold out at least 1 identity (the paper holds out 100).")
-    if max_images_per_id is not None and max_images_per_id < 1:
-        raise ValueError(f"--max-images-per-id {max_images_per_id}: must be at least 1 (or left out for all images).")
-    if not root.is_dir():
-        raise ValueError(f"--celebref {root}: not a folder; give the CelebRef-HQ folder with one sub-folder per identity.")
-    identities = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if len(images) >= 2:  # a case needs at least one other image as its reference
-            identities[folder.name] = [p.relative_to(root).as_posix() for p in images]
-    if len(identities) < num_test_ids:
-        raise ValueError(
-            f"--num-test-ids {num_test_ids}: {root} has only {len(identities)} identity folders with >= 2 images "
-            f"matching --glob {pattern!r}."
-        )
-    names = sorted(identities)
-    test_ids = sorted(np.random.default_rng(seed).choice(names, size=num_test_ids, replace=False).tolist())
-    held_out = set(test_ids)
-    cases = []
-    for identity in test_ids:
-        images = identities[identity]
-        for gt in images[:max_images_per_id]:
-            cases.append({
-                "case": f"{identity}_{Path(gt).stem}",
-                "identity": identity,
-                "gt": gt,
-                "refs": [ref for ref in images if ref != gt],
-            })
-    return {
-        "celebref_root": str(root.resolve()),
-        "seed": seed,
-        "num_test_ids": num_test_ids,
-        "glob": pattern,
-        "max_images_per_id": max_images_per_id,
-        "test_ids": test_ids,
-        "train_ids": [name for name in names if name not in held_out],
-        "cases": cases,
-    }
-
-
-def write_split(split: dict, out_dir: Path) -> Path:
-    """split.json plus plain file lists, so the split can be rebuilt without this code."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "test_ids.txt").write_text("\n".join(split["test_ids"]) + "\n")
-    (out_dir / "train_ids.txt").write_text("\n".join(split["train_ids"]) + "\n")
-    (out_dir / "test_files.txt").write_text("\n".join(case["gt"] for case in split["cases"]) + "\n")
-    path = out_dir / "split.json"
-    path.write_text(json.dumps(split, indent=1))
-    return path
-
-
-# ---------------------------------------------------------------------------------- degrade
-
-def case_rng(seed: int, case: str) -> np.random.Generator:
-    """Per-case generator: a case's LQ does not change when other cases are added or removed."""
-    return np.random.default_rng([seed, zlib.crc32(case.encode())])
-
-
-def _link_or_copy(source: Path, target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() or target.is_symlink():
-        target.unlink()
-    try:
-        target.symlink_to(source.resolve())
-    except OSError:  # e.g. Windows without developer mode
-        shutil.copyfile(source, target)
-
-
-def file_name_of(value, what: str) -> str:
-    """``value`` as one file name: a split's case and reference names become paths under ``--out``, and an
-    edited split must not reach outside it (``../x``, ``/x``, ``a/b``)."""
-    name = value if isinstance(value, str) else ""
-    if name in ("", ".", "..") or name != Path(name).name or "\\" in name:
-        raise ValueError(f"--split: {what} {value!r} is not a plain file name; a case name must not hold a folder "
-                         "(/, \\, ..). Write the split again with the 'split' command.")
-    return name
-
-
-def check_split(split) -> None:
-    """The fields ``degrade`` reads, with a message that names the field (an edited or foreign split.json)."""
-    hint = "write it again with the 'split' command"
-    if not isinstance(split, dict):
-        raise ValueError(f"--split: holds a JSON {type(split).__name__}, not the object the 'split' command writes; "
-                         f"{hint}.")
-    for field, kind in (("celebref_root", str), ("cases", list)):
-        if not isinstance(split.get(field), kind):
-            state = "is missing" if field not in split else f"is not a {'list' if kind is list else 'string'}"
-            raise ValueError(f"--split: field '{field}' {state}; {hint}.")
-    if not split["cases"]:
-        raise ValueError(f"--split: 'cases' is empty, so there is nothing to degrade; {hint} (with --num-test-ids "
-                         "of at least 1).")
-    for number, case in enumerate(split["cases"]):
-        missing = [field for field in ("case", "gt", "refs") if not isinstance(case, dict) or field not in case]
-        if missing or not isinstance(case["refs"], list) or not isinstance(case["gt"], str):
-            raise ValueError(f"--split: case {number} has no valid {', '.join(missing) or 'gt/refs'} (each case is an "
-                             f"object with 'case', 'gt' and a list 'refs'); {hint}.")
-        file_name_of(case["case"], f"case {number}'s name")
-        for ref in case["refs"]:
-            file_name_of(Path(ref).name if isinstance(ref, str) else ref, f"case {case['case']!r}'s reference")
-
-
-def degrade_split(
-    split: dict, out_dir: Path, seed: int = 0, config: DegradationConfig = DegradationConfig(), size: int = FACE_SIZE
-) -> Path:
-    """Write gt/, lq/ (Eq. 7 with a per-case seed) and refs/ (links) for every case of a split."""
-    if size < 1:
-        raise ValueError(f"--size {size}: give the face size in pixels ({FACE_SIZE} for RIDFR, as in the paper).")
-    check_split(split)
-    root = Path(split["celebref_root"])
-    records = {}
-    for case in split["cases"]:
-        name = case["case"]
-        gt = read_rgb(root / case["gt"])
-        if gt.shape[:2] != (size, size):
-            gt = cv2.resize(gt, (size, size), interpolation=cv2.INTER_AREA if gt.shape[0] > size else cv2.INTER_CUBIC)
-        lq, params = degrade(gt, case_rng(seed, name), config, return_params=True)
-        write_rgb(out_dir / "gt" / f"{name}.png", gt)
-        write_rgb(out_dir / "lq" / f"{name}.png", lq)
-        for ref in case["refs"]:
-            _link_or_copy(root / ref, out_dir / "refs" / name / Path(ref).name)
-        records[name] = params.to_dict()
-    manifest = {"seed": seed, "size": size, "config": config.to_dict(), "split": split, "params": records}
-    path = out_dir / "degradation.json"
-    path.write_text(json.dumps(manifest, indent=1))
-    return path
+from .eval_split import build_split, degrade_split, write_split
+from .io.images import image_size, list_images
 
 
 # -------------------------------------------------------------------------------------- run

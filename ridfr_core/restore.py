@@ -22,7 +22,7 @@ import torch
 
 from .archive.inputs import is_archive_input
 from .archive.run import reference_people, run_archive
-from .backends import RIDFR, file_backend
+from .backends import RIDFR, content_backend, file_backend
 from .backends.interface import ContentBackend
 from .backends.restorerid.identity_scale import parse_identity_scale
 from .best_of_n import best_of_n
@@ -110,7 +110,7 @@ def resolve_models(models: Path, choices: dict[str, str | None], need_insightfac
     paths, missing, absent = {}, [], []
     slots = {slot.option: slot for slot in MODEL_SLOTS}
     content = pick_file(models, slots["content"], choices.get("content"))
-    backend = file_backend(content) if content is not None else None
+    backend = content_backend(content) if content is not None else None
     own = backend.bundled_parts(content) if backend is not None else set()
     for slot in MODEL_SLOTS:
         if slot.option in own and not choices.get(slot.option):

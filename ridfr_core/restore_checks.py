@@ -38,6 +38,21 @@ def check_upscale(upscale: float) -> None:
         raise ValueError(f"--upscale: {upscale} is outside (0, {MAX_UPSCALE:g}]; 1 keeps the photo's size.")
 
 
+def check_content_scale(scale: float) -> None:
+    check_finite("--content-scale", scale)
+    if scale < 0:
+        raise ValueError(f"--content-scale: {scale} is negative; give a number >= 0 (1 is the trained strength, 0 "
+                         "leaves the LQ face out), as ContentCondition's strength.")
+
+
+def check_guidance(guidance: float) -> None:
+    """The sampler node's range starts at 1 too: below it the null identity outweighs the references."""
+    check_finite("--guidance", guidance)
+    if guidance < 1:
+        raise ValueError(f"--guidance: {guidance} is below 1; give 1 (no guidance, RIDFR's default) or more "
+                         "(RestorerID uses 4). To weaken the identity, lower --identity-scale instead.")
+
+
 def check_quality(quality: int) -> None:
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality: {quality} is outside 1..100 (JPEG/WebP quality; PNG is always lossless).")
@@ -57,8 +72,8 @@ def check_dtype(dtype: str) -> None:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """The same file after symlinks and ``..`` are resolved (or a hard link to it)."""
-    if a.resolve() == b.resolve():
+    """The same file after symlinks and ``..`` are resolved (or a hard link to it); a link that loops is no file."""
+    if os.path.realpath(a) == os.path.realpath(b):
         return True
     return a.exists() and b.exists() and os.path.samefile(a, b)
 
@@ -99,6 +114,6 @@ def check_restore_options(args, archive: bool = False) -> None:
     check_dtype(args.dtype)
     if args.identity_scale is not None:
         parse_identity_scale(args.identity_scale)
-    for option in ("content_scale", "guidance"):
-        if getattr(args, option) is not None:
-            check_finite("--" + option.replace("_", "-"), getattr(args, option))
+    check_content_scale(args.content_scale)
+    if args.guidance is not None:  # None: the backend's
+        check_guidance(args.guidance)

@@ -191,13 +191,29 @@ def test_a_glob_visits_each_real_file_once_through_a_link_loop(tmp_path):
         touch(arc / name)
     (arc / "sub" / "deeper" / "back").symlink_to(arc, target_is_directory=True)
     (arc / "dead.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link still gets its manifest line
-    expected = ["a.jpg", "dead.jpg", "sub/b.jpg", "sub/deeper/c.jpg"]
-    assert [i.relative for i in collect_inputs(str(arc / "**" / "*.jpg"))] == expected
-    assert [i.relative for i in collect_inputs(str(arc))] == expected
-    assert [i.relative for i in collect_inputs(str(arc / "sub" / "**"))] == ["b.jpg", "deeper/c.jpg"]
+    (arc / "selfloop.jpg").symlink_to("selfloop.jpg")  # so does a link to itself (it was a RuntimeError traceback)
+    (arc / "sub" / "ping.jpg").symlink_to("pong.jpg")
+    (arc / "sub" / "pong.jpg").symlink_to("ping.jpg")
+    expected = ["a.jpg", "dead.jpg", "selfloop.jpg", "sub/b.jpg", "sub/deeper/c.jpg", "sub/ping.jpg", "sub/pong.jpg"]
+    assert [i.relative for i in collect_inputs(str(arc / "**" / "*.jpg"), exclude=tmp_path / "out")] == expected
+    assert [i.relative for i in collect_inputs(str(arc), exclude=tmp_path / "out")] == expected
+    assert [i.relative for i in collect_inputs(str(arc / "sub" / "**"))] == ["b.jpg", "deeper/c.jpg", "ping.jpg",
+                                                                          "pong.jpg"]
     # One level of wildcard through the link finds each real file once too, under its shortest name.
-    assert [i.relative for i in collect_inputs(str(arc / "sub" / "deeper" / "*" / "*.jpg"))] == ["back/a.jpg",
-                                                                                                  "back/dead.jpg"]
+    assert [i.relative for i in collect_inputs(str(arc / "sub" / "deeper" / "*" / "*.jpg"))] == [
+        "back/a.jpg", "back/dead.jpg", "back/selfloop.jpg"]
+
+
+def test_inputs_that_are_all_broken_or_looping_links_are_refused(tmp_path):
+    """Nothing to restore: one line before any model loads, naming the entries."""
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    (arc / "selfloop.jpg").symlink_to("selfloop.jpg")
+    (arc / "dead.png").symlink_to(tmp_path / "gone.png")
+    for lq in (str(arc), str(arc / "*.jpg")):
+        with pytest.raises(ValueError, match=r"--lq: .*: none of its \d entries can be opened \((dead.png, )?"
+                                             r"selfloop.jpg: missing files, broken links or links that loop\)"):
+            collect_inputs(lq, exclude=tmp_path / "out")
 
 
 def test_a_list_file_that_is_not_utf8_names_the_option_and_the_file(tmp_path):

@@ -100,18 +100,22 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, cli_models, peo
     (albums / "not_an_image.jpg").write_text("a caption, not a photo")
     (albums / "huge.png").write_bytes(huge_png_header())
     (albums / "notes.txt").write_text("album notes")
+    (albums / "selfloop.jpg").symlink_to("selfloop.jpg")  # a link to itself: its manifest line, the rest restored
+    (albums / "2001" / "back").symlink_to(albums, target_is_directory=True)  # a folder loop: not descended
     out = tmp_path / "restored"
     args = ["--lq", str(albums), "--out", str(out), "--people", str(people), "--unmatched", "keep_original",
             "--batch-size", "4", "--seed", "7", *common_args(cli_models, tiny_models)]
 
     assert main(args) == 1  # some inputs failed, and the run still finished every other one
     first = {record["input"]: record for record in records(out)}
-    assert len(records(out)) == len(first) == 9  # one line per input
+    assert len(records(out)) == len(first) == 10  # one line per input
     status = {name: record["status"] for name, record in first.items()}
     assert status == {"1990/alice.png": "done", "2001/trip/bob.jpg": "done", "stranger.png": "done",
                       "night.png": "no_face", "notes.txt": "skipped", "corrupt.jpg": "error", "empty.png": "error",
-                      "not_an_image.jpg": "error", "huge.png": "error"}
+                      "not_an_image.jpg": "error", "huge.png": "error",
+                      "selfloop.jpg": "error"}
     assert "decompression bomb" in first["huge.png"]["error"] and "--lq" in first["empty.png"]["error"]
+    assert "Too many levels of symbolic links" in first["selfloop.jpg"]["error"]
     alice, = first["1990/alice.png"]["faces"]
     assert alice["person"] == "alice" and alice["similarity"] > 0.99 and alice["seed"] == 7 and alice["restored"]
     assert alice["identity_scale"] == 1.0  # the scale each restored face got (RIDFR's default)
@@ -128,7 +132,8 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, cli_models, peo
     assert 0.01 < np.any(before != after, axis=-1).mean() < 0.9
     assert np.array_equal(np.asarray(Image.open(out / "stranger.png")), smooth_image(3))
     summary = capsys.readouterr()
-    assert "9 inputs" in summary.out and "4 error" in summary.out and "corrupt.jpg" in summary.err
+    assert "10 inputs" in summary.out and "5 error" in summary.out and "corrupt.jpg" in summary.err
+    assert "failed: selfloop.jpg: " in summary.err and "Traceback" not in summary.err
     # Alice's face was sampled in one batch with Bob's; per-face seeds give what the one-photo job gives.
     single = tmp_path / "single.png"
     assert main(["--lq", str(albums / "1990" / "alice.png"), "--out", str(single), *args[4:]]) == 0
@@ -142,9 +147,9 @@ def test_a_folder_with_people_and_bad_files_resumes(tiny_models, cli_models, peo
     with open(out / "manifest.jsonl", "a") as stream:
         stream.write('{"input": "1990/alice.png", "status": "err')
     assert main(args) == 1
-    again = Counter(record["input"] for record in records(out)[9:])
+    again = Counter(record["input"] for record in records(out)[10:])
     assert again == Counter({"stranger.png": 1, "corrupt.jpg": 1, "empty.png": 1, "not_an_image.jpg": 1,
-                             "huge.png": 1})
+                             "huge.png": 1, "selfloop.jpg": 1})
     assert (out / "1990" / "alice.png").stat().st_mtime_ns == stamp
     assert leftovers(out) == []  # no partial files left behind
 

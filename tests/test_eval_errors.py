@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -153,3 +154,47 @@ def test_run_checks_steps_and_models_before_splitting_or_loading(synthetic_celeb
     assert evaluation.main([*common, "--models", str(tmp_path / "no_models"), "--out", str(out)]) == 2
     assert "RIDFR needs these model files" in capsys.readouterr().err
     assert not out.exists()  # refused before the split and the degradation
+
+
+def test_two_cases_of_one_name_are_refused_naming_both(synthetic_celebref, tmp_path, capsys):  # noqa: F811
+    """Both cases wrote gt/same.png, lq/same.png and refs/same/: the second overwrote the first, silently."""
+    split = evaluation.build_split(synthetic_celebref, num_test_ids=2, seed=0)
+    first, second = split["cases"][0], split["cases"][-1]
+    first["case"], second["case"] = "same", "Same"  # one file on Windows and macOS
+    assert degrade_with(split, tmp_path) == 2
+    err = capsys.readouterr().err
+    last = len(split["cases"]) - 1
+    assert f"case 0 ('same', gt {first['gt']}) and case {last} ('Same', gt {second['gt']})" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "data").exists()
+    second["case"] = "other"
+    second["refs"] = [second["refs"][0], "elsewhere/" + Path(second["refs"][0]).name]
+    assert degrade_with(split, tmp_path) == 2
+    assert f"case {last} ('other') has references {second['refs'][0]} and elsewhere/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda case, notes: case.update(refs=[]), "case 0 ('{name}') has no references ('refs' is empty)"),
+    (lambda case, notes: case["refs"].append(str(notes)), "case 0 ('{name}'): its reference {notes} is not a "
+                                                          "readable image (UnidentifiedImageError"),
+    (lambda case, notes: case.update(gt="id9/missing.png"), "its ground truth {root}/id9/missing.png is not a "
+                                                            "readable image (FileNotFoundError")],
+    ids=["no references", "a text file as reference", "a missing ground truth"])
+def test_a_case_without_usable_references_is_refused_before_any_case_is_written(synthetic_celebref, tmp_path, capsys,  # noqa: F811
+                                                                                 change, message):
+    notes = tmp_path / "hostname"
+    notes.write_text("a host name, not a photo\n")
+    split = evaluation.build_split(synthetic_celebref, num_test_ids=2, seed=0)
+    name = split["cases"][0]["case"]
+    change(split["cases"][0], notes)
+    assert degrade_with(split, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert message.format(name=name, notes=notes, root=synthetic_celebref) in err and err.startswith("error: --split:")
+    assert not (tmp_path / "data").exists()
+
+
+def test_degrade_shows_its_progress_with_the_case_count(synthetic_celebref, tmp_path, capsys):  # noqa: F811
+    split = evaluation.build_split(synthetic_celebref, num_test_ids=3, seed=0)
+    assert degrade_with(split, tmp_path) == 0
+    count = len(split["cases"])
+    err = capsys.readouterr().err
+    assert "degrade: 100%" in err and f"{count}/{count} [" in err  # tqdm's count, then elapsed<ETA and the rate

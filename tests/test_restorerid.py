@@ -75,9 +75,16 @@ def test_bad_restorerid_files_are_clear_errors(restorerid_checkpoint, tmp_path):
     state = torch.load(restorerid_checkpoint, weights_only=True)["state_dict"]
     no_encoder = tmp_path / "no_encoder.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("structcond_stage_model.")}, no_encoder)
-    with pytest.raises(CheckpointError, match="neither RIDFR content weights") as info:
+    with pytest.raises(CheckpointError, match=r"lacks the structure encoder of its low-quality branch \(no "
+                                              r"structcond_stage_model\.\* keys\); it is not a complete "
+                                              r"RestorerIDFull.ckpt") as info:
         backends.load_content(no_encoder, cache_dir=tmp_path)
     assert str(no_encoder) in str(info.value)
+    no_modulation = tmp_path / "no_modulation.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if ".spade." not in k and ".IDBalance." not in k},
+              no_modulation)
+    with pytest.raises(CheckpointError, match="holds RestorerID's structure encoder .* but lacks the spade/IDBalance"):
+        backends.load_content(no_modulation, cache_dir=tmp_path)
     half = tmp_path / "half.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if ".input_blocks.1.0.IDBalance." not in k}, half)
     with pytest.raises(CheckpointError, match="input_blocks.1 have spade or IDBalance but not both"):
@@ -229,6 +236,28 @@ def test_cli_restores_with_only_the_public_restorerid_files(restorerid_models_di
     assert np.asarray(Image.open(out)).shape == (512, 512, 3)
     assert "content backend: RestorerID" in caplog.text
     assert "identity scale: auto -> 0.75, the fixed default" in caplog.text
+
+
+def test_the_cli_says_what_a_restorerid_checkpoint_without_its_lq_branch_lacks(restorerid_models_dir,
+                                                                                 restorerid_checkpoint, tmp_path, capsys):
+    """It asked for an SD1.5 checkpoint (the file was not recognised, so nothing stood for the base)."""
+    from ridfr_core.restore import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for entry in restorerid_models_dir.iterdir():
+        if entry.name != "ridfr":
+            (models / entry.name).symlink_to(entry.resolve())
+    checkpoint = torch.load(restorerid_checkpoint, weights_only=True)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                if not k.startswith("structcond_stage_model.")}
+    (models / "ridfr").mkdir()
+    torch.save(checkpoint, models / "ridfr" / "RestorerIDFull.ckpt")
+    assert main(["--lq", "x.png", "--id", "y.png", "--out", str(tmp_path / "o.png"), "--models", str(models)]) == 2
+    err = capsys.readouterr().err
+    assert f"{models / 'ridfr' / 'RestorerIDFull.ckpt'} holds RestorerID's spade/IDBalance modules" in err
+    assert "lacks the structure encoder of its low-quality branch (no structcond_stage_model.* keys)" in err
+    assert "SD1.5" not in err and "checkpoints" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_weights_for_another_unet_are_refused_naming_the_file(tiny_models, tmp_path):

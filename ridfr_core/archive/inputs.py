@@ -55,20 +55,31 @@ def collect_inputs(lq: str, exclude: Path | None = None) -> list[ArchiveInput]:
     else:
         raise ValueError(f"--lq: {lq} is neither a file, a folder nor a glob that matches files; give a photo, "
                          "a folder of photos, a glob like 'scans/**/*.jpg', a text file listing paths, or a video.")
-    exclude = exclude.resolve() if exclude is not None else None
-    if exclude is not None and root.resolve() == exclude:
+    exclude = real_path(exclude) if exclude is not None else None
+    if exclude is not None and real_path(root) == exclude:
         raise ValueError(f"--out {exclude}: is the input folder, so the outputs would overwrite the inputs; choose "
                          "another output folder.")
     chosen = [file for file in files if not is_hidden(file.relative_to(root))
-              and (exclude is None or not file.resolve().is_relative_to(exclude))]
+              and (exclude is None or not real_path(file).is_relative_to(exclude))]
     if not chosen:
         raise ValueError(f"--lq: {lq} holds no files to restore.")
+    if not any(file.exists() for file in chosen):
+        names = ", ".join(file.relative_to(root).as_posix() for file in chosen[:3]) + (" ..." if len(chosen) > 3 else "")
+        raise ValueError(f"--lq: {lq}: none of its {len(chosen)} entries can be opened ({names}: missing files, "
+                         "broken links or links that loop); fix or remove them, or give another --lq.")
     items = {file.relative_to(root).as_posix(): file for file in chosen}
     return [ArchiveInput(items[relative], relative) for relative in sorted(items)]
 
 
+def real_path(path: Path) -> Path:
+    """``path`` with its links resolved as far as they go: a link that loops (``a.jpg -> a.jpg``) stays as it
+    is, where ``Path.resolve`` raises RuntimeError on Python < 3.13."""
+    return Path(os.path.realpath(path))
+
+
 def is_file_entry(path: Path) -> bool:
-    """A file, or a broken link that names one (it gets its manifest line with the error); not a folder."""
+    """A file, or a broken link (its target missing, or a loop) that names one: it gets its manifest line with
+    the error, and the other inputs are restored; not a folder."""
     return path.is_file() or (path.is_symlink() and not path.exists())
 
 

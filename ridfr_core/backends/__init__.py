@@ -18,7 +18,8 @@ from .interface import ContentBackend
 from .restorerid import RESTORERID
 from .ridfr import RIDFR
 
-__all__ = ["BACKENDS", "RESTORERID", "RIDFR", "ContentBackend", "backend_of", "file_backend", "load_content", "sd15_part"]
+__all__ = ["BACKENDS", "RESTORERID", "RIDFR", "ContentBackend", "backend_of", "content_backend", "file_backend",
+           "load_content", "sd15_part"]
 
 BACKENDS: dict[str, ContentBackend] = {backend.name: backend for backend in (RIDFR, RESTORERID)}
 WHAT = "content weights"
@@ -81,7 +82,32 @@ def load_content(path: Path | str, cache_dir=None) -> torch.nn.Module:
         keys = list(state)
     backend = backend_of_keys(keys)
     if backend is None:
-        raise CheckpointError(f"{WHAT}: {path} is neither RIDFR content weights (a .safetensors written by "
-                              "ridfr_core.train) nor a RestorerID checkpoint (RestorerIDFull.ckpt). Base checkpoints go "
-                              "in models/checkpoints, IP-Adapters in models/ipadapter.")
+        raise unrecognised_file(path, keys)
     return backend.load(path, cache_dir, state)
+
+
+def content_backend(path: Path | str) -> ContentBackend:
+    """The backend of a content file, checked before anything loads: CheckpointError saying what the file
+    lacks (or that it is no content file) where it is none's."""
+    path = Path(path)
+    backend = file_backend(path)
+    if backend is not None:
+        return backend
+    if path.suffix == ".safetensors":
+        read_safetensors_metadata(path, WHAT)  # a damaged file: says so
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    else:
+        keys = list(read_state_dict(path, WHAT))
+    raise unrecognised_file(path, keys)
+
+
+def unrecognised_file(path: Path, keys: list[str]) -> CheckpointError:
+    """The error for a content file no backend recognises: what it lacks where it holds part of a backend's file."""
+    for backend in BACKENDS.values():
+        lacks = backend.partial_file(keys)
+        if lacks:
+            return CheckpointError(f"{WHAT}: {path} {lacks}")
+    return CheckpointError(f"{WHAT}: {path} is neither RIDFR content weights (a .safetensors written by "
+                           "ridfr_core.train) nor a RestorerID checkpoint (RestorerIDFull.ckpt). Base checkpoints go "
+                           "in models/checkpoints, IP-Adapters in models/ipadapter.")

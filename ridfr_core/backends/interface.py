@@ -63,6 +63,11 @@ class ContentBackend:
         """Whether a file that is not in our format (a publisher's checkpoint) holds this backend's weights."""
         return False
 
+    def partial_file(self, keys: list[str]) -> str | None:
+        """What a file this backend does not recognise lacks, where it holds some of this backend's own parts
+        (a pruned or damaged publisher's checkpoint), so the error names the missing part; None otherwise."""
+        return None
+
     def load(self, path: Path, cache_dir=None, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """The content module of a file this backend recognised (``state``: its tensors, when already read)."""
         raise NotImplementedError

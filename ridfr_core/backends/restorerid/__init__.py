@@ -16,8 +16,8 @@ from ...weights.checkpoints import CheckpointError, read_state_dict
 from ..interface import ContentBackend, TrainingRecipe
 from .bundled import checkpoint_parts, clip_vision_from_checkpoint, identity_adapter_from_checkpoint
 from .denoiser import RestorerIDDenoiser, check_branch_fits
-from .files import (RESTORERID_FORMAT, WHAT, is_restorerid_state, load_lq_branch, save_lq_branch, source_name,
-                    without_restorerid_extras)
+from .files import (RESTORERID_FORMAT, WHAT, is_restorerid_state, load_lq_branch, missing_branch_parts,
+                    save_lq_branch, source_name, without_restorerid_extras)
 from .lq_branch import LQBranch
 from .prompts import PROMPT_TOKENS, RESTORERID_NEGATIVE, RESTORERID_POSITIVE
 
@@ -43,6 +43,9 @@ def part_of(name: str) -> str:
 class RestorerIDBackend(ContentBackend):
     def recognises_keys(self, keys: list[str]) -> bool:
         return is_restorerid_state(keys)
+
+    def partial_file(self, keys: list[str]) -> str | None:
+        return missing_branch_parts(keys)
 
     def load(self, path: Path, cache_dir=None, state=None) -> LQBranch:
         return load_lq_branch(path, cache_dir, state)

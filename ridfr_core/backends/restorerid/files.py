@@ -49,16 +49,31 @@ def is_restorerid_state(keys) -> bool:
     return any(k.startswith(ENCODER_PREFIX) for k in keys) and any(MODULATION_KEY.match(k) for k in keys)
 
 
+def missing_branch_parts(keys) -> str | None:
+    """What of RestorerID's low-quality branch a checkpoint lacks when it holds the other half of it, and the fix."""
+    keys = list(keys)
+    encoder = any(k.startswith(ENCODER_PREFIX) for k in keys)
+    modulations = sum(1 for k in keys if MODULATION_KEY.match(k))
+    if modulations and not encoder:
+        lacks = (f"holds RestorerID's spade/IDBalance modules ({modulations} tensors) but lacks the structure encoder "
+                 f"of its low-quality branch (no {ENCODER_PREFIX}* keys)")
+    elif encoder and not modulations:
+        lacks = (f"holds RestorerID's structure encoder ({ENCODER_PREFIX}*) but lacks the spade/IDBalance modules of "
+                 "its low-quality branch (no model.diffusion_model.*.spade.* or *.IDBalance.* keys)")
+    else:
+        return None
+    return (f"{lacks}; it is not a complete RestorerIDFull.ckpt (pruned or damaged): download it again "
+            "(YingJiacheng/RestorerID on Hugging Face).")
+
+
 def without_restorerid_extras(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A RestorerID checkpoint reduced to plain SD1.5 (UNet, VAE, text encoder), so it can serve as the base."""
     return {k: v for k, v in state.items() if key_group(k) not in SD_EXTRA_GROUPS}
 
 
 def check_complete(branch_state: dict[str, torch.Tensor], path: Path) -> None:
-    """Every modulated block has both modules and the encoder is there, else a clear error naming the file."""
-    if not any(k.startswith("encoder.") for k in branch_state):
-        raise CheckpointError(f"{WHAT}: {path} has spade/IDBalance modules but no structure encoder "
-                         f"({ENCODER_PREFIX}*); it is not a complete RestorerID checkpoint: download it again.")
+    """Every modulated block has both modules (the encoder and modulations are there: the checkpoint was
+    recognised by them), else a clear error naming the file."""
     blocks = {}
     for key in branch_state:
         if key.startswith("modulations."):

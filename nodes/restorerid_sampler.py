@@ -4,8 +4,8 @@ ComfyUI's built-ins cannot express the plan (:mod:`ridfr_core.sampling.ldm_ddim`
 t = 999, 979, ..., 0 while the update uses the alphas at 980, 960, ..., 0. The sigmas handed to the sampler
 are those of the query timesteps (so ComfyUI feeds the UNet exactly the latent and t RestorerID does); the
 update itself is ridfr_core's, in the variance-preserving latent. Every random draw comes from the faces'
-seeds as ridfr_core's ``RunNoise`` makes them: the start noise (RIDFRSample), then per face the VAE
-posterior's eps (handed to Content Condition's patch in ``transformer_options``) and each step's noise.
+seeds as ridfr_core's ``RunNoise`` makes them: the start noise (RIDFRSample), and per face the VAE posterior's
+eps (handed to Content Condition's patch in ``transformer_options``) and each step's noise.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def sample_restorerid_ddim(model, x, sigmas, extra_args=None, callback=None, dis
     if len(noise.seeds) != shape[0]:
         raise ValueError(f"RestorerID DDIM: {len(noise.seeds)} seeds for {shape[0]} latents.")
     options = dict(extra_args.get("model_options", {}))
-    options["transformer_options"] = {**options.get("transformer_options", {}), POSTERIOR_EPS: noise.next(shape)}
+    options["transformer_options"] = {**options.get("transformer_options", {}), POSTERIOR_EPS: noise.posterior(shape)}
     extra_args["model_options"] = options
     ones = x.new_ones([shape[0]])
     latents = (x / torch.sqrt(1 + sigmas[0] ** 2)).float()  # ComfyUI's noise scaling undone: x_T itself

@@ -17,7 +17,6 @@ SETTINGS = ("backend defaults", "custom")
 # at 980, 960, ...) is no ComfyUI built-in: restorerid_sampler.py implements it.
 COMFY_SAMPLERS = {"unipc": ("uni_pc", "normal"), "ddim": ("ddpm", "simple"),
                   "restorerid-ddim": (SAMPLER_NAME, SCHEDULER_NAME)}
-STEP_NOISE_OFFSET = 0x5DEECE66D  # per-face step noise: a generator stream apart from the start noise's
 
 
 def paste_back(faces, restored: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +91,15 @@ class SamplerSettings:
 
 
 def per_face_noise_sampler(seeds: list[int], shape: tuple[int, ...], device):
-    """k-diffusion ``noise_sampler(sigma, sigma_next)`` drawing each step's noise per face, from a generator of
-    its own (seed + a fixed offset, so it differs from the start noise): ComfyUI's default draws a batch
-    from one generator, so a face would restore differently alone than beside others."""
-    generators = [torch.Generator().manual_seed((seed + STEP_NOISE_OFFSET) % 2 ** 64) for seed in seeds]
+    """k-diffusion ``noise_sampler(sigma, sigma_next)`` drawing each step's noise per face from the face's step
+    stream (ridfr_core's ``RunNoise``, as the CLI draws it): ComfyUI's default draws a batch from one
+    generator, so a face would restore differently alone than beside others."""
+    from ..ridfr_core.sampling.noise import RunNoise
+
+    run_noise = RunNoise(seeds)
 
     def noise(sigma, sigma_next):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=generator) for generator in generators]).to(device)
+        return run_noise.next(shape).to(device)
 
     return noise
 

@@ -180,7 +180,7 @@ class RIDFRPipeline:
         if len(noise.seeds) != batch:
             raise ValueError(f"seed: {len(noise.seeds)} seeds for {batch} faces; give one int or one seed per face.")
 
-        posterior_noise = noise.next(shape) if backend.sample_posterior else None
+        posterior_noise = noise.posterior(shape) if backend.sample_posterior else None
         lq = backend.content_input(models.content, lq_faces.to(self.device, self.dtype) * 2 - 1, models.vae, latent_hw,
                                    posterior_noise)
         text = models.prompt(backend.positive_prompt).to(self.device, self.dtype).expand(batch, -1, -1)

@@ -104,7 +104,7 @@ class Preprocessor:
     """A loaded spandrel model: ``preprocessor(faces)`` maps (B,3,H,W) in [0,1] to the same shape."""
 
     model: object  # spandrel.ImageModelDescriptor
-    path: Path
+    path: Path | None = None  # None: a model loaded elsewhere (ComfyUI's Load Upscale Model)
     tile: int = TILE
     overlap: int = OVERLAP
 

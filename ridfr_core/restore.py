@@ -174,7 +174,8 @@ class Restorer:
             if paths[slot] is None or paths[slot] == paths["content"]:
                 log.info("%s: from %s itself", slot, paths["content"].name)
         self.analyzer = load_face_analyzer(models_root=paths["insightface"], device=device)
-        self.identity_scale = IdentityScale.choose(identity_scale, backend, paths["models"])
+        self.identity_scale = IdentityScale.choose(identity_scale, backend, paths["models"], self.pipeline.device,
+                                                   self.pipeline.dtype)
         self.sampling = sampling
         self.preprocess = preprocess.to(self.pipeline.device, self.pipeline.dtype) if preprocess else None
         self.best_of = best_of  # ridfr_core.best_of_n.BestOfN, or None for one sample per face
@@ -186,20 +187,30 @@ class Restorer:
         return build_identity(refs, self.pipeline.models.clip_vision, bgr=self.pipeline.backend.clip_bgr)
 
     def restore_fn(self, identities: list, seeds: list[int] | None = None, scales_used: list | None = None):
-        """The faces callback: each face gets the identity it was matched to (scale 0 for nobody).
-        ``seeds``: one per face of the call (default: --seed, face i seed + i); ``scales_used`` collects the
-        identity scale each face was restored with (e.g. RestorerID's "auto" per face, for a manifest)."""
+        """The sampling faces callback: each face gets the identity it was matched to, at the scale it is given
+        (0 for nobody; see :meth:`around_sampling`). ``seeds``: one per face of the call (default: --seed, face i
+        seed + i); ``scales_used`` collects the identity scale each face was restored with (e.g. RestorerID's
+        "auto" per face, for a manifest)."""
         sampling = self.sampling if seeds is None else {**self.sampling, "seed": list(seeds)}
 
         def run(faces: torch.Tensor, scales: torch.Tensor, identity_index: list) -> torch.Tensor:
             from .identity.adapter import Identity
 
             per_face = Identity.cat([identities[index or 0] for index in identity_index])
-            scales = scales * self.identity_scale.for_faces(faces)  # already 0 for faces matched to nobody
             if scales_used is not None:
                 scales_used.extend(round(float(scale), 4) for scale in scales)
             return self.pipeline(faces, per_face, identity_scale=scales, **sampling).cpu()
         return run
+
+    def around_sampling(self, restore_fn):
+        """The faces callback that hands ``restore_fn`` (sampling, or best-of-N around it) the aligned LQ faces
+        pre-processed (``--preprocess``) and their identity scales times the backend's (RestorerID's "auto":
+        MUSIQ of each raw LQ face, scored before the pre-processing, as RestorerID scores it)."""
+        from .preprocess import preprocess_before
+
+        if self.preprocess is not None:
+            restore_fn = preprocess_before(restore_fn, self.preprocess)
+        return self.identity_scale.around(restore_fn)
 
     def restore(self, lq: np.ndarray, people: list[list[np.ndarray]], aligned: bool = False,
                 aligned_references: bool = False, upscale: float = 1.0,
@@ -213,7 +224,6 @@ class Restorer:
         """
         from .faces import restore_aligned, restore_faces_in_photo
         from .faces.images import tensor_to_rgb
-        from .preprocess import preprocess_before
 
         identities = []
         for number, references in enumerate(people, 1):
@@ -226,7 +236,7 @@ class Restorer:
                                              self.sampling.get("seed", 0))
         if self.preprocess is not None:
             logging.getLogger(__name__).info("pre-processing: %s", self.preprocess.summary())
-            restore_fn = preprocess_before(restore_fn, self.preprocess)
+        restore_fn = self.around_sampling(restore_fn)
         if aligned:
             return tensor_to_rgb(restore_aligned([lq], restore_fn))[0]
         embeddings = torch.cat([identity.id_embeds for identity in identities]).float().cpu().numpy()

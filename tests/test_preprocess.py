@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -163,3 +164,71 @@ def test_evaluation_run_restores_preprocessed_faces_and_records_the_model(swinir
         assert len(restored) == 1
         np.testing.assert_array_equal(read_rgb(restored[0]), preprocessor.apply_rgb(read_rgb(lq)))
     assert json.loads((out / "scores" / "summary.json").read_text())["cases"] == 2
+
+
+@pytest.fixture(scope="module")
+def restorerid_musiq_models(swinir_files, restorerid_models_dir, tmp_path_factory):
+    """RestorerID's public files, MUSIQ weights (published layout, random values) and the tiny DiffBIR SwinIR."""
+    from test_musiq import random_state
+
+    from ridfr_core.models.registry import MUSIQ_KONIQ
+
+    models = tmp_path_factory.mktemp("restorerid_musiq_models")
+    for entry in restorerid_models_dir.iterdir():
+        (models / entry.name).symlink_to(entry.resolve())
+    (models / MUSIQ_KONIQ.folder).mkdir()
+    torch.save(random_state(), models / MUSIQ_KONIQ.relative)
+    (models / "upscale_models").mkdir()
+    (models / "upscale_models" / swinir_files["diffbir"][0].name).symlink_to(swinir_files["diffbir"][0])
+    return models
+
+
+def logged_musiq(text: str) -> list[float]:
+    return [float(score) for score in re.findall(r"identity scale: auto -> \S+ for face \d+ \(MUSIQ (\S+)\)", text)]
+
+
+@needs_faces
+def test_auto_identity_scale_scores_the_raw_lq_face_not_the_preprocessed_one(restorerid_musiq_models, swinir_files,
+                                                                            tiny_models, tmp_path, caplog):
+    """RestorerID's "auto" scale comes from the MUSIQ of the LQ face as given; the SwinIR-cleaned face scores
+    otherwise (in real use far higher: identity off)."""
+    from ridfr_core.models.registry import MUSIQ_KONIQ
+    from ridfr_core.musiq import load_musiq
+
+    identity = FACES / "00005"
+    lq = next(identity.glob("lq_*.png"))
+    raw = torch.from_numpy(read_rgb(lq)).permute(2, 0, 1)[None].float() / 255
+    musiq = load_musiq(restorerid_musiq_models / MUSIQ_KONIQ.relative)
+    raw_score = float(musiq(raw))
+    cleaned_score = float(musiq(load_preprocessor(swinir_files["diffbir"][0])(raw)))
+    assert abs(raw_score - cleaned_score) > 0.5  # the two are told apart
+
+    caplog.set_level(logging.INFO)
+    assert restore_main(["--lq", str(lq), "--aligned", "--aligned-references", "--id",
+                         str(sorted((identity / "refs").glob("*.jpg"))[0]), "--models", str(restorerid_musiq_models),
+                         "--preprocess", swinir_files["diffbir"][0].name, "--steps", "1", "--device", "cpu",
+                         "--out", str(tmp_path / "restored.png")], config_dir=tiny_models.configs) == 0
+    assert logged_musiq(caplog.text) == [pytest.approx(raw_score, abs=0.06)]
+
+
+@needs_faces
+def test_an_archive_scores_the_raw_lq_faces_with_or_without_preprocess(restorerid_musiq_models, swinir_files,
+                                                                       tiny_models, tmp_path):
+    """The manifest's per-face "auto" identity scale is that of the faces as detected: pre-processing them
+    does not change it."""
+    from ridfr_core.archive.manifest import read_records
+
+    identity = FACES / "00005"
+    albums = tmp_path / "albums"
+    albums.mkdir()
+    (albums / "photo.png").symlink_to(next(identity.glob("lq_*.png")))
+    scales = {}
+    for name, more in (("plain", []), ("preprocessed", ["--preprocess", swinir_files["diffbir"][0].name])):
+        out = tmp_path / name
+        assert restore_main(["--lq", str(albums), "--id", str(sorted((identity / "refs").glob("*.jpg"))[0]),
+                             "--models", str(restorerid_musiq_models), "--steps", "1", "--device", "cpu",
+                             "--out", str(out), *more], config_dir=tiny_models.configs) == 0
+        scales[name] = [face["identity_scale"] for record in read_records(out / "manifest.jsonl")
+                        for face in record["faces"]]
+    assert len(scales["plain"]) == 1 and scales["plain"] != [0.75]  # MUSIQ's, not the fixed fallback
+    assert scales["preprocessed"] == pytest.approx(scales["plain"], rel=1e-4)

@@ -19,6 +19,7 @@ from ridfr_core.backends import RESTORERID
 from ridfr_core.weights.checkpoints import CheckpointError
 from ridfr_core.identity.adapter import Identity
 from ridfr_core.pipeline import RIDFRPipeline
+from ridfr_core.sampling.noise import RunNoise, face_seed
 from ridfr_core.backends.restorerid.lq_branch import LQBranch, branch_state_from_checkpoint, modulate
 from ridfr_core.backends.restorerid.files import LQ_BRANCH_GROUPS, partition
 from ridfr_core.backends.restorerid.denoiser import RestorerIDDenoiser
@@ -210,6 +211,66 @@ def test_pipeline_defaults_seeds_and_colour_fix(restorerid_pipeline):
     assert (low_fixed - low_lq).abs().mean() < 0.5 * (low_raw - low_lq).abs().mean()
     with pytest.raises(ValueError, match="steps must be between 1 and 200"):
         restorerid_pipeline(faces, identity, steps=1000)
+
+
+class RecordingNoise(RunNoise):
+    """The run's real draws, each face's row kept as it was drawn: (face seed, stream, tensor)."""
+
+    def __init__(self, seeds: list[int], record: list):
+        super().__init__(seeds)
+        self.record = record
+
+    def keep(self, stream: str, noise: torch.Tensor) -> torch.Tensor:
+        self.record.extend((seed, stream, row) for seed, row in zip(self.seeds, noise))
+        return noise
+
+    def start(self, shape):
+        return self.keep("start", super().start(shape))
+
+    def posterior(self, shape):
+        return self.keep("posterior", super().posterior(shape))
+
+    def next(self, shape):
+        return self.keep("steps", super().next(shape))
+
+
+def assert_no_two_share_a_tensor(draws: list):
+    for index, (seed, stream, noise) in enumerate(draws):
+        for other_seed, other_stream, other in draws[index + 1:]:
+            assert not torch.equal(noise, other), f"face seed {seed} {stream} == face seed {other_seed} {other_stream}"
+
+
+def test_no_two_faces_or_candidates_share_a_noise_tensor(restorerid_pipeline):
+    """Best-of-N, 2 candidates of 2 faces, through the pipeline (RestorerID samples the LQ posterior and draws
+    step noise): every start, posterior and step tensor of every face and candidate differs from all others.
+    The faces match nobody, so nothing is ranked."""
+    from ridfr_core import metrics
+    from ridfr_core.best_of_n import BestOfN, load_ranking_recogniser
+
+    if metrics.dlib_unavailable_reason():
+        pytest.skip(metrics.dlib_unavailable_reason())
+    draws, seeds_used = [], []
+
+    def restore_fn_with_seeds(seeds):
+        seeds_used.extend(seeds)
+        return lambda faces, scales, people: restorerid_pipeline(faces, None, steps=2,
+                                                                 noise=RecordingNoise(seeds, draws))
+
+    faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    BestOfN(2, load_ranking_recogniser("dlib", "test"), batch_size=3).around(restore_fn_with_seeds, [], seed=7)(
+        faces, torch.zeros(2), [None, None])
+    assert seeds_used == [7, 8, 9, 10]  # candidate k of face f: seed + k * F + f, as the report says
+    assert len(draws) == 4 * (1 + 1 + 2)
+    assert_no_two_share_a_tensor(draws)
+
+
+def test_no_two_video_tracks_share_a_noise_tensor():
+    """The archive's and Content Condition's video faces sample with seed + their track."""
+    seeds = [face_seed(3, track) for track in (0, 1, 2, 5)]
+    draws = []
+    noise, shape = RecordingNoise(seeds, draws), (len(seeds), 4, 8, 8)
+    noise.start(shape), noise.posterior(shape), noise.next(shape), noise.next(shape)
+    assert_no_two_share_a_tensor(draws)
 
 
 def test_v2_faceid_is_refused_with_restorerid(restorerid_checkpoint, tiny_models, tmp_path):

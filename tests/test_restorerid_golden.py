@@ -87,11 +87,14 @@ class RecordedNoise:
     def __init__(self, inputs, posterior: bool):
         self.seeds = [0]
         self.start_noise = inputs["x_T"]
-        self.queue = [inputs["post_noise"] if posterior else torch.zeros_like(inputs["post_noise"]),
-                      *inputs["step_noise"]]
+        self.posterior_noise = inputs["post_noise"] if posterior else torch.zeros_like(inputs["post_noise"])
+        self.queue = list(inputs["step_noise"])
 
     def start(self, shape):
         return self.start_noise.clone()
+
+    def posterior(self, shape):
+        return self.posterior_noise.reshape(shape)
 
     def next(self, shape):
         return self.queue.pop(0).reshape(shape)

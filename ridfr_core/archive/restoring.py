@@ -22,7 +22,6 @@ from ..faces import FaceError, align_photo, detect_and_align, paste_restored
 from ..faces.matching import MATCH_SIMILARITY
 from ..io.atomic import atomic_path
 from ..io.images import DEFAULT_QUALITY, read_metadata, read_rgb, write_rgb
-from ..preprocess import preprocess_before
 from ..sampling.noise import face_seed
 from .inputs import ArchiveInput
 from .manifest import append_record
@@ -84,9 +83,7 @@ class ArchiveJob:
             for start in range(0, len(crops), self.batch_size):
                 part = slice(start, start + self.batch_size)
                 scales = torch.tensor([0.0 if index is None else 1.0 for index in identity_index[part]])
-                run = self.restorer.restore_fn(self.identities, seeds[part], scales_used)
-                if self.restorer.preprocess is not None:
-                    run = preprocess_before(run, self.restorer.preprocess)
+                run = self.restorer.around_sampling(self.restorer.restore_fn(self.identities, seeds[part], scales_used))
                 restored.append(run(crops[part], scales, identity_index[part]).float().clamp(0, 1))
         self.timings.faces += len(crops)
         return torch.cat(restored) if restored else crops[:0]

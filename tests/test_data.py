@@ -151,7 +151,8 @@ def test_a_sample_is_a_function_of_its_number(small_faces):
         assert torch.equal(first[key], again[key]), key
     assert not torch.equal(first["noise"], other["noise"])
     assert first["target"].shape == first["lq"].shape == (3, SIZE, SIZE)
-    assert first["noise"].shape == first["posterior_noise"].shape == (4, 8, 8)
+    assert first["noise"].shape == first["posterior_noise"].shape == first["lq_posterior_noise"].shape == (4, 8, 8)
+    assert not torch.equal(first["posterior_noise"], first["lq_posterior_noise"])
     assert -1 <= first["lq"].min() and first["lq"].max() <= 1
     assert not torch.equal(first["target"], first["lq"])
     assert 0 <= int(first["timestep"]) < NOISE.num_train_timesteps

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_accelerator(config: TrainConfig):
+    import os
+
     from accelerate import Accelerator
 
     has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
@@ -37,7 +38,23 @@ def make_accelerator(config: TrainConfig):
         # The tests still drive CPU training steps in fp16/bf16 with their own Accelerator, to catch dtype bugs.
         raise ConfigError(f"mixed_precision: '{config.mixed_precision}' needs a GPU; on CPU use "
                           "--set mixed_precision=no.")
-    return Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out)
+    # cpu: without a GPU, the processes of `accelerate launch --multi_gpu` train together over gloo
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out, cpu=not has_gpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:  # each process would train alone, all writing into one --out
+        raise ConfigError(f"the launcher started {launched} processes, but accelerate runs this one alone "
+                          f"({accelerator.distributed_type}, device {accelerator.device}): no distributed backend for "
+                          "this device. Launch one process, or use CUDA GPUs or CPUs.")
+    return accelerator
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss that is NaN or inf on some process, raised on every process alike (``main``: this is the
+    main process, which reports it)."""
+
+    def __init__(self, message: str, main: bool):
+        super().__init__(message)
+        self.main = main
 
 
 class Trainer(TrainingState):
@@ -168,7 +185,11 @@ class Trainer(TrainingState):
         timesteps = batch["timestep"].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad():  # once, not once per ID reference
-            lq = self.backend.content_input(self.content, batch["lq"].to(device), self.vae, noisy.shape[-2:])
+            # a backend that reads the LQ latent samples its VAE posterior with the sample's own noise (as
+            # RestorerID's get_first_stage_encoding): resumes and any number of processes draw the same
+            posterior_noise = batch["lq_posterior_noise"] if self.backend.sample_posterior else None
+            lq = self.backend.content_input(self.content, batch["lq"].to(device), self.vae, noisy.shape[-2:],
+                                            posterior_noise)
         draws = batch.get("condition_draws")
         if draws is not None and self.recipe.content_dropout:
             lq = torch.where((draws[:, 1] < self.recipe.content_dropout).to(device).view(-1, 1, 1, 1), 0, lq)
@@ -195,9 +216,10 @@ class Trainer(TrainingState):
         return {"loss": diffusion + self.config.align_weight * align, "diffusion": diffusion, "align": align}
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns local mean losses."""
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns the step's mean losses
+        over every process."""
         totals: dict[str, torch.Tensor] = {}
-        count = len(micro_batches)
+        count, skipped = len(micro_batches), 0
         for index, batch in enumerate(micro_batches):
             last = index == count - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):
@@ -206,7 +228,7 @@ class Trainer(TrainingState):
                 self.accelerator.backward(losses["loss"] / count)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / count
-            self.skipped_at_load += int(batch["skipped"].sum())
+            skipped += int(batch["skipped"].sum())
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimiser.step()
@@ -219,7 +241,25 @@ class Trainer(TrainingState):
                     if param.requires_grad:  # frozen ones stay equal
                         shadow.lerp_(param, 1.0 - self.config.ema_decay)
         self.step += 1
-        return dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one device sync per step
+        return self.losses_of_every_process(totals, skipped)
+
+    def losses_of_every_process(self, local: dict[str, torch.Tensor], skipped: int) -> dict[str, float]:
+        """Every process's mean losses and skipped images of this step, gathered (one collective and one device
+        sync per step): the mean over processes (equal micro-batches: what one process with the whole batch
+        computes) is returned and logged, the skipped images are counted, and a non-finite loss on any process
+        stops every process here, at the same step, instead of leaving the others waiting in the next all-reduce."""
+        acc = self.accelerator
+        mine = torch.stack([value.float() for value in local.values()] + [torch.tensor(float(skipped), device=self.device)])
+        rows = acc.gather(mine).view(acc.num_processes, -1).cpu()
+        losses = rows[:, :-1]
+        bad = [rank for rank in range(acc.num_processes) if not torch.isfinite(losses[rank]).all()]
+        if bad:
+            shown = {key: float(value) for key, value in zip(local, losses[bad[0]])}
+            raise NonFiniteLoss(f"step {self.step}: loss is {shown} on process {', '.join(map(str, bad))}; lower "
+                                "learning_rate, use mixed_precision=bf16/no, or check --init-content and --base for "
+                                "NaN weights. The last checkpoint is intact.", acc.is_main_process)
+        self.skipped_at_load += int(rows[:, -1].sum())
+        return dict(zip(local, losses.mean(0).tolist()))
 
     def exported_path(self) -> Path:
         return self.out / self.config.weights_name
@@ -339,10 +379,6 @@ class Trainer(TrainingState):
         while self.step < c.max_steps:
             losses = self.train_step([next(batches) for _ in range(c.gradient_accumulation_steps)])
             window_steps += 1
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"step {self.step}: loss is {losses}; lower learning_rate, use "
-                                         "mixed_precision=bf16/no, or check --init-content and --base for NaN "
-                                         "weights. The last checkpoint is intact.")
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()} | {"lr": f"{self.lr_scheduler.get_last_lr()[0]:.1e}"})
             if c.log_every and self.step % c.log_every == 0:
@@ -363,11 +399,10 @@ class Trainer(TrainingState):
         return self.exported_path()
 
     def log(self, losses: dict[str, float], samples_per_second: float) -> None:
-        reduced = {k: self.accelerator.reduce(torch.tensor(v, device=self.device), "mean").item()
-                   for k, v in losses.items()}
+        """Main process: TensorBoard scalars (the losses are already the means over every process)."""
         if self.writer is None:
             return
-        for key, value in reduced.items():
+        for key, value in losses.items():
             self.writer.add_scalar(f"train/{key}", value, self.step)
         self.writer.add_scalar("train/lr", self.lr_scheduler.get_last_lr()[0], self.step)
         self.writer.add_scalar("train/samples_per_second", samples_per_second, self.step)

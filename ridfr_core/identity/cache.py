@@ -130,10 +130,11 @@ class IdentityCache:
                 continue
             if not merged:
                 merged = {**part.index, "entries": {}, "unreadable": {}}
-            elif part.settings() != IdentityCache.settings_of(merged) or part.index.get("models") != merged.get("models"):
-                raise DataError(f"identity_cache: {folder} was built with {part.settings()} and {part.index.get('models')}"
-                                f", {self.folder} with {IdentityCache.settings_of(merged)} and {merged.get('models')}; "
-                                f"delete {folder} (its photos are computed again) or use another identity_cache.")
+            elif (part.settings(), part.index.get("models")) != (self.settings_of(merged), merged.get("models")):
+                raise DataError(f"identity_cache: {folder} was built with {part.settings()} and "
+                                f"{part.index.get('models')}, {self.folder} with {self.settings_of(merged)} and "
+                                f"{merged.get('models')}; delete {folder} (its photos are computed again) or use "
+                                "another identity_cache.")
             entries = {key: {"shard": f"{folder.name}/{entry['shard']}", "row": entry["row"]}
                        for key, entry in part.entries.items()}
             merged = {**merged, "entries": {**merged["entries"], **entries},

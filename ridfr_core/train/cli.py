@@ -12,7 +12,8 @@ from ..data.streams import DataError
 from ..run_folder import RunFolderError, check_new_run, require_writable
 from .options import ConfigError, build_parser, config_from_args
 from .prepare import prepare_data
-from .trainer import NonFiniteLoss, Trainer, make_accelerator
+from .processes import NonFiniteLoss
+from .trainer import Trainer, make_accelerator
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,8 @@ class TrainingState:
             raise
         if acc.is_main_process:
             fsync_folder(self.checkpoint_folder)
+            if self.writer is not None:  # the loss log as far as the checkpoint survives a kill too
+                self.writer.flush()
             for old in complete_checkpoints(self.checkpoint_folder)[:-max(self.config.keep_checkpoints, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
             self.export_weights()

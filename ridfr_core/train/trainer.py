@@ -21,40 +21,10 @@ from ..pipeline import place
 from ..run_folder import check_new_run, clear_previous_run, remove_leftovers
 from .options import ConfigError, TrainConfig
 from .prepare import prepare_data
+from .processes import losses_of_every_process, make_accelerator
 from .state import TrainingState
 
 logger = logging.getLogger(__name__)
-
-
-def make_accelerator(config: TrainConfig):
-    import os
-
-    from accelerate import Accelerator
-
-    has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available())
-    if config.mixed_precision != "no" and not has_gpu:
-        # Half-precision training is for GPUs: CPU half kernels are slow (fp16 several times slower than fp32).
-        # The tests still drive CPU training steps in fp16/bf16 with their own Accelerator, to catch dtype bugs.
-        raise ConfigError(f"mixed_precision: '{config.mixed_precision}' needs a GPU; on CPU use "
-                          "--set mixed_precision=no.")
-    # cpu: without a GPU, the processes of `accelerate launch --multi_gpu` train together over gloo
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out, cpu=not has_gpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:  # each process would train alone, all writing into one --out
-        raise ConfigError(f"the launcher started {launched} processes, but accelerate runs this one alone "
-                          f"({accelerator.distributed_type}, device {accelerator.device}): no distributed backend for "
-                          "this device. Launch one process, or use CUDA GPUs or CPUs.")
-    return accelerator
-
-
-class NonFiniteLoss(FloatingPointError):
-    """A loss that is NaN or inf on some process, raised on every process alike (``main``: this is the
-    main process, which reports it)."""
-
-    def __init__(self, message: str, main: bool):
-        super().__init__(message)
-        self.main = main
 
 
 class Trainer(TrainingState):
@@ -241,25 +211,9 @@ class Trainer(TrainingState):
                     if param.requires_grad:  # frozen ones stay equal
                         shadow.lerp_(param, 1.0 - self.config.ema_decay)
         self.step += 1
-        return self.losses_of_every_process(totals, skipped)
-
-    def losses_of_every_process(self, local: dict[str, torch.Tensor], skipped: int) -> dict[str, float]:
-        """Every process's mean losses and skipped images of this step, gathered (one collective and one device
-        sync per step): the mean over processes (equal micro-batches: what one process with the whole batch
-        computes) is returned and logged, the skipped images are counted, and a non-finite loss on any process
-        stops every process here, at the same step, instead of leaving the others waiting in the next all-reduce."""
-        acc = self.accelerator
-        mine = torch.stack([value.float() for value in local.values()] + [torch.tensor(float(skipped), device=self.device)])
-        rows = acc.gather(mine).view(acc.num_processes, -1).cpu()
-        losses = rows[:, :-1]
-        bad = [rank for rank in range(acc.num_processes) if not torch.isfinite(losses[rank]).all()]
-        if bad:
-            shown = {key: float(value) for key, value in zip(local, losses[bad[0]])}
-            raise NonFiniteLoss(f"step {self.step}: loss is {shown} on process {', '.join(map(str, bad))}; lower "
-                                "learning_rate, use mixed_precision=bf16/no, or check --init-content and --base for "
-                                "NaN weights. The last checkpoint is intact.", acc.is_main_process)
-        self.skipped_at_load += int(rows[:, -1].sum())
-        return dict(zip(local, losses.mean(0).tolist()))
+        losses, skipped = losses_of_every_process(self.accelerator, totals, skipped, self.step)
+        self.skipped_at_load += skipped
+        return losses
 
     def exported_path(self) -> Path:
         return self.out / self.config.weights_name
@@ -373,23 +327,23 @@ class Trainer(TrainingState):
         batches = iter(make_loader(self.dataset, sampler, c.num_workers, self.device.type == "cuda"))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.backend.label} {c.stage}", unit="step",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
-        window_start, window_steps = time.perf_counter(), 0
-        while self.step < c.max_steps:
-            losses = self.train_step([next(batches) for _ in range(c.gradient_accumulation_steps)])
-            window_steps += 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()} | {"lr": f"{self.lr_scheduler.get_last_lr()[0]:.1e}"})
-            if c.log_every and self.step % c.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                self.log(losses, window_steps * c.batch_size / max(elapsed, 1e-9))
-                window_start, window_steps = time.perf_counter(), 0
-            if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                self.save_checkpoint()
-            if c.validation_every and self.step % c.validation_every == 0:
-                self.validate()
-        bar.close()
+        with tqdm(total=c.max_steps, initial=self.step, desc=f"{self.backend.label} {c.stage}", unit="step",
+                  disable=not acc.is_main_process, dynamic_ncols=True) as bar:  # closed on an error too
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < c.max_steps:
+                losses = self.train_step([next(batches) for _ in range(c.gradient_accumulation_steps)])
+                window_steps += 1
+                bar.update(1)
+                learning_rate = self.lr_scheduler.get_last_lr()[0]
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()} | {"lr": f"{learning_rate:.1e}"})
+                if c.log_every and self.step % c.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    self.log(losses, window_steps * c.batch_size / max(elapsed, 1e-9))
+                    window_start, window_steps = time.perf_counter(), 0
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if c.validation_every and self.step % c.validation_every == 0:
+                    self.validate()
         if not (c.checkpoint_every and self.step % c.checkpoint_every == 0):
             self.save_checkpoint()
         if not (c.validation_every and self.step % c.validation_every == 0):

@@ -151,7 +151,8 @@ def test_a_sample_is_a_function_of_its_number(small_faces):
         assert torch.equal(first[key], again[key]), key
     assert not torch.equal(first["noise"], other["noise"])
     assert first["target"].shape == first["lq"].shape == (3, SIZE, SIZE)
-    assert first["noise"].shape == first["posterior_noise"].shape == (4, 8, 8)
+    assert first["noise"].shape == first["posterior_noise"].shape == first["lq_posterior_noise"].shape == (4, 8, 8)
+    assert not torch.equal(first["posterior_noise"], first["lq_posterior_noise"])
     assert -1 <= first["lq"].min() and first["lq"].max() <= 1
     assert not torch.equal(first["target"], first["lq"])
     assert 0 <= int(first["timestep"]) < NOISE.num_train_timesteps
@@ -219,6 +220,32 @@ def test_identity_cache_is_built_once_with_distinct_variants(small_faces, identi
     assert CountingEncoder.calls == calls, "a complete cache is reused without recomputing anything"
     with pytest.raises(DataError, match="identity_variants"):
         IdentityCache(tmp_path / "cache").check_settings(variants=3, min_size=16, max_size=64, seed=0)
+
+
+def test_slices_built_by_several_processes_merge_into_the_one_process_cache(small_faces, identity_encoder, tmp_path):
+    """Each process of a multi-process run builds its slice into ``part-N/``; the merge (also of the parts a killed
+    run left) gives the cache one process builds, and nothing is computed twice."""
+    root = small_faces.identities
+    whole, groups = build_cache(tmp_path / "whole", root, identity_encoder)
+    paths = [path for group in groups for path in group.paths]
+    sliced = IdentityCache(tmp_path / "sliced")
+    for process in (0, 1):
+        sliced.part(process).build(root, paths[process::2], identity_encoder, variants=2, min_size=16, max_size=64,
+                                   seed=0, shard_size=5)
+    assert sliced.missing(root, paths) == paths  # parts are not part of the cache until merged
+    sliced.merge_parts()
+    merged = IdentityCache(tmp_path / "sliced")
+    assert merged.entries.keys() == whole.entries.keys() and merged.settings() == whole.settings()
+    for key in whole.entries:
+        for variant in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(merged.features(key, variant), whole.features(key, variant)))
+    calls, index = CountingEncoder.calls, (tmp_path / "sliced" / "index.json").read_text()
+    merged.merge_parts()
+    merged.build(root, paths, identity_encoder, variants=2, min_size=16, max_size=64, seed=0)
+    assert CountingEncoder.calls == calls and (tmp_path / "sliced" / "index.json").read_text() == index
+    merged.part(2).build(root, paths[:1], identity_encoder, variants=3, min_size=16, max_size=64, seed=0)
+    with pytest.raises(DataError, match="part-2 was built with"):
+        merged.merge_parts()
 
 
 def test_align_samples_use_two_other_photos_of_the_same_person(small_faces, identity_encoder, tmp_path):

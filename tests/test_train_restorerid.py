@@ -140,12 +140,15 @@ def test_validation_restores_with_the_backends_sampler_and_the_trainers_null_ide
 
 
 def plain_diffusion_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
-    """mean over ID1 and ID2 of ||eps(z_t, ID) - eps||^2, each with its own forward pass."""
+    """mean over ID1 and ID2 of ||eps(z_t, ID) - eps||^2, each with its own forward pass, the LQ latent a VAE
+    posterior sample."""
     with torch.no_grad():
         posterior = trainer.vae.encode(batch["target"]).latent_dist
         latents = (posterior.mean + posterior.std * batch["posterior_noise"]) * trainer.vae.config.scaling_factor
         noisy = trainer.noise_scheduler.add_noise(latents, batch["noise"], batch["timestep"])
-        lq = RESTORERID.content_input(trainer.content, batch["lq"], trainer.vae, noisy.shape[-2:])
+        # the LQ latent is a sample of the VAE posterior, with the sample's own noise (publisher's training)
+        lq = RESTORERID.content_input(trainer.content, batch["lq"], trainer.vae, noisy.shape[-2:],
+                                      batch["lq_posterior_noise"])
         text = trainer.text.expand(noisy.shape[0], -1, -1)
         losses = []
         for name in ("id1", "id2"):
@@ -165,6 +168,9 @@ def test_lambda_zero_is_the_plain_diffusion_loss_and_dropout_uses_the_null_ident
         zero = trainer.compute_losses(kept)
     assert zero["align"] > 0 and zero["loss"] == zero["diffusion"]
     torch.testing.assert_close(zero["diffusion"], plain_diffusion_loss(trainer, kept), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        other_sample = trainer.compute_losses({**kept, "lq_posterior_noise": -kept["lq_posterior_noise"]})
+    assert other_sample["diffusion"] != zero["diffusion"], "the LQ latent must be a posterior sample, not the mean"
     trainer.config.align_weight = 1.0
     with torch.no_grad():
         one = trainer.compute_losses(kept)

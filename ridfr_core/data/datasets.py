@@ -196,12 +196,15 @@ class NoiseSpec:
 
 
 def diffusion_draws(rng: np.random.Generator, spec: NoiseSpec) -> dict[str, torch.Tensor]:
-    """Noise for the VAE posterior and the forward process, and the timestep, for one sample."""
+    """Noise for the target's VAE posterior and the forward process, the timestep, and the noise of the LQ's
+    VAE posterior (for a backend that reads the LQ latent, see ``ContentBackend.sample_posterior``), for one
+    sample."""
     shape = (spec.latent_channels, spec.latent_size, spec.latent_size)
     return {
         "posterior_noise": torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)),
         "noise": torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)),
         "timestep": torch.tensor(int(rng.integers(0, spec.num_train_timesteps)), dtype=torch.long),
+        "lq_posterior_noise": torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)),
     }
 
 

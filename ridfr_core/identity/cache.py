@@ -81,8 +81,12 @@ class IdentityCache:
 
     # -- building
     def settings(self) -> dict:
-        return ({key: self.index.get(key) for key in ("variants", "min_size", "max_size", "seed")}
-                | {"clip_bgr": self.index.get("clip_bgr", False)})
+        return self.settings_of(self.index)
+
+    @staticmethod
+    def settings_of(index: dict) -> dict:
+        return ({key: index.get(key) for key in ("variants", "min_size", "max_size", "seed")}
+                | {"clip_bgr": index.get("clip_bgr", False)})
 
     def check_settings(self, variants: int, min_size: int, max_size: int, seed: int, clip_bgr: bool = False) -> None:
         wanted = {"variants": variants, "min_size": min_size, "max_size": max_size, "seed": seed, "clip_bgr": clip_bgr}
@@ -110,6 +114,34 @@ class IdentityCache:
         todo = self.missing(root, paths)
         for start in range(0, len(todo), shard_size):
             self.write_shard(root, todo[start:start + shard_size], encoder, progress)
+
+    def part(self, process: int) -> "IdentityCache":
+        """The cache process ``process`` builds its slice of the missing photos into (``part-N/``, beside the
+        others'), folded into this one by :meth:`merge_parts`."""
+        return IdentityCache(self.folder / f"part-{process}")
+
+    def merge_parts(self) -> None:
+        """Add the photos of the ``part-N/`` caches to this cache's index; their shards stay where they are.
+        Idempotent, so a build killed before or during the merge is merged by the next run."""
+        merged = dict(self.index)
+        for folder in sorted(self.folder.glob("part-*")):
+            part = IdentityCache(folder)
+            if not part.index:
+                continue
+            if not merged:
+                merged = {**part.index, "entries": {}, "unreadable": {}}
+            elif (part.settings(), part.index.get("models")) != (self.settings_of(merged), merged.get("models")):
+                raise DataError(f"identity_cache: {folder} was built with {part.settings()} and "
+                                f"{part.index.get('models')}, {self.folder} with {self.settings_of(merged)} and "
+                                f"{merged.get('models')}; delete {folder} (its photos are computed again) or use "
+                                "another identity_cache.")
+            entries = {key: {"shard": f"{folder.name}/{entry['shard']}", "row": entry["row"]}
+                       for key, entry in part.entries.items()}
+            merged = {**merged, "entries": {**merged["entries"], **entries},
+                      "unreadable": {**merged["unreadable"], **part.unreadable}}
+        if merged != self.index:
+            write_json_atomic(self.folder / "index.json", merged)
+            self.index = merged
 
     def write_shard(self, root: Path, paths: list[Path], encoder: "IdentityEncoder", progress) -> None:
         from ..weights.checkpoints import save_safetensors_atomic

@@ -18,9 +18,16 @@ for every face, the null identity's for dropped ones; CLIP on BGR crops) and in 
 Every hyper-parameter has a default in :class:`~.options.TrainConfig`, the paper's content stage; a
 stage's JSON config (``configs/train_content.json``, ``configs/train_align.json``) holds what differs (the
 learning rate, which the paper does not give, is 1e-5 as in ControlNet and IP-Adapter training).
-Multi-GPU/multi-node and mixed precision come from accelerate::
+Multi-GPU/multi-node and mixed precision come from accelerate (``batch_size`` stays the total batch: N processes
+train the weights of one, to float tolerance; on a machine without GPUs, ``--multi_gpu`` runs CPU processes over
+gloo)::
 
-    accelerate launch -m ridfr_core.train --stage content --data ffhq512/ --base sd15.safetensors --out runs/c
+    accelerate launch --multi_gpu --num_processes 8 -m ridfr_core.train --stage content --data ffhq512/ \
+        --base sd15.safetensors --out runs/c
+
+Each process computes its slice of the missing identity-cache photos; the main process writes the checkpoints,
+every process's RNG state included, and a run resumes on another number of processes (one that divides
+batch_size).
 
 Checkpoints (``<out>/checkpoints/step-NNNNNNNN``) are written to a temporary folder and renamed, so
 a kill leaves the previous one intact; a rerun with the same ``--out`` resumes from the newest intact
@@ -30,7 +37,8 @@ one with model, EMA, optimiser, LR schedule, loss scaler, RNG and data position 
 format, with what they were fine-tuned from in the metadata) are refreshed at each checkpoint.
 
 Modules: :mod:`.options` (TrainConfig and the command line), :mod:`.prepare` (the data of a run),
-:mod:`.state` (checkpoint files and resume), :mod:`.trainer` (the loop), :mod:`.cli` (``main``).
+:mod:`.processes` (the accelerator and what its processes share each step), :mod:`.state` (checkpoint files and
+resume), :mod:`.trainer` (the loop), :mod:`.cli` (``main``).
 """
 
 from .cli import main

@@ -12,6 +12,7 @@ from ..data.streams import DataError
 from ..run_folder import RunFolderError, check_new_run, require_writable
 from .options import ConfigError, build_parser, config_from_args
 from .prepare import prepare_data
+from .processes import NonFiniteLoss
 from .trainer import Trainer, make_accelerator
 
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                       config.init_content)
         path = Trainer(config).run(args.resume, args.overwrite)
     except (ConfigError, DataError, checkpoints.CheckpointError, RunFolderError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not isinstance(error, NonFiniteLoss) or error.main:  # raised on every process alike: said once
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. the disk filled up or --out became unwritable during the run
         print(f"error: {error}. Fix that and rerun: the run resumes from its last checkpoint.", file=sys.stderr)

@@ -62,30 +62,49 @@ def prepare_data(config: TrainConfig, accelerator) -> PreparedData:
 
 
 def prepare_identity_cache(config: TrainConfig, root: Path, groups: list[IdentityGroup], accelerator) -> IdentityCache:
-    """Open the cache, computing the missing photos on the main process (the others wait and reread)."""
+    """Open the cache, computing the missing photos first. Each process computes its own slice of them into its
+    part of the cache (``part-N/``), the main process merges the parts: the processes wait for each other only for
+    the difference between their equal shares, never for a whole build (which would outlast the collective
+    timeout: NCCL's is 10 minutes)."""
     folder = Path(config.identity_cache or Path(config.out) / "identity_cache")
     settings = dict(variants=config.identity_variants, min_size=config.identity_min_size,
                     max_size=config.identity_max_size, seed=IDENTITY_VARIANT_SEED)
+    count, process = accelerator.num_processes, accelerator.process_index
+    if accelerator.is_main_process:
+        IdentityCache(folder).merge_parts()  # what a killed multi-process build left
+    accelerator.wait_for_everyone()
     cache = IdentityCache(folder)
     cache.check_settings(**settings, clip_bgr=BACKENDS[config.backend].clip_bgr)
     paths = [path for group in groups for path in group.paths]
     missing = cache.missing(root, paths)
-    if missing and accelerator.is_main_process:
-        encoder = make_identity_encoder(config, accelerator.device, folder, len(missing), missing[0])
+    if not missing:
+        return cache
+    require_encoder_options(config, folder, missing)  # on every process alike, before any waits
+    share = missing[process::count]
+    if share:
+        encoder = make_identity_encoder(config, accelerator.device)
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(missing), desc="identity cache", unit="photo") as bar:
-            cache.build(root, paths, encoder, progress=bar.update, **settings)
+        target = cache if count == 1 else cache.part(process)
+        with tqdm(total=len(share), desc="identity cache" + (f" [{process}]" if count > 1 else ""), unit="photo",
+                  position=process) as bar:
+            target.build(root, share, encoder, progress=bar.update, **settings)
+    accelerator.wait_for_everyone()
+    if count > 1 and accelerator.is_main_process:
+        cache.merge_parts()
     accelerator.wait_for_everyone()
     return IdentityCache(folder)
 
 
-def make_identity_encoder(config: TrainConfig, device, folder: Path, missing: int, example: Path) -> IdentityEncoder:
+def require_encoder_options(config: TrainConfig, folder: Path, missing: list[Path]) -> None:
     if not config.clip_vision or not (config.insightface_root or config.insightface_model_dir):
         raise ConfigError(
-            f"identity_cache: {folder} lacks the features of {missing} photo(s) (e.g. {example}). Computing them needs "
-            "--clip-vision (CLIP ViT-H/14) and --insightface-root (folder with models/buffalo_l) or "
+            f"identity_cache: {folder} lacks the features of {len(missing)} photo(s) (e.g. {missing[0]}). Computing "
+            "them needs --clip-vision (CLIP ViT-H/14) and --insightface-root (folder with models/buffalo_l) or "
             "--insightface-model-dir; or pass --identity-cache with a cache built elsewhere for this data.")
+
+
+def make_identity_encoder(config: TrainConfig, device) -> IdentityEncoder:
     from ..faces import load_face_analyzer
 
     analyzer = load_face_analyzer(models_root=config.insightface_root, model_dir=config.insightface_model_dir)

@@ -107,6 +107,8 @@ class TrainingState:
             raise
         if acc.is_main_process:
             fsync_folder(self.checkpoint_folder)
+            if self.writer is not None:  # the loss log as far as the checkpoint survives a kill too
+                self.writer.flush()
             for old in complete_checkpoints(self.checkpoint_folder)[:-max(self.config.keep_checkpoints, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
             self.export_weights()
@@ -114,30 +116,34 @@ class TrainingState:
         return final
 
     def write_partial_checkpoint(self, partial: Path) -> None:
+        """The main process writes the whole folder, the RNG states of every process included (gathered: one
+        folder on one file system, even when the processes run on several machines)."""
         acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        acc.wait_for_everyone()
-        tensors, meta = rng_state()
-        checkpoints.save_safetensors_atomic(tensors, partial / f"rng-{acc.process_index}.safetensors", {})
-        write_json_atomic(partial / f"rng-{acc.process_index}.json", meta)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            save = checkpoints.save_safetensors_atomic
-            save(self.content.state_dict(), partial / "content.safetensors", {})
-            if self.ema is not None:
-                save(self.ema.state_dict(), partial / "ema.safetensors", {})
-            tensors, meta = optimizer_to_files(self.optimiser.state_dict())
-            save(tensors, partial / "optimizer.safetensors", {})
-            write_json_atomic(partial / "optimizer.json", meta)
-            write_json_atomic(partial / "lr_scheduler.json", self.lr_scheduler.state_dict())
-            write_json_atomic(partial / "config.json", self.config.to_dict())
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            write_json_atomic(partial / "state.json", {"format": STATE_FORMAT, "version": STATE_VERSION,
-                                                       "step": self.step, "skipped_at_load": self.skipped_at_load,
-                                                       "grad_scaler": scaler})
+        states = [rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)
+        if not acc.is_main_process:
+            return
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save = checkpoints.save_safetensors_atomic
+        for rank, (tensors, meta) in enumerate(states):
+            save(tensors, partial / f"rng-{rank}.safetensors", {})
+            write_json_atomic(partial / f"rng-{rank}.json", meta)
+        save(self.content.state_dict(), partial / "content.safetensors", {})
+        if self.ema is not None:
+            save(self.ema.state_dict(), partial / "ema.safetensors", {})
+        tensors, meta = optimizer_to_files(self.optimiser.state_dict())
+        save(tensors, partial / "optimizer.safetensors", {})
+        write_json_atomic(partial / "optimizer.json", meta)
+        write_json_atomic(partial / "lr_scheduler.json", self.lr_scheduler.state_dict())
+        write_json_atomic(partial / "config.json", self.config.to_dict())
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+        write_json_atomic(partial / "state.json", {"format": STATE_FORMAT, "version": STATE_VERSION,
+                                                   "step": self.step, "skipped_at_load": self.skipped_at_load,
+                                                   "grad_scaler": scaler})
 
     def find_resume(self, resume: str) -> Path | None:
         if resume == "none":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,22 +21,10 @@ from ..pipeline import place
 from ..run_folder import check_new_run, clear_previous_run, remove_leftovers
 from .options import ConfigError, TrainConfig
 from .prepare import prepare_data
+from .processes import losses_of_every_process, make_accelerator
 from .state import TrainingState
 
 logger = logging.getLogger(__name__)
-
-
-def make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-
-    has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available())
-    if config.mixed_precision != "no" and not has_gpu:
-        # Half-precision training is for GPUs: CPU half kernels are slow (fp16 several times slower than fp32).
-        # The tests still drive CPU training steps in fp16/bf16 with their own Accelerator, to catch dtype bugs.
-        raise ConfigError(f"mixed_precision: '{config.mixed_precision}' needs a GPU; on CPU use "
-                          "--set mixed_precision=no.")
-    return Accelerator(mixed_precision=config.mixed_precision, project_dir=config.out)
 
 
 class Trainer(TrainingState):
@@ -168,7 +155,11 @@ class Trainer(TrainingState):
         timesteps = batch["timestep"].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad():  # once, not once per ID reference
-            lq = self.backend.content_input(self.content, batch["lq"].to(device), self.vae, noisy.shape[-2:])
+            # a backend that reads the LQ latent samples its VAE posterior with the sample's own noise (as
+            # RestorerID's get_first_stage_encoding): resumes and any number of processes draw the same
+            posterior_noise = batch["lq_posterior_noise"] if self.backend.sample_posterior else None
+            lq = self.backend.content_input(self.content, batch["lq"].to(device), self.vae, noisy.shape[-2:],
+                                            posterior_noise)
         draws = batch.get("condition_draws")
         if draws is not None and self.recipe.content_dropout:
             lq = torch.where((draws[:, 1] < self.recipe.content_dropout).to(device).view(-1, 1, 1, 1), 0, lq)
@@ -195,9 +186,10 @@ class Trainer(TrainingState):
         return {"loss": diffusion + self.config.align_weight * align, "diffusion": diffusion, "align": align}
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns local mean losses."""
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns the step's mean losses
+        over every process."""
         totals: dict[str, torch.Tensor] = {}
-        count = len(micro_batches)
+        count, skipped = len(micro_batches), 0
         for index, batch in enumerate(micro_batches):
             last = index == count - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):
@@ -206,7 +198,7 @@ class Trainer(TrainingState):
                 self.accelerator.backward(losses["loss"] / count)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / count
-            self.skipped_at_load += int(batch["skipped"].sum())
+            skipped += int(batch["skipped"].sum())
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimiser.step()
@@ -219,7 +211,9 @@ class Trainer(TrainingState):
                     if param.requires_grad:  # frozen ones stay equal
                         shadow.lerp_(param, 1.0 - self.config.ema_decay)
         self.step += 1
-        return dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one device sync per step
+        losses, skipped = losses_of_every_process(self.accelerator, totals, skipped, self.step)
+        self.skipped_at_load += skipped
+        return losses
 
     def exported_path(self) -> Path:
         return self.out / self.config.weights_name
@@ -333,27 +327,23 @@ class Trainer(TrainingState):
         batches = iter(make_loader(self.dataset, sampler, c.num_workers, self.device.type == "cuda"))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.backend.label} {c.stage}", unit="step",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
-        window_start, window_steps = time.perf_counter(), 0
-        while self.step < c.max_steps:
-            losses = self.train_step([next(batches) for _ in range(c.gradient_accumulation_steps)])
-            window_steps += 1
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"step {self.step}: loss is {losses}; lower learning_rate, use "
-                                         "mixed_precision=bf16/no, or check --init-content and --base for NaN "
-                                         "weights. The last checkpoint is intact.")
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()} | {"lr": f"{self.lr_scheduler.get_last_lr()[0]:.1e}"})
-            if c.log_every and self.step % c.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                self.log(losses, window_steps * c.batch_size / max(elapsed, 1e-9))
-                window_start, window_steps = time.perf_counter(), 0
-            if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                self.save_checkpoint()
-            if c.validation_every and self.step % c.validation_every == 0:
-                self.validate()
-        bar.close()
+        with tqdm(total=c.max_steps, initial=self.step, desc=f"{self.backend.label} {c.stage}", unit="step",
+                  disable=not acc.is_main_process, dynamic_ncols=True) as bar:  # closed on an error too
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < c.max_steps:
+                losses = self.train_step([next(batches) for _ in range(c.gradient_accumulation_steps)])
+                window_steps += 1
+                bar.update(1)
+                learning_rate = self.lr_scheduler.get_last_lr()[0]
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()} | {"lr": f"{learning_rate:.1e}"})
+                if c.log_every and self.step % c.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    self.log(losses, window_steps * c.batch_size / max(elapsed, 1e-9))
+                    window_start, window_steps = time.perf_counter(), 0
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if c.validation_every and self.step % c.validation_every == 0:
+                    self.validate()
         if not (c.checkpoint_every and self.step % c.checkpoint_every == 0):
             self.save_checkpoint()
         if not (c.validation_every and self.step % c.validation_every == 0):
@@ -363,11 +353,10 @@ class Trainer(TrainingState):
         return self.exported_path()
 
     def log(self, losses: dict[str, float], samples_per_second: float) -> None:
-        reduced = {k: self.accelerator.reduce(torch.tensor(v, device=self.device), "mean").item()
-                   for k, v in losses.items()}
+        """Main process: TensorBoard scalars (the losses are already the means over every process)."""
         if self.writer is None:
             return
-        for key, value in reduced.items():
+        for key, value in losses.items():
             self.writer.add_scalar(f"train/{key}", value, self.step)
         self.writer.add_scalar("train/lr", self.lr_scheduler.get_last_lr()[0], self.step)
         self.writer.add_scalar("train/samples_per_second", samples_per_second, self.step)

@@ -60,6 +60,11 @@ def load_musiq(models: Path):
     return load_weights(path), None
 
 
+def auto_by_default(backend) -> bool:
+    """Whether a backend's published identity scale is the adaptive one: RestorerID's inference always applies it."""
+    return backend.name == "restorerid"
+
+
 @dataclass
 class IdentityScale:
     """The identity scale of a restoration: fixed, or per face from MUSIQ (``metric``)."""
@@ -71,7 +76,7 @@ class IdentityScale:
     def choose(cls, requested: float | str | None, backend, models: Path) -> "IdentityScale":
         """``requested`` None means the backend's default: "auto" for RestorerID (its published setting)."""
         if requested is None:
-            requested = AUTO if backend.name == "restorerid" else backend.identity_scale
+            requested = AUTO if auto_by_default(backend) else backend.identity_scale
         if requested != AUTO:
             logger.info("identity scale: %.3g", requested)
             return cls(float(requested))

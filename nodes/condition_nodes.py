@@ -301,19 +301,13 @@ def uses_auto_weight(auto_weight, backend_name: str) -> bool:
     return choice == "on" or (choice == BACKEND_DEFAULT and auto_by_default(BACKENDS[backend_name]))
 
 
-def musiq_weights():
-    import folder_paths
-    from ..ridfr_core.models.registry import MUSIQ_KONIQ
-
-    return Path(folder_paths.models_dir) / MUSIQ_KONIQ.relative
-
-
 def identity_problems(auto_weight, backend_name: str | None, faces_connected: bool) -> str | None:
     """What stops IdentityCondition from giving the identity strength its choices ask for (``backend_name``
     None: not known yet, checked when it runs): RestorerID's adaptive scale needs the faces and the MUSIQ weights
     and never falls back to a fixed scale unasked."""
     import folder_paths
     from ..ridfr_core.models import download_command
+    from ..ridfr_core.models.registry import MUSIQ_KONIQ
 
     if not isinstance(auto_weight, bool):
         error = invalid_choice("IdentityCondition", "auto_weight", auto_weight, AUTO_WEIGHT)
@@ -324,9 +318,9 @@ def identity_problems(auto_weight, backend_name: str | None, faces_connected: bo
     if not faces_connected:
         return ("IdentityCondition (faces): auto_weight scores the low-quality faces: connect Content Condition's faces "
                 "output (or set auto_weight to 'off' for a fixed weight).")
-    path = musiq_weights()
+    path = Path(folder_paths.models_dir) / MUSIQ_KONIQ.relative
     if not path.is_file():
-        command = download_command("restorerid", folder_paths.models_dir, [str(path.relative_to(folder_paths.models_dir))])
+        command = download_command("restorerid", folder_paths.models_dir, [MUSIQ_KONIQ.relative])
         return (f"IdentityCondition (auto_weight): RestorerID's identity scale (auto_weight '{auto_weight}') scores each "
                 f"low-quality face with MUSIQ, whose weights are not at {path}. Download them in ComfyUI with 'Download "
                 f"missing RIDFR models' (offered when the workflow is loaded) or with ComfyUI's Python in the RIDFR "

@@ -1,6 +1,7 @@
 """RIDFR as ComfyUI nodes: patches on ComfyUI's own MODEL, sampled by ComfyUI's samplers.
 
-- :mod:`.loading`: ``LoadRIDFR`` and the model folders (models/ridfr, ipadapter, clip_vision, insightface).
+- :mod:`.loading`: ``LoadRIDFR`` (the content file, the SD1.5 base and identity modules that go with it);
+  :mod:`.model_files`: the model folders and what each "auto" choice stands for (``files_needed``).
 - :mod:`.identity_nodes`: ``FaceIDEncode`` (references -> identity), ``MatchIdentities`` (several people).
 - :mod:`.condition_nodes`: ``ContentCondition`` and ``IdentityCondition`` (patched MODEL clones).
 - :mod:`.sampling_nodes`: ``RIDFRSample`` (convenience sampler) and ``PasteFaces`` (for KSampler users).

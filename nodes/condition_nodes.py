@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,10 +17,13 @@ from .restorerid_patches import add_balance_tokens, apply_structure
 from .sockets import (FaceBatch, FacesSocket, IdentitySocket, NodeError, PhotoFaces, RIDFRModelsSocket, invalid_choice,
                     module_of)
 from .vae_moments import encode_moments
-from .validation import node_inputs
+from .validation import checked_by_comfyui, node_inputs, upstream_inputs
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("aligned faces", "whole photo")
+BACKEND_DEFAULT = "backend default"
+AUTO_WEIGHT = (BACKEND_DEFAULT, "on", "off")
+SWITCH_VALUES = {True: "on", False: "off"}
 
 
 def aligned_faces(image: torch.Tensor, face_size: int, backend) -> FaceBatch:
@@ -113,10 +117,11 @@ COMFY_BACKENDS = {"ridfr": ComfyBackend(False, ridfr_content),
                   "restorerid": ComfyBackend(True, restorerid_content, add_balance_tokens)}
 
 
-def content_problems(input_mode, on_no_face, start_percent, end_percent) -> str | None:
-    """What is wrong with ContentCondition's choices (None for a linked input: known when it runs)."""
-    for option, value, choices in (("input_mode", input_mode, INPUT_MODES), ("on_no_face", on_no_face, ON_NO_FACE)):
-        error = invalid_choice("ContentCondition", option, value, choices)
+def content_problems(input_mode, on_no_face, start_percent, end_percent, skip: set[str] = frozenset()) -> str | None:
+    """What is wrong with ContentCondition's choices (None for a linked input: known when it runs; ``skip``:
+    plain choices that ComfyUI checks itself)."""
+    for option, value, choices in (("on_no_face", on_no_face, ON_NO_FACE), ("input_mode", input_mode, INPUT_MODES)):
+        error = None if option in skip else invalid_choice("ContentCondition", option, value, choices)
         if error:
             return error
     for option, value in (("start_percent", start_percent), ("end_percent", end_percent)):
@@ -179,10 +184,11 @@ class ContentCondition(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, input_mode) -> bool | str:
+    def validate_inputs(cls, on_no_face) -> bool | str:
         # One parameter, so that ComfyUI shows a message once; the other inputs come from the prompt.
-        values = node_inputs(input_mode=input_mode)
-        return content_problems(*(values.get(name) for name in VALIDATED)) or True
+        values = node_inputs(on_no_face=on_no_face)
+        skip = checked_by_comfyui(("input_mode", "on_no_face"), "on_no_face")
+        return content_problems(*(values.get(name) for name in VALIDATED), skip) or True
 
     @classmethod
     def execute(cls, model, ridfr, image, input_mode, strength, start_percent, end_percent, face_size,
@@ -224,16 +230,18 @@ class IdentityCondition(io.ComfyNode):
                                                          "Identities (one per face)."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
                                tooltip="Identity scale, the one identity strength of the workflow: how strongly the "
-                                       "restored face follows the reference (0 = no identity). RIDFR: 1.0; RestorerID "
-                                       "was published with 0.75 (its example workflow sets it)."),
+                                       "restored face follows the reference (0 = no identity). 1.0 keeps each "
+                                       "backend's published strength (RestorerID: its per-face adaptive scale, see "
+                                       "auto_weight)."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the FaceID LoRA that FaceID Plus was trained with (1.0)."),
-                io.Boolean.Input("auto_weight", default=False, optional=True,
-                                 tooltip="RestorerID's adaptive identity scale, as its inference always applies it: "
-                                         "per face weight x exp(0.1 x (9.5 - MUSIQ of the LQ face)), so a worse face "
-                                         "leans more on the reference. Needs the faces input and the MUSIQ weights "
-                                         "in models/pyiqa (else RestorerID's fixed 0.75 x weight). The values used "
-                                         "are shown on the node."),
+                io.Combo.Input("auto_weight", options=list(AUTO_WEIGHT), default=BACKEND_DEFAULT, optional=True,
+                               tooltip="RestorerID's adaptive identity scale, as its inference always applies it: per "
+                                       "face weight x exp(0.1 x (9.5 - MUSIQ of the LQ face)), so a worse face leans "
+                                       "more on the reference. 'backend default': on with RestorerID weights (its "
+                                       "published behaviour), off with RIDFR weights. It needs the faces input and "
+                                       "the MUSIQ weights (models/pyiqa/musiq_koniq_ckpt-e95806b9.pth, offered by "
+                                       "the download dialog). The values used are shown on the node."),
                 FacesSocket.Input("faces", optional=True,
                                   tooltip="The faces output of Content Condition: the LQ faces auto_weight scores."),
             ],
@@ -241,8 +249,23 @@ class IdentityCondition(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, ridfr, identity, weight, lora_strength, auto_weight=False, faces=None) -> io.NodeOutput:
+    def validate_inputs(cls, auto_weight=BACKEND_DEFAULT) -> bool | str:
+        # One parameter, so that ComfyUI shows a message once; the Load RIDFR behind the ridfr input tells the backend.
+        from .model_files import content_backend_name
+
+        values = node_inputs(auto_weight=auto_weight)
+        loader = upstream_inputs("ridfr", "LoadRIDFR")
+        backend = content_backend_name(loader) if loader else None
+        return identity_problems(auto_weight, backend, "faces" in values) or True
+
+    @classmethod
+    def execute(cls, model, ridfr, identity, weight, lora_strength, auto_weight=BACKEND_DEFAULT, faces=None
+                ) -> io.NodeOutput:
         import comfy.model_management as mm
+
+        problem = identity_problems(auto_weight, ridfr.backend.name, faces is not None)  # linked inputs now known
+        if problem:
+            raise ValueError(problem)
 
         mm.load_models_gpu([ridfr.adapter, ridfr.clip_vision])
         with torch.no_grad():
@@ -250,7 +273,7 @@ class IdentityCondition(io.ComfyNode):
         null_tokens = null_identity_tokens(ridfr)
         scales = identity.face_scales if identity.face_scales is not None else torch.ones(1)
         shown = None
-        if auto_weight:
+        if uses_auto_weight(auto_weight, ridfr.backend.name):
             auto, shown = adaptive_scales(ridfr, faces)
             scales = scales.float() * auto
         tokens = IdentityTokens(tokens, null_tokens, scales.float(), weight)
@@ -261,19 +284,49 @@ class IdentityCondition(io.ComfyNode):
         return io.NodeOutput(patched, ui=ui.PreviewText(shown) if shown else None)
 
 
+def uses_auto_weight(auto_weight, backend_name: str) -> bool:
+    """Whether IdentityCondition scales the identity by MUSIQ ('on', or 'backend default' for a backend published
+    with it; True/False from workflows saved when auto_weight was a switch)."""
+    from ..ridfr_core.backends import BACKENDS
+    from ..ridfr_core.backends.restorerid.identity_scale import auto_by_default
+
+    choice = SWITCH_VALUES.get(auto_weight, auto_weight)
+    return choice == "on" or (choice == BACKEND_DEFAULT and auto_by_default(BACKENDS[backend_name]))
+
+
+def identity_problems(auto_weight, backend_name: str | None, faces_connected: bool) -> str | None:
+    """What stops IdentityCondition from giving the identity strength its choices ask for (``backend_name``
+    None: not known yet, checked when it runs): RestorerID's adaptive scale needs the faces and the MUSIQ weights
+    and never falls back to a fixed scale unasked."""
+    import folder_paths
+    from ..ridfr_core.models import download_command
+    from ..ridfr_core.models.registry import MUSIQ_KONIQ
+
+    if not isinstance(auto_weight, bool):
+        error = invalid_choice("IdentityCondition", "auto_weight", auto_weight, AUTO_WEIGHT)
+        if error:
+            return error
+    if backend_name is None or not uses_auto_weight(auto_weight, backend_name):
+        return None
+    if not faces_connected:
+        return ("IdentityCondition (faces): auto_weight scores the low-quality faces: connect Content Condition's faces "
+                "output (or set auto_weight to 'off' for a fixed weight).")
+    path = Path(folder_paths.models_dir) / MUSIQ_KONIQ.relative
+    if not path.is_file():
+        command = download_command("restorerid", folder_paths.models_dir, [MUSIQ_KONIQ.relative])
+        return (f"IdentityCondition (auto_weight): RestorerID's identity scale (auto_weight '{auto_weight}') scores each "
+                f"low-quality face with MUSIQ, whose weights are not at {path}. Download them in ComfyUI with 'Download "
+                f"missing RIDFR models' (offered when the workflow is loaded) or with ComfyUI's Python in the RIDFR "
+                f"folder: {command}; or set auto_weight to 'off' for a fixed weight.")
+    return None
+
+
 def adaptive_scales(ridfr, faces) -> tuple[torch.Tensor, str]:
     """(per-face RestorerID identity scales (F,), the text the node shows) from the LQ faces' MUSIQ."""
-    from pathlib import Path
-
     import folder_paths
     from ..ridfr_core.backends.restorerid.identity_scale import AUTO, IdentityScale, musiq_of_scale
 
-    if faces is None:
-        raise NodeError("IdentityCondition", "faces", "auto_weight scores the low-quality faces: connect Content "
-                        "Condition's faces output.")
     chosen = IdentityScale.choose(AUTO, ridfr.backend, Path(folder_paths.models_dir))
     scales = chosen.for_faces(faces.lq).float()
-    if chosen.metric is None:
-        return scales, f"identity scale: {chosen.fixed:g} per face (no MUSIQ weights in models/pyiqa)"
     return scales, "\n".join(f"face {index}: MUSIQ {musiq_of_scale(float(scale)):.1f} -> identity scale {scale:.3f}"
                               for index, scale in enumerate(scales))

@@ -1,11 +1,10 @@
-"""LoadRIDFR and the model folders it reads.
+"""LoadRIDFR: the one place where the content file decides the rest.
 
-Folders (added with ``folder_paths.add_model_folder_path``, so paths from extra_model_paths.yaml and
-other packs stay): ``models/ridfr`` (the content module: RIDFR content weights, or RestorerID's
-``RestorerIDFull.ckpt`` / its converted ``.safetensors``), ``models/ipadapter`` (IP-Adapter FaceID
-Plus/PlusV2, shared with the IP-Adapter pack), ``models/clip_vision`` (ComfyUI's own) and
-``models/insightface`` (``models/<buffalo_l|antelopev2>/*.onnx``, shared with the IP-Adapter and
-InstantID packs). The base SD1.5 model comes from ComfyUI's checkpoint loader as MODEL.
+The content file (models/ridfr) tells the backend apart; each "auto" choice follows it as the CLI does (see
+:mod:`.model_files`): with RestorerID's ``RestorerIDFull.ckpt`` the SD1.5 base (MODEL, CLIP, VAE), FaceID Plus v1
+and CLIP ViT-H come from that one file, read once; with RIDFR content weights, SD1.5 from models/checkpoints,
+FaceID PlusV2 and CLIP ViT-H from their folders. The base is loaded by ComfyUI's own checkpoint loader, so the
+MODEL is ComfyUI's like any checkpoint's and no second copy of the file is put on disk.
 
 ``models/ridfr/configs`` (optional): architecture configs like ``ridfr_core/configs/sd15`` (``unet.json``,
 ``clip_vision.json``) for SD1.5-family models of other sizes, such as the tests' tiny ones; without it
@@ -15,52 +14,24 @@ the UNet layout the adapter is laid out for and the CLIP vision architecture are
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import io
 
 from .memory import whole_module_patcher
+from .model_files import (ADAPTER_FOLDER, AUTO, BASE_FOLDER, CLIP_FOLDER, CONTENT_FOLDER, FACE_FOLDER,  # noqa: F401
+                          Chosen, chosen_files, content_backend_name, face_model_packs, files_needed,
+                          missing_model_files, register_model_folders, weight_files)
 from .sockets import LoadedRIDFR, NodeError, RIDFRModelsSocket, invalid_choice
-from .validation import node_inputs
+from .validation import checked_by_comfyui, node_inputs
 
-CONTENT_FOLDER, ADAPTER_FOLDER, CLIP_FOLDER, FACE_FOLDER = "ridfr", "ipadapter", "clip_vision", "insightface"
 ARCHITECTURE_FOLDER = "configs"  # inside a models/ridfr folder
-WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 FACE_DEVICES = ("auto", "cpu", "cuda")
 RUNTIME_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
                     "cv2": "opencv", "scipy": "scipy"}
 FACE_PACKAGES = {"insightface": "insightface", "onnxruntime": "onnxruntime"}
-
-
-def register_model_folders() -> None:
-    for name in (CONTENT_FOLDER, ADAPTER_FOLDER, FACE_FOLDER):
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
-
-
-def weight_files(folder: str) -> list[str]:
-    try:
-        names = folder_paths.get_filename_list(folder)
-    except KeyError:
-        return []
-    return [name for name in names if name.lower().endswith(WEIGHT_EXTENSIONS)]
-
-
-def face_model_packs() -> dict[str, Path]:
-    """{pack name: folder} for every ``<insightface folder>/models/<pack>`` holding .onnx files."""
-    packs: dict[str, Path] = {}
-    try:
-        roots = folder_paths.get_folder_paths(FACE_FOLDER)
-    except KeyError:
-        roots = []
-    for root in roots:
-        models = Path(root) / "models"
-        if models.is_dir():
-            for pack in sorted(models.iterdir()):
-                if pack.is_dir() and pack.name not in packs and any(pack.glob("**/*.onnx")):
-                    packs[pack.name] = pack
-    return packs
+VALIDATED = "content_weights"  # the one input validate_inputs names
 
 
 def missing_packages(packages: dict[str, str]) -> list[str]:
@@ -91,59 +62,50 @@ def compute_dtype(module):
     return mm.unet_manual_cast(weight, mm.get_torch_device()) or weight
 
 
-def missing_model_files(values: dict) -> list[tuple[str, str, str, list[str]]]:
-    """(option, models/ subfolder, file name, what that folder holds) for each chosen model that is not there.
-    A linked input (None) is known only when the node runs."""
-    checks = [("content_weights", CONTENT_FOLDER, weight_files), ("ipadapter", ADAPTER_FOLDER, weight_files),
-              ("clip_vision", CLIP_FOLDER, weight_files),
-              ("insightface", FACE_FOLDER + "/models", lambda folder: list(face_model_packs()))]
-    missing = []
-    for option, folder, listing in checks:
-        value = values.get(option)
-        if value is not None:
-            available = listing(folder)
-            if value not in available:
-                missing.append((option, folder, value, available))
-    return missing
-
-
-def how_to_get(folder: str, name: str, available: list[str]) -> str:
+def how_to_get(file: Chosen, available: list[str]) -> str:
     from ..ridfr_core.models import all_files
+    from ..ridfr_core.models.registry import HELD_BY
 
-    file = next((file for file in all_files() if file.folder == folder and file.name == name), None)
-    if file is None:
+    registered = next((entry for entry in all_files() if entry.folder == file.folder and entry.name == file.name), None)
+    if registered is None:
         found = ", ".join(available) or "nothing"
         return f"not a file RIDFR knows; put it there or pick one that is there (found: {found})"
-    if not file.downloadable:
-        return file.how_to_get
-    licence = f"; licence: {file.licence.name}, {file.licence.terms}" if file.licence else ""
-    return f"{file.what}, from {file.source}{licence}"
+    if not registered.downloadable:
+        return registered.how_to_get
+    licence = f"; licence: {registered.licence.name}, {registered.licence.terms}" if registered.licence else ""
+    held = [why for holder, _, why in HELD_BY.get(content_backend_name({file.option: file.name}), {}).values()
+            if holder.name == file.name]
+    holds = f"; it holds {', '.join(held)}: the 'auto' choices take those from it" if held else ""
+    return f"{registered.what}, from {registered.source}{licence}{holds}"
 
 
-def download_hint(missing: list[tuple[str, str, str, list[str]]], values: dict) -> str:
+def download_hint(missing: list[tuple[Chosen, list[str]]], values: dict) -> str:
     """How to fetch the registered files among ``missing`` at once, or '' when none can be downloaded."""
     from ..ridfr_core.models import BACKENDS, download_command
 
-    names = {file.name for file in BACKENDS["restorerid"]} - {file.name for file in BACKENDS["ridfr"]}
-    backend = "restorerid" if {values.get("content_weights"), values.get("ipadapter")} & names else "ridfr"
-    command = download_command(backend, folder_paths.models_dir, [f"{folder}/{name}" for _, folder, name, _ in missing])
+    backend = content_backend_name(values)
+    if backend is None:
+        names = {file.name for file in BACKENDS["restorerid"]} - {file.name for file in BACKENDS["ridfr"]}
+        backend = "restorerid" if any(file.name in names for file, _ in missing) else "ridfr"
+    command = download_command(backend, folder_paths.models_dir, [f"{file.folder}/{file.name}" for file, _ in missing])
     if command is None:
         return ""
     return (f"\nDownload them in ComfyUI with 'Download missing RIDFR models' (offered when the workflow is "
             f"loaded), or with ComfyUI's Python in the RIDFR folder: {command}")
 
 
-def load_problems(values: dict) -> str | None:
+def load_problems(values: dict, skip: set[str] = frozenset()) -> str | None:
     """Everything LoadRIDFR cannot load with ``values``, in one message (every missing file, then missing
-    packages), or None."""
+    packages), or None. ``skip``: plain choices that ComfyUI checks itself."""
     problems = []
     missing = missing_model_files(values)
     if missing:
-        lines = [f"  - models/{folder}/{name} ({option}): {how_to_get(folder, name, available)}"
-                 for option, folder, name, available in missing]
+        lines = [f"  - models/{file.folder}/{file.name} ({file.option}{': auto' if file.auto else ''}): "
+                 f"{how_to_get(file, found)}" for file, found in missing]
         problems.append(f"LoadRIDFR: {len(missing)} model file(s) missing:\n" + "\n".join(lines) + download_hint(missing, values)
                         + "\nThen press R (refresh) or pick files that are there.")
-    error = invalid_choice("LoadRIDFR", "face_device", values.get("face_device"), FACE_DEVICES)
+    error = None if "face_device" in skip else invalid_choice("LoadRIDFR", "face_device", values.get("face_device"),
+                                                               FACE_DEVICES)
     if error:
         problems.append(error)
     packages = missing_packages(RUNTIME_PACKAGES) + missing_packages(FACE_PACKAGES)
@@ -154,72 +116,135 @@ def load_problems(values: dict) -> str | None:
     return "\n".join(problems) or None
 
 
+def file_path(file: Chosen) -> Path:
+    return Path(folder_paths.get_full_path_or_raise(file.folder, file.name))
+
+
+def load_base(file: Chosen, backend, state, content_path: Path):
+    """(MODEL, CLIP, VAE) with ComfyUI's own loader: from the tensors of the content file already in memory, or
+    from the chosen checkpoint."""
+    import comfy.sd
+
+    embeddings = folder_paths.get_folder_paths("embeddings")
+    if file.from_content:
+        loaded = comfy.sd.load_state_dict_guess_config(backend.sd15_part(state), output_vae=True, output_clip=True,
+                                                      embedding_directory=embeddings)
+        if loaded is None:
+            raise NodeError("LoadRIDFR", "base", f"ComfyUI found no SD1.5 in {content_path.name}; choose a checkpoint "
+                            "as base.")
+        return loaded[:3]
+    try:
+        return comfy.sd.load_checkpoint_guess_config(str(file_path(file)), output_vae=True, output_clip=True,
+                                                     embedding_directory=embeddings)[:3]
+    except RuntimeError as error:
+        raise NodeError("LoadRIDFR", "base", f"{file.name}: {error}") from None
+
+
+def load_identity(files: dict[str, Chosen], backend, state, content_path: Path, configs):
+    """(IdentityAdapter, FaceID LoRA, CLIP vision): each from its file or from the content file's tensors."""
+    from diffusers import UNet2DConditionModel
+    from ..ridfr_core.weights import adapter_files, checkpoints
+
+    unet_layout = checkpoints.on_meta(lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
+    if files["ipadapter"].from_content:
+        adapter, lora = backend.bundled_adapter(content_path, unet_layout, state)
+    else:
+        adapter_path = file_path(files["ipadapter"])
+        try:
+            shortcut = backend.faceid_shortcut(adapter_path)
+        except checkpoints.CheckpointError as error:
+            raise NodeError("LoadRIDFR", "ipadapter", str(error)) from None
+        adapter, lora = adapter_files.load_identity_adapter(adapter_path, unet_layout, shortcut)
+    if files["clip_vision"].from_content:
+        clip = backend.bundled_clip_vision(content_path, configs, state)
+    else:
+        clip = checkpoints.load_clip_vision(file_path(files["clip_vision"]), configs)
+    return adapter, lora, clip
+
+
 class LoadRIDFR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         packs = list(face_model_packs())
+
+        def choice(option, folder_list, tooltip):
+            return io.Combo.Input(option, options=[AUTO, *folder_list], default=AUTO, tooltip=tooltip)
+
         return io.Schema(
             node_id="LoadRIDFR",
             display_name="Load RIDFR",
             category="RIDFR",
             description="Loads the content module (RIDFR's content ControlNet or RestorerID's public LQ branch, "
-                        "told apart by the file), the IP-Adapter FaceID Plus identity module, CLIP ViT-H and the "
-                        "insightface face models. Connect the SD1.5 MODEL from a checkpoint loader to "
-                        "ContentCondition / IdentityCondition.",
+                        "told apart by the file) and what goes with it: the SD1.5 base (MODEL, CLIP, VAE), the "
+                        "IP-Adapter FaceID Plus identity module, CLIP ViT-H and the insightface face models. 'auto' "
+                        "takes each from the content file where it holds it (RestorerIDFull.ckpt: its own SD1.5, "
+                        "FaceID Plus v1, CLIP ViT-H), else the file the content module was trained with.",
             inputs=[
                 io.Combo.Input("content_weights", options=weight_files(CONTENT_FOLDER),
-                               tooltip="The content module in models/ridfr: RIDFR content weights (.safetensors "
-                                       "written by ridfr_core.train) or RestorerID's RestorerIDFull.ckpt (its LQ "
-                                       "branch is converted once to a .safetensors in RIDFR_CACHE or "
-                                       "~/.cache/ridfr; a converted file works here too)."),
-                io.Combo.Input("ipadapter", options=weight_files(ADAPTER_FOLDER),
-                               tooltip="IP-Adapter FaceID for SD1.5 in models/ipadapter: PlusV2 "
-                                       "(ip-adapter-faceid-plusv2_sd15.bin) or Plus with RIDFR weights; Plus v1 "
-                                       "(ip-adapter-faceid-plus_sd15.bin) with RestorerID weights."),
-                io.Combo.Input("clip_vision", options=weight_files(CLIP_FOLDER),
-                               tooltip="CLIP ViT-H/14 image encoder "
-                                       "(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision."),
-                io.Combo.Input("insightface", options=packs, default="buffalo_l" if "buffalo_l" in packs else None,
-                               tooltip="insightface model pack in models/insightface/models/ (buffalo_l, which "
-                                       "FaceID Plus was trained with, or antelopev2)."),
+                               tooltip="The content module in models/ridfr: RestorerID's public RestorerIDFull.ckpt "
+                                       "(its LQ branch is converted once to a .safetensors in RIDFR_CACHE or "
+                                       "~/.cache/ridfr; a converted or fine-tuned file works here too) or RIDFR "
+                                       "content weights (.safetensors written by ridfr_core.train). The 'auto' "
+                                       "choices below follow it."),
+                choice("ipadapter", weight_files(ADAPTER_FOLDER),
+                       "IP-Adapter FaceID Plus for SD1.5 in models/ipadapter. auto: the one the content module was "
+                       "trained with: RestorerID's checkpoint's own copy (else ip-adapter-faceid-plus_sd15.bin, v1); "
+                       "PlusV2 (ip-adapter-faceid-plusv2_sd15.bin) with RIDFR weights."),
+                choice("clip_vision", weight_files(CLIP_FOLDER),
+                       "CLIP ViT-H/14 image encoder in models/clip_vision. auto: the content file's own when it holds "
+                       "it, else CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors."),
+                io.Combo.Input("insightface", options=[AUTO, *packs], default=AUTO,
+                               tooltip="insightface model pack in models/insightface/models/. auto: buffalo_l (which "
+                                       "FaceID Plus was trained with), else antelopev2."),
                 io.Combo.Input("face_device", options=list(FACE_DEVICES), default="auto",
                                tooltip="Where face detection and ArcFace run (onnxruntime): auto uses CUDA when "
                                        "onnxruntime-gpu is installed."),
+                choice("base", weight_files(BASE_FOLDER),
+                       "The SD1.5 base (MODEL, CLIP and VAE outputs), in models/checkpoints. auto: the one inside "
+                       "RestorerIDFull.ckpt (the non-EMA SD1.5 RestorerID was trained against: the publisher's image); "
+                       "with RIDFR weights v1-5-pruned-emaonly-fp16.safetensors (or the only checkpoint there). Any "
+                       "SD1.5 fine-tune works."),
             ],
-            outputs=[RIDFRModelsSocket.Output(display_name="ridfr", tooltip="The loaded RIDFR modules.")],
+            outputs=[RIDFRModelsSocket.Output(display_name="ridfr", tooltip="The loaded RIDFR modules."),
+                     io.Model.Output(display_name="MODEL", tooltip="The SD1.5 base, for Content Condition."),
+                     io.Clip.Output(display_name="CLIP", tooltip="The base's text encoder, for RIDFR Sample or "
+                                                                 "CLIP Text Encode."),
+                     io.Vae.Output(display_name="VAE", tooltip="The base's VAE, for Content Condition and RIDFR "
+                                                               "Sample or VAE Decode.")],
         )
 
     @classmethod
     def validate_inputs(cls, content_weights) -> bool | str:
         # One parameter, so that ComfyUI shows the message once; the other inputs come from the prompt.
-        return load_problems(node_inputs(content_weights=content_weights)) or True
+        values = node_inputs(content_weights=content_weights)
+        return load_problems(values, checked_by_comfyui(("face_device",), VALIDATED)) or True
 
     @classmethod
-    def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device) -> io.NodeOutput:
-        from diffusers import UNet2DConditionModel
+    def execute(cls, content_weights, ipadapter, clip_vision, insightface, face_device, base=AUTO) -> io.NodeOutput:
         from comfy.patcher_extension import CallbacksMP
         from ..ridfr_core.backends import backend_of, load_content
-        from ..ridfr_core.weights import adapter_files, checkpoints
+        from ..ridfr_core.weights import checkpoints
 
+        values = {"content_weights": content_weights, "ipadapter": ipadapter, "clip_vision": clip_vision,
+                  "insightface": insightface, "face_device": face_device, "base": base}
+        problem = load_problems(values)  # linked inputs are known now
+        if problem:
+            raise ValueError(problem)
+        files = {file.option: file for file in chosen_files(values)}
+        content_path = file_path(files["content_weights"])
         configs = architecture_configs()
         try:
-            content = load_content(folder_paths.get_full_path_or_raise(CONTENT_FOLDER, content_weights))
+            # read once: the content module and the parts the file holds come from the same tensors
+            own = any(file.from_content for file in files.values())
+            state = checkpoints.read_state_dict(content_path, "content weights") if own else None
+            content = load_content(content_path, state=state)
             backend = backend_of(content)
-            adapter_path = Path(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, ipadapter))
-            try:
-                shortcut = backend.faceid_shortcut(adapter_path)
-            except checkpoints.CheckpointError as error:
-                raise NodeError("LoadRIDFR", "ipadapter", str(error)) from None
-            unet_layout = checkpoints.on_meta(
-                lambda: UNet2DConditionModel(**checkpoints.load_config("unet", configs)))
-            adapter, lora = adapter_files.load_identity_adapter(adapter_path, unet_layout, shortcut)
-            clip = checkpoints.load_clip_vision(folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_vision), configs)
+            model, clip_text, vae = load_base(files["base"], backend, state, content_path)
+            adapter, lora, clip = load_identity(files, backend, state, content_path, configs)
         except checkpoints.CheckpointError as error:
             raise NodeError("LoadRIDFR", None, str(error)) from None
-        face_models = face_model_packs().get(insightface)
-        if face_models is None:
-            raise NodeError("LoadRIDFR", "insightface", f"model pack '{insightface}' is not in models/insightface/"
-                            "models/ any more; put buffalo_l there or pick another pack.")
+        del state
+        face_models = face_model_packs().get(files["insightface"].name)
         for module in (content, adapter, clip):
             module.requires_grad_(False).to(dtype=compute_dtype(module))
         loaded = LoadedRIDFR(content=whole_module_patcher(content), backend=backend, adapter=whole_module_patcher(adapter),
@@ -227,4 +252,4 @@ class LoadRIDFR(io.ComfyNode):
                              face_device=face_device)
         # the face-analysis sessions are no ModelPatcher: they go when ComfyUI unloads the CLIP vision model
         loaded.clip_vision.add_callback(CallbacksMP.ON_DETACH, loaded.release_face_analyzer)
-        return io.NodeOutput(loaded)
+        return io.NodeOutput(loaded, model, clip_text, vae)

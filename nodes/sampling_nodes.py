@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..ridfr_core.constants import LATENT_CHANNELS, LATENT_FACTOR
 from .restorerid_sampler import SAMPLER_NAME, SCHEDULER_NAME, restorerid_sampler, restorerid_sigmas
 from .sockets import FacesSocket, NodeError, image_to_nchw, invalid_choice, nchw_to_image
-from .validation import node_inputs
+from .validation import checked_by_comfyui, node_inputs
 
 SETTINGS = ("backend defaults", "custom")
 # ComfyUI's sampler for each backend's published one. diffusers' trailing DDIM with eta 1 is ComfyUI's "ddpm"
@@ -56,18 +56,16 @@ def encode_prompt(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def sampling_problems(sampler_name, scheduler, settings) -> str | None:
-    """What is wrong with RIDFRSample's choices; None = linked (e.g. a sampler selector node), known when it runs."""
+def sampling_problems(sampler_name, scheduler, settings, skip: set[str] = frozenset()) -> str | None:
+    """What is wrong with RIDFRSample's choices; None = linked (e.g. a sampler selector node), known when it runs;
+    ``skip``: the choices ComfyUI checks itself."""
     import comfy.samplers
 
-    error = invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
-    if error:
-        return error
-    if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-        return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
-    if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+    if scheduler is not None and "scheduler" not in skip and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
         return f"RIDFRSample (scheduler): '{scheduler}' is not a ComfyUI scheduler."
-    return None
+    if sampler_name is not None and "sampler_name" not in skip and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        return f"RIDFRSample (sampler_name): '{sampler_name}' is not a ComfyUI sampler."
+    return None if "settings" in skip else invalid_choice("RIDFRSample", "settings", settings, SETTINGS)
 
 
 class SamplerSettings:
@@ -202,10 +200,11 @@ class RIDFRSample(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, settings) -> bool | str:
+    def validate_inputs(cls, scheduler) -> bool | str:
         # One parameter, so that ComfyUI shows a message once; the other inputs come from the prompt.
-        values = node_inputs(settings=settings)
-        return sampling_problems(values.get("sampler_name"), values.get("scheduler"), settings) or True
+        values = node_inputs(scheduler=scheduler)
+        skip = checked_by_comfyui(("settings", "sampler_name", "scheduler"), "scheduler")
+        return sampling_problems(values.get("sampler_name"), scheduler, values.get("settings"), skip) or True
 
     @classmethod
     def execute(cls, model, clip, vae, faces, seed, steps, guidance, sampler_name, scheduler,

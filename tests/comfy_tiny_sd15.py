@@ -4,8 +4,9 @@ ComfyUI detects a checkpoint's UNet configuration from the weights and then look
 ``comfy.supported_models.models``; the tiny UNet (32 channels, 64-d text context) matches no real
 model, so this registers one more SD1.5 family member whose UNet and text-encoder sizes come from the
 tiny config set (the same JSON files that build the tiny weights, kept in ``models/ridfr/configs`` where
-LoadRIDFR also reads them). Everything else (LDM key layout, latent format, sampling, the VAE) is
-ComfyUI's SD1.5 code.
+LoadRIDFR also reads them). ComfyUI builds every SD-style VAE 128 channels wide; for a narrower one (the
+publisher's tiny RestorerID checkpoint has a 32-wide VAE) the width is read from the weights, as ComfyUI
+reads the UNet's. Everything else (LDM key layout, latent format, sampling, the VAE code) is ComfyUI's SD1.5 code.
 
 Used two ways: dropped into ``custom_nodes/`` of the test server (registered on import from the server's
 ``models/ridfr/configs``, no nodes), and imported in-process by the node tests (``register(config_dir)``).
@@ -51,6 +52,25 @@ def register(config_dir: Path) -> None:
             return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
 
     comfy.supported_models.models.insert(0, TinySD15)
+    read_vae_width()
+
+
+def read_vae_width() -> None:
+    """ComfyUI's VAE with the width of an SD-style VAE's weights (``encoder.conv_in``) instead of SD's 128."""
+    import comfy.sd
+
+    original = comfy.sd.VAE.__init__
+
+    def init(self, sd=None, device=None, config=None, *args, **kwargs):
+        conv = sd.get("encoder.conv_in.weight") if isinstance(sd, dict) else None
+        if config is None and conv is not None and conv.ndim == 4 and conv.shape[0] != 128 and "post_quant_conv.weight" in sd:
+            ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                        "ch": conv.shape[0], "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                        "dropout": 0.0}
+            config = {"params": {"ddconfig": ddconfig, "embed_dim": sd["post_quant_conv.weight"].shape[1]}}
+        original(self, sd, device, config, *args, **kwargs)
+
+    comfy.sd.VAE.__init__ = init
 
 
 try:

@@ -1,6 +1,8 @@
 """The shipped example workflows on a real ComfyUI server with tiny models: a base directory holding
-the models under the workflows' names (tiny stand-ins), the pack linked into ``custom_nodes`` and the input
-photos (real faces from ../shared), and each workflow as an API prompt with small faces and few steps."""
+the models under the workflows' names (tiny stand-ins): only the public weights (RestorerID's checkpoint, FaceID
+Plus v1, CLIP ViT-H, MUSIQ, insightface, SwinIR), or with RIDFR's own content weights and what they need beside
+them (FaceID PlusV2, an SD1.5 checkpoint); the pack linked into ``custom_nodes``, the input photos (real faces
+from ../shared), and each workflow as an API prompt with small faces and few steps."""
 
 from __future__ import annotations
 
@@ -18,19 +20,37 @@ from tiny_upscale_models import write_diffbir_swinir
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 FACE = 64
 # Real model names in the workflows -> the tiny test models; smaller faces and fewer steps for CPU.
-# The RestorerID files (RestorerIDFull.ckpt, ip-adapter-faceid-plus_sd15.bin) are there under their real names.
-MODEL_NAMES = {"v1-5-pruned-emaonly-fp16.safetensors": "tiny-sd15.safetensors",
-               "ridfr-sd15.safetensors": "ridfr-tiny.safetensors", "buffalo_l": "antelopev2",
-               "face_swinir_v1.ckpt": "face_swinir_tiny.safetensors"}
+# The public files (RestorerIDFull.ckpt, ip-adapter-faceid-plus_sd15.bin, CLIP ViT-H, MUSIQ) are there under their
+# real names; Load RIDFR's 'auto' choices find them, and the insightface pack antelopev2.
+MODEL_NAMES = {"face_swinir_v1.ckpt": "face_swinir_tiny.safetensors"}
+RIDFR_CONTENT = "ridfr-tiny.safetensors"
+NOT_PUBLIC = ("ridfr/" + RIDFR_CONTENT, "ipadapter/ip-adapter-faceid-plusv2_sd15.bin", "checkpoints")
 INPUT_FILES = {"lq_face.png": None, "reference.png": "obama_obama.jpg", "group_photo.jpg": "group_two_people.jpg",
                "person_a.jpg": "obama_obama.jpg", "person_b.jpg": "biden_biden.jpg",
                "reference_1.jpg": "obama_obama.jpg", "reference_2.jpg": "obama_obama2.jpg",
                "reference_3.jpg": "obama_obama3.jpg"}
 
 
-def workflow_base(base: Path, yunet_models_root: Path, face_data: Path) -> Path:
-    """A ComfyUI base directory (``--base-directory``) in which every example workflow can run."""
+def write_musiq_weights(models: Path) -> None:
+    """MUSIQ KonIQ in the published layout (seeded random values), where RestorerID's identity scale reads it."""
+    import torch
+    from test_musiq import random_state
+
+    from ridfr_core.models.registry import MUSIQ_KONIQ
+
+    (models / MUSIQ_KONIQ.folder).mkdir(parents=True, exist_ok=True)
+    torch.save(random_state(), models / MUSIQ_KONIQ.relative)
+
+
+def workflow_base(base: Path, yunet_models_root: Path, face_data: Path, ridfr_weights: bool = False) -> Path:
+    """A ComfyUI base directory (``--base-directory``) in which every example workflow can run: with the public
+    weights only, or (``ridfr_weights``) also with RIDFR content weights chosen in Load RIDFR."""
     build_comfy_models(base / "models", yunet_models_root / "models" / "antelopev2")
+    if not ridfr_weights:
+        for relative in NOT_PUBLIC:
+            path = base / "models" / relative
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    write_musiq_weights(base / "models")
     write_diffbir_swinir(base / "models" / "upscale_models" / "face_swinir_tiny.safetensors")
     (base / "custom_nodes").mkdir()
     os.symlink(REPO_ROOT, base / "custom_nodes" / "ridfr")
@@ -45,10 +65,14 @@ def workflow_base(base: Path, yunet_models_root: Path, face_data: Path) -> Path:
     return base
 
 
-def api_prompt(server, workflow: Path, steps: int = 3) -> dict:
+def api_prompt(server, workflow: Path, steps: int = 3, content: str | None = None) -> dict:
+    """The workflow with the tiny models' names, small faces and ``steps``; ``content``: Load RIDFR's content
+    weights changed to this file (its one widget that picks the backend)."""
     prompt = ui_to_api(json.loads(workflow.read_text()), server.get("/object_info"))
     for node in prompt.values():
         inputs = node["inputs"]
+        if node["class_type"] == "LoadRIDFR" and content is not None:
+            inputs["content_weights"] = content
         for key, value in inputs.items():
             if isinstance(value, str) and value in MODEL_NAMES:
                 inputs[key] = MODEL_NAMES[value]

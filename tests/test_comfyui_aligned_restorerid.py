@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from comfy_host import REPO_ROOT, RESTORERID_FILE, ComfyServer, build_comfy_models, requires_comfyui
+from comfy_workflows import write_musiq_weights
 from test_comfyui_integration import FACE, api_prompt, saved_images
 from test_data import small_faces  # noqa: F401 (fixture)
 from test_train import TINY, fixed_batch
@@ -31,6 +32,7 @@ def server(tmp_path_factory, scripted_models_root, small_faces, bgr_cache):  # n
     base = tmp_path_factory.mktemp("comfy_aligned")
     models = base / "models"
     tiny = build_comfy_models(models, scripted_models_root / "models" / "buffalo_l")
+    write_musiq_weights(models)
     configs = base / "configs"  # the tiny UNet; the checkpoint's VAE is SD1.5's own (as comfy_host writes it)
     shutil.copytree(tiny.configs, configs)
     shutil.copy(REPO_ROOT / "ridfr_core" / "configs" / "sd15" / "vae.json", configs / "vae.json")
@@ -60,8 +62,8 @@ def server(tmp_path_factory, scripted_models_root, small_faces, bgr_cache):  # n
 
 def with_content(prompt: dict, name: str) -> dict:
     for node in prompt.values():
-        if node["class_type"] == "LoadRIDFR":  # the scripted insightface pack here, under its own name
-            node["inputs"].update(content_weights=name, insightface="buffalo_l")
+        if node["class_type"] == "LoadRIDFR":
+            node["inputs"]["content_weights"] = name
     return prompt
 
 
@@ -70,6 +72,7 @@ def test_workflow_4_restores_with_the_alignment_trained_file(server):
     assert "restorerid-aligned.safetensors" in info
     aligned = with_content(api_prompt(server, WORKFLOW), "restorerid-aligned.safetensors")
     first = saved_images(server, server.run(aligned))
+    server.request("/free", {"unload_models": True, "free_memory": True})  # else the same prompt is served from cache
     again = saved_images(server, server.run(aligned))
     public = saved_images(server, server.run(with_content(api_prompt(server, WORKFLOW), RESTORERID_FILE)))
     assert len(first) == 1 and first[0].shape == (FACE, FACE, 3) and first[0].std() > 2

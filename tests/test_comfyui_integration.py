@@ -1,4 +1,5 @@
-"""The pack in a real ComfyUI server (COMFYUI_PATH): every example workflow submitted over HTTP,
+"""The pack in a real ComfyUI server (COMFYUI_PATH): every example workflow submitted over HTTP as shipped, with
+only the public weights there, and again with RIDFR content weights chosen in Load RIDFR (its one widget);
 /object_info, the template browser and Cancel. Tiny models in the real formats; real photos (from
 ../shared, used at run time only) with the YuNet-based insightface pack so that faces are detected."""
 
@@ -12,17 +13,26 @@ import pytest
 from PIL import Image
 
 from comfy_host import REPO_ROOT, ComfyServer, requires_comfyui
-from comfy_workflows import FACE, WORKFLOWS, api_prompt, saved_images, workflow_base
+from comfy_workflows import FACE, NOT_PUBLIC, RIDFR_CONTENT, WORKFLOWS, api_prompt, saved_images, workflow_base
 
 pytestmark = requires_comfyui
 PACK_NODES = ("LoadRIDFR", "FaceIDEncode", "MatchIdentities", "ContentCondition", "IdentityCondition", "RIDFRSample",
               "PasteFaces", "RankByIdentity")
-MODEL_FOLDERS = {"checkpoints", "ridfr", "ipadapter", "clip_vision"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, yunet_models_root, face_data):
+    """The public weights only: RestorerIDFull.ckpt, FaceID Plus v1, CLIP ViT-H, MUSIQ, insightface, SwinIR."""
     host = ComfyServer(workflow_base(tmp_path_factory.mktemp("comfy_base"), yunet_models_root, face_data))
+    yield host
+    host.stop()
+
+
+@pytest.fixture(scope="module")
+def ridfr_server(tmp_path_factory, yunet_models_root, face_data):
+    """The public weights and RIDFR content weights with what they need beside them (PlusV2, an SD1.5)."""
+    host = ComfyServer(workflow_base(tmp_path_factory.mktemp("comfy_ridfr"), yunet_models_root, face_data,
+                                     ridfr_weights=True))
     yield host
     host.stop()
 
@@ -37,7 +47,8 @@ def test_object_info_lists_every_node_with_tooltips(server):
         for category in ("required", "optional"):
             for name, spec in info[node_id]["input"].get(category, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert set(info["LoadRIDFR"]["input"]["required"]["insightface"][1]["options"]) == {"antelopev2"}
+    assert set(info["LoadRIDFR"]["input"]["required"]["insightface"][1]["options"]) == {"auto", "antelopev2"}
+    assert info["LoadRIDFR"]["output"][:4] == ["RIDFR_MODELS", "MODEL", "CLIP", "VAE"]
 
 
 def test_example_workflows_are_in_the_template_browser(server):
@@ -49,21 +60,22 @@ def test_example_workflows_are_in_the_template_browser(server):
         assert notes and "models/ipadapter" in notes[0]["widgets_values"][0]
 
 
-def test_restorerid_workflow_lists_its_models_for_the_missing_models_dialog():
-    """Each model file of the RestorerID workflow is a widget value of the node that loads it, with a download
-    URL and its models/ folder (``properties.models``, the convention of ComfyUI's own templates)."""
-    workflow = json.loads((REPO_ROOT / "example_workflows" / "4_restorerid_public_weights.json").read_text())
-    listed = {}
-    for node in workflow["nodes"]:
-        for model in node["properties"].get("models", []):
-            assert model["name"] in node["widgets_values"], (node["type"], model["name"])
-            assert model["url"].startswith("https://huggingface.co/") and model["directory"] in MODEL_FOLDERS
-            listed[model["name"]] = model["directory"]
-    assert listed == {"v1-5-pruned-emaonly-fp16.safetensors": "checkpoints", "RestorerIDFull.ckpt": "ridfr",
-                      "ip-adapter-faceid-plus_sd15.bin": "ipadapter",
-                      "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision"}
-    note = next(node for node in workflow["nodes"] if node["type"] == "Note")["widgets_values"][0]
-    assert "non-commercial" in note and all(name in note for name in listed)
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
+def test_workflows_take_every_model_from_load_ridfr_and_the_public_checkpoint(workflow):
+    """No Load Checkpoint: the MODEL, CLIP and VAE come from Load RIDFR, whose choices are RestorerIDFull.ckpt and
+    'auto'; the file is listed with its download URL for ComfyUI's Missing Models dialog (``properties.models``,
+    the convention of ComfyUI's own templates) and named in the note with its licence."""
+    nodes = json.loads(workflow.read_text())["nodes"]
+    assert not [node for node in nodes if node["type"] == "CheckpointLoaderSimple"]
+    loader = next(node for node in nodes if node["type"] == "LoadRIDFR")
+    assert loader["widgets_values"] == ["RestorerIDFull.ckpt", "auto", "auto", "auto", "auto", "auto"]
+    assert [entry["name"] for entry in loader["properties"]["models"]] == ["RestorerIDFull.ckpt"]
+    assert loader["properties"]["models"][0]["url"].startswith("https://huggingface.co/YingJiacheng/RestorerID/")
+    assert {link for output in loader["outputs"][1:] for link in output["links"]}, "MODEL/CLIP/VAE unconnected"
+    identity = next(node for node in nodes if node["type"] == "IdentityCondition")
+    assert identity["widgets_values"][2] == "backend default"
+    note = next(node for node in nodes if node["type"] == "Note")["widgets_values"][0]
+    assert "non-commercial" in note and "RestorerIDFull.ckpt" in note and "musiq_koniq_ckpt-e95806b9.pth" in note
 
 
 def test_every_report_of_a_shipped_workflow_is_shown_on_the_canvas(server):
@@ -90,6 +102,8 @@ def test_every_report_of_a_shipped_workflow_is_shown_on_the_canvas(server):
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
 def test_example_workflow_runs_and_is_deterministic(server, workflow):
+    """As shipped, with only the public weights there."""
+    assert not any((server.base / "models" / relative).exists() for relative in NOT_PUBLIC)
     prompt = api_prompt(server, workflow)
     entry = server.run(prompt)
     first = saved_images(server, entry)
@@ -114,6 +128,19 @@ def test_example_workflow_runs_and_is_deterministic(server, workflow):
         assert (first[0] != photo).any(axis=-1).mean() < 0.5  # faces replaced, the rest kept
     else:
         assert first[0].shape == (FACE, FACE, 3)
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
+def test_example_workflow_runs_with_ridfr_weights_chosen_in_load_ridfr(ridfr_server, workflow):
+    """RIDFR's own content weights are one widget away: Load RIDFR's 'auto' choices and the 'backend default(s)'
+    follow them (FaceID PlusV2, the SD1.5 checkpoint, no MUSIQ), nothing else changes."""
+    entry = ridfr_server.run(api_prompt(ridfr_server, workflow, content=RIDFR_CONTENT))
+    images = saved_images(ridfr_server, entry)
+    assert images and all(image.std() > 2 for image in images)
+    reports = [output["text"][0] for output in entry["outputs"].values() if output.get("text")]
+    assert not any("RestorerID" in report for report in reports), reports
+    public = saved_images(ridfr_server, ridfr_server.run(api_prompt(ridfr_server, workflow)))
+    assert any((ours != theirs).any() for ours, theirs in zip(images, public)), "the content weights changed nothing"
 
 
 def test_cancel_stops_a_running_prompt(server):

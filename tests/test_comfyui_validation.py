@@ -35,31 +35,41 @@ def empty_server(tmp_path_factory):
     host.stop()
 
 
-@pytest.mark.parametrize("name, backend, files", [
-    ("1_", "ridfr", ["models/ridfr/ridfr-sd15.safetensors", "models/ipadapter/ip-adapter-faceid-plusv2_sd15.bin",
-                     "models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
-                     "models/insightface/models/buffalo_l"]),
-    ("4_", "restorerid", ["models/ridfr/RestorerIDFull.ckpt", "models/ipadapter/ip-adapter-faceid-plus_sd15.bin",
-                          "models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
-                          "models/insightface/models/buffalo_l"]),
-])
-def test_load_ridfr_lists_every_missing_file_once(empty_server, name, backend, files):
+@pytest.mark.parametrize("content, backend, files", [
+    (None, "restorerid", ["models/ridfr/RestorerIDFull.ckpt", "models/insightface/models/buffalo_l"]),
+    ("ridfr-sd15.safetensors", "ridfr", [
+        "models/ridfr/ridfr-sd15.safetensors", "models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors",
+        "models/ipadapter/ip-adapter-faceid-plusv2_sd15.bin",
+        "models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "models/insightface/models/buffalo_l"]),
+], ids=["as shipped", "ridfr weights"])
+@pytest.mark.parametrize("name", ["1_", "4_"])
+def test_load_ridfr_lists_every_missing_file_once(empty_server, name, content, backend, files):
+    """Empty model folders: one message on Load RIDFR naming each file its choices need, with the download; the
+    RestorerID checkpoint stands for the base, FaceID Plus v1 and CLIP ViT-H it holds. Identity Condition's
+    default needs MUSIQ with RestorerID weights only. No node repeats a problem."""
     prompt = ui_to_api(workflow(name), empty_server.get("/object_info"))
-    errors = empty_server.refused(prompt)["node_errors"][node_id(prompt, "LoadRIDFR")]["errors"]
-    assert len(errors) == 1, errors
-    details = errors[0]["details"]
+    if content:
+        prompt[node_id(prompt, "LoadRIDFR")]["inputs"]["content_weights"] = content
+    node_errors = empty_server.refused(prompt)["node_errors"]
+    assert all(len(entry["errors"]) == 1 for entry in node_errors.values()), node_errors
+    details = node_errors[node_id(prompt, "LoadRIDFR")]["errors"][0]["details"]
     assert f"{len(files)} model file(s) missing" in details
     for file in files:
         assert file in details
     assert f"python -m ridfr_core.models download --backend {backend} --models " in details
+    identity = node_errors.get(node_id(prompt, "IdentityCondition"))
     if backend == "ridfr":  # no public RIDFR weights: says how to make them instead of a download
         assert "train them with `python -m ridfr_core.train`" in details
+        assert identity is None
     else:
         assert "https://huggingface.co/YingJiacheng/RestorerID" in details and "non-commercial" in details
+        assert "it holds the SD1.5 RestorerID was trained against" in details
+        assert "pyiqa/musiq_koniq_ckpt-e95806b9.pth" in identity["errors"][0]["details"]
 
 
 def test_several_wrong_choices_of_one_node_are_one_message(empty_server):
     prompt = ui_to_api(workflow("1_"), empty_server.get("/object_info"))
+    prompt[node_id(prompt, "IdentityCondition")]["inputs"]["auto_weight"] = "off"  # no MUSIQ here
     content, sampler = node_id(prompt, "ContentCondition"), node_id(prompt, "RIDFRSample")
     prompt[content]["inputs"].update(on_no_face="maybe", start_percent=0.9, end_percent=0.1)
     prompt[sampler]["inputs"].update(scheduler="sometimes")

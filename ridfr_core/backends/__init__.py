@@ -64,14 +64,16 @@ def file_backend(path: Path | str, quick: bool = False) -> ContentBackend | None
     return backend_of_keys(list(read_state_dict(path, WHAT)))
 
 
-def load_content(path: Path | str, cache_dir=None) -> torch.nn.Module:
-    """The content module of a file of any backend, told apart by the file's contents."""
+def load_content(path: Path | str, cache_dir=None, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The content module of a file of any backend, told apart by the file's contents (``state``: the file's
+    tensors, when the caller has read them for other parts too)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{WHAT}: file not found: {path}. Put RIDFR weights (`python -m ridfr_core.train`) or "
                               "RestorerIDFull.ckpt in models/ridfr.")
-    state = None
-    if path.suffix == ".safetensors":
+    if state is not None:
+        keys = list(state)
+    elif path.suffix == ".safetensors":
         backend = backend_of_format(read_safetensors_metadata(path, WHAT))
         if backend is not None:
             return backend.load(path, cache_dir)

@@ -84,11 +84,13 @@ class ContentBackend:
         used instead of separate files (default: none)."""
         return set()
 
-    def bundled_adapter(self, path: Path, unet) -> tuple:
-        """(IdentityAdapter, FaceID LoRA deltas) from the content file itself (see :meth:`bundled_parts`)."""
+    def bundled_adapter(self, path: Path, unet, state: dict[str, torch.Tensor] | None = None) -> tuple:
+        """(IdentityAdapter, FaceID LoRA deltas) from the content file itself (see :meth:`bundled_parts`;
+        ``state``: its tensors, when already read)."""
         raise NotImplementedError
 
-    def bundled_clip_vision(self, path: Path, config_dir=None) -> torch.nn.Module:
+    def bundled_clip_vision(self, path: Path, config_dir=None, state: dict[str, torch.Tensor] | None = None
+                            ) -> torch.nn.Module:
         raise NotImplementedError
 
     # --- sampling ---------------------------------------------------------------------------------------

@@ -65,11 +65,11 @@ class RestorerIDBackend(ContentBackend):
     def bundled_parts(self, path: Path) -> set[str]:
         return checkpoint_parts(path)
 
-    def bundled_adapter(self, path: Path, unet) -> tuple:
-        return identity_adapter_from_checkpoint(read_state_dict(path, WHAT), unet, path)
+    def bundled_adapter(self, path: Path, unet, state=None) -> tuple:
+        return identity_adapter_from_checkpoint(read_state_dict(path, WHAT) if state is None else state, unet, path)
 
-    def bundled_clip_vision(self, path: Path, config_dir=None) -> torch.nn.Module:
-        return clip_vision_from_checkpoint(read_state_dict(path, WHAT), path, config_dir)
+    def bundled_clip_vision(self, path: Path, config_dir=None, state=None) -> torch.nn.Module:
+        return clip_vision_from_checkpoint(read_state_dict(path, WHAT) if state is None else state, path, config_dir)
 
     @torch.no_grad()
     def content_input(self, content, lq: torch.Tensor, vae, latent_hw: tuple[int, int], posterior_noise=None

@@ -74,6 +74,11 @@ def missing_musiq(models: Path) -> str:
             f"restorerid --models {models} --accept-licences fetches them")
 
 
+def auto_by_default(backend) -> bool:
+    """Whether a backend's published identity scale is the adaptive one: RestorerID's inference always applies it."""
+    return backend.name == "restorerid"
+
+
 @dataclass
 class IdentityScale:
     """The identity scale of a restoration: fixed, or per face from MUSIQ (``metric``), scored ``batch`` faces at
@@ -89,7 +94,7 @@ class IdentityScale:
         """``requested`` None means the backend's default: "auto" for RestorerID (its published setting). MUSIQ
         is loaded once here, on ``device`` beside a restoration computing in ``dtype``."""
         if requested is None:
-            requested = AUTO if backend.name == "restorerid" else backend.identity_scale
+            requested = AUTO if auto_by_default(backend) else backend.identity_scale
         if requested != AUTO:
             logger.info("identity scale: %.3g", requested)
             return cls(float(requested))

@@ -4,7 +4,7 @@ pack's nodes merely name. The one place that knows which widget of which node as
 
 - ``LoadRIDFR``: the file each file widget names (content weights, IP-Adapter, CLIP vision, insightface pack);
   a widget set to ``auto`` asks for the file the content file's backend uses in that folder.
-- ``IdentityCondition`` with ``auto_weight`` on: MUSIQ's weights (RestorerID's adaptive identity scale).
+- ``IdentityCondition`` whose ``auto_weight`` asks for RestorerID's adaptive identity scale: MUSIQ's weights.
 
 Files that a needed file may hold (``HELD_BY``: RestorerIDFull.ckpt holds SD1.5, FaceID Plus v1 and CLIP ViT-H)
 are sorted by :func:`sort_needs`: not needed when the holder is there and holds their part, needed when it is
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from ..ridfr_core.models.plan import Locate, holder_of, in_download_order, not_needed
 from ..ridfr_core.models.registry import BACKENDS, MUSIQ_KONIQ, ModelFile, all_files
+from .model_files import ADAPTER_FOLDER, AUTO, BASE_FOLDER, CLIP_FOLDER, CONTENT_FOLDER, PACK_FOLDER
 
-FOLLOW_CONTENT = "auto"  # a LoadRIDFR file widget that takes what the content file's backend uses
-LOADER_FILES = {"content_weights": "ridfr", "ipadapter": "ipadapter", "clip_vision": "clip_vision",
-                "insightface": "insightface/models"}  # LoadRIDFR's file widgets and the registry folder of each
+FOLLOW_CONTENT = AUTO  # a LoadRIDFR file widget that takes what the content file's backend uses
+LOADER_FILES = {"content_weights": CONTENT_FOLDER, "base": BASE_FOLDER, "ipadapter": ADAPTER_FOLDER,
+                "clip_vision": CLIP_FOLDER, "insightface": PACK_FOLDER}  # LoadRIDFR's file widgets and their folders
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,24 @@ def loader_needs(widgets: dict, locate: Locate) -> list[ModelFile]:
     return needs
 
 
+def needs_musiq(auto_weight, backends: set) -> bool:
+    """IdentityCondition's auto_weight asks for MUSIQ: 'on' (True in workflows saved when it was a switch), or
+    'backend default' in a graph whose LoadRIDFR loads RestorerID weights (published with the adaptive scale)."""
+    choice = {True: "on", False: "off"}.get(auto_weight, auto_weight)
+    return choice == "on" or (choice == "backend default" and "restorerid" in backends)
+
+
 def graph_needs(nodes: list, locate: Locate) -> list[ModelFile]:
     """The registered files the nodes of this pack among ``nodes`` (``{"type", "widgets": {name: value}}``)
     need, in download order; other nodes are not read."""
-    needs = []
-    for node in nodes:
-        widgets = node.get("widgets") if isinstance(node, dict) else None
-        if not isinstance(widgets, dict):
-            continue
-        if node.get("type") == "LoadRIDFR":
-            needs += loader_needs(widgets, locate)
-        elif node.get("type") == "IdentityCondition" and widgets.get("auto_weight") is True:
-            needs.append(MUSIQ_KONIQ)
+    ours = [node for node in nodes if isinstance(node, dict) and isinstance(node.get("widgets"), dict)]
+    loaders = [node["widgets"] for node in ours if node.get("type") == "LoadRIDFR"]
+    backends = {content_backend(registered(CONTENT_FOLDER, widgets.get("content_weights")),
+                                widgets.get("content_weights"), locate) for widgets in loaders}
+    needs = [file for widgets in loaders for file in loader_needs(widgets, locate)]
+    if any(needs_musiq(node["widgets"].get("auto_weight", "backend default"), backends)
+           for node in ours if node.get("type") == "IdentityCondition"):
+        needs.append(MUSIQ_KONIQ)
     return in_download_order(needs)
 
 

@@ -205,6 +205,10 @@ def test_only_the_nodes_of_this_pack_ask_for_files(hub_and_server):
                                               "clip_vision": CLIP_VIT_H.name, "insightface": "buffalo_l"}}
     assert needs(server, [ridfr]) == (["ridfr/ridfr-sd15.safetensors", "ipadapter/ip-adapter-faceid-plusv2_sd15.bin",
                                        CLIP_VIT_H.relative], [])  # buffalo_l is there; 'auto' follows the content
+    by_default = {**identity, "widgets": {"auto_weight": "backend default"}}
+    restorerid = {"type": "LoadRIDFR", "widgets": {**ridfr["widgets"], "content_weights": "RestorerIDFull.ckpt"}}
+    assert MUSIQ_KONIQ.relative in needs(server, [restorerid, by_default])[0]  # RestorerID is published with it
+    assert MUSIQ_KONIQ.relative not in needs(server, [ridfr, by_default])[0]
     for nodes in ([], [{"type": "LoadRIDFR"}], [{"type": "LoadRIDFR", "widgets": [1]}], "nodes", [None]):
         assert needs(server, nodes) == ([], [])  # nothing to read is nothing needed, not an error
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from shared_data import REPO_ROOT
 from ridfr_core.archive.manifest import read_records
-from ridfr_core.archive.run import LOCK_NAME
+from ridfr_core.io.folder_lock import HOLDER_NAME, LOCK_NAME
 from ridfr_core.restore import main
 from test_archive import audio_packets, make_video
 
@@ -282,13 +282,14 @@ def test_a_second_run_on_the_same_out_is_refused_and_stale_temp_files_go(tiny_mo
         time.sleep(0.05)
     assert first.poll() is None, "the first run ended before the second one started"
     assert main(args) == 2
-    assert "another run is writing into this folder" in capsys.readouterr().err
+    assert f"another run is writing into this folder (process {first.pid} on " in capsys.readouterr().err
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     done = records(out)
     assert sorted(record["input"] for record in done) == [f"photo{number}.png" for number in range(6)]
     assert all(record["process"] == 0 and record["status"] == "done" for record in done)
     assert not any(path.exists() for path in stale) and (out / ".keep").is_file()
+    assert not (out / HOLDER_NAME).exists()
     assert main(args) == 0  # the lock went with the first run
 
 

@@ -18,14 +18,17 @@ import torch
 from ridfr_core import backends, train
 
 from ridfr_core.backends.ridfr import files as content_files
+from ridfr_core.io.folder_lock import HOLDER_NAME, LOCK_NAME
 from ridfr_core.run_folder import checkpoint_problem
 from ridfr_core.train import complete_checkpoints
+from ridfr_core.train.cli import run_lock
 from test_data import small_faces  # noqa: F401 (fixture)
 from test_train import TINY, run_cli, training_state
 
 
 def hidden_files(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+    """Hidden files besides the run's lock (kept: removing it would race a next run)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*") if p.name != LOCK_NAME)
 
 
 def error_line(err: str) -> str:
@@ -166,3 +169,47 @@ def test_kill_while_writing_a_checkpoint_leaves_no_half_written_files(tiny_model
     status = process.wait()
     assert status == 128 + signal.SIGTERM, f"exit status {status}: SIGTERM did not unwind the run"
     assert hidden_files(out) == []
+
+
+def test_an_out_that_is_or_is_inside_the_data_is_refused(small_faces, tmp_path, capsys):  # noqa: F811
+    """Checkpoints, samples and the exported weights went into the data set folder (restore refuses --out == --lq)."""
+    data = tmp_path / "faces"
+    data.symlink_to(small_faces.faces, target_is_directory=True)  # a link to the data is the data too
+    before = sorted(small_faces.faces.rglob("*"))
+    for out, where in ((small_faces.faces, "the"), (data / "runs" / "r1", "inside the")):
+        assert train.main(["--stage", "content", "--data", str(data), "--base", "x", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert error_line(err) == (f"error: out: {out} is {where} --data folder {data}; checkpoints, samples and "
+                                   "weights would be written among the training images (and read as data by the next "
+                                   "run). Pass an --out outside it.")
+    assert sorted(small_faces.faces.rglob("*")) == before
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tiny_models, small_faces, tmp_path, capsys,  # noqa: F811
+                                                                  monkeypatch):
+    """Both trained and wrote into one --out; now the second stops (exit 2) while the first goes on."""
+    out = tmp_path / "run"
+    args = ["--stage", "content", "--data", str(small_faces.faces), "--base", str(tiny_models.checkpoint),
+            "--out", str(out), "--config-dir", str(tiny_models.configs), "--cache-dir", str(tmp_path / "prompt_cache"),
+            "--max-steps", "200"]
+    args += [part for key, value in TINY.items() for part in ("--set", f"{key}={json.dumps(value)}")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen([sys.executable, "-m", "ridfr_core.train", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / HOLDER_NAME).is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None, "the first run ended before the second one started"
+    assert train.main(args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --out {out}: another run is writing into this folder (process {first.pid} on ")
+    assert "ridfr_core/train" in line and line.endswith("let it finish, or give another --out.")
+    monkeypatch.setenv("RANK", "1")  # another process of the first run (accelerate launch): it takes no lock
+    with run_lock(out):
+        assert first.poll() is None, "the first run stopped too"
+    first.kill()  # the OS releases the lock; the stale holder record is overwritten by the next run
+    first.wait(timeout=60)
+    monkeypatch.setenv("RANK", "0")
+    with run_lock(out):
+        assert json.loads((out / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert not (out / HOLDER_NAME).exists()

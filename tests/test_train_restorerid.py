@@ -58,6 +58,18 @@ def make_config(out: Path, models, checkpoint: Path, faces, cache: Path, *extra:
                                                                   + list(extra)))
 
 
+def test_a_missing_init_file_is_named_before_anything_else(tmp_path, capsys):
+    """It said "base: not set; pass --base PATH" (a RestorerID --init gives the base)."""
+    missing = tmp_path / "RestorerIDFull.ckpt"
+    for init, state in ((missing, "does not exist"), (tmp_path, "is a folder, not a file")):
+        assert train.main(["--backend", "restorerid", "--stage", "align", "--init", str(init), "--data", "x",
+                           "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --init {init}: {state}; give the content weights to start from (RestorerID: its "
+                              "RestorerIDFull.ckpt") and "base" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
     modules = {"content": trainer.content, "unet": trainer.unet, "vae": trainer.vae, "adapter": trainer.adapter}
     return {f"{name}/{key}": value.detach().clone() for name, module in modules.items()

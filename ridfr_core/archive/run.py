@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..io.atomic import TEMP_FILE, probe_writable
+from ..io.folder_lock import FolderLock
 from ..io.images import IMAGE_SUFFIXES, read_rgb
 from ..restore_checks import same_file
 from .inputs import VIDEO_SUFFIXES, ArchiveInput, collect_inputs
@@ -24,7 +25,6 @@ from .restoring import ArchiveJob, PhotoBatches, Timings, restore_video
 
 logger = logging.getLogger(__name__)
 INTERRUPTED = 130
-LOCK_NAME = ".ridfr-archive.lock"  # held by the run writing into --out (released by the OS if it is killed)
 
 
 class ArchiveStopped(ValueError):
@@ -108,19 +108,12 @@ def on_every_process(state, step):
 def take_output_folder(out: Path):
     """Create --out, lock it against a second run (which would restore everything again and interleave the
     manifest), merge the manifest parts and remove the temporary files of a run that was killed."""
-    from filelock import FileLock, Timeout
-
     try:
         probe_writable(out)
     except OSError as error:
         raise ValueError(f"--out {out}: cannot create or write to this folder ({error.strerror or error}); give a "
                          "folder you can write to.") from None
-    lock = FileLock(out / LOCK_NAME, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ValueError(f"--out {out}: another run is writing into this folder (it holds {out / LOCK_NAME}); let it "
-                         "finish, or give another --out.") from None
+    lock = FolderLock(out)
     merge_parts(out)  # the parts of a run that crashed
     for path in out.rglob(".*"):
         if TEMP_FILE.match(path.name) and path.is_file():

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,10 @@ class TrainConfig:
             need(self.clip_vision or not backend.null_identity_tokens,
                  f"clip_vision: {backend.label} trains with the null identity (CLIP features of a blank image) for "
                  "dropped identities; pass --clip-vision CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors.")
+        need(not is_inside(self.out, self.data),
+             f"out: {self.out} is {'the' if same_path(self.out, self.data) else 'inside the'} --data folder "
+             f"{self.data}; checkpoints, samples and weights would be written among the training images (and read "
+             "as data by the next run). Pass an --out outside it.")
         for name in ("resolution", "batch_size", "gradient_accumulation_steps", "max_steps", "identity_variants",
                      "identity_min_size", "validation_steps", "min_image_size", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}.")
@@ -178,6 +183,15 @@ class TrainConfig:
              "photo of the person (2), and 3 for two different ID photos.")
         need(self.identity_min_size <= self.identity_max_size,
              f"identity_min_size ({self.identity_min_size}) is larger than identity_max_size ({self.identity_max_size}).")
+
+
+def same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it, after links and ``..`` are resolved."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
 
 
 def coerce(name: str, value, default, source: str):
@@ -299,7 +313,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def choose_backend(config: TrainConfig, requested: str | None) -> None:
     """The backend is the --init file's (``--backend`` must agree); a RestorerID file also serves as --base."""
     init = Path(config.init_content) if config.init_content else None
-    found = file_backend(init) if init is not None and init.is_file() else None
+    if init is not None and not init.is_file():
+        state = "is a folder, not a file" if init.is_dir() else "does not exist"
+        raise ConfigError(f"--init {init}: {state}; give the content weights to start from (RestorerID: its "
+                          "RestorerIDFull.ckpt; RIDFR align: the content stage's ridfr-content.safetensors).")
+    found = file_backend(init) if init is not None else None
     if requested and found is not None and found.name != requested:
         raise ConfigError(f"--backend {requested}: --init {init} holds {found.label} weights; pass --backend "
                           f"{found.name} or another --init file.")

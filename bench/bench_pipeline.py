@@ -50,14 +50,22 @@ SMALL = {  # SD1.5's block structure at a quarter of the width: CPU-sized
 }
 
 
-def restorerid_branch(unet: UNet2DConditionModel):
+TINY = {  # SD1.5's block structure at a tenth of the width: checks that a script runs, in seconds
+    "unet": {"block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 64, "attention_head_dim": 4},
+    "vae": {"block_out_channels": [32, 32, 32, 32]},
+    "clip_vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
+}
+ARCHS = {"tiny": TINY, "small": SMALL, "sd15": {}}
+
+
+def restorerid_branch(unet: UNet2DConditionModel, width: int = 256):
     """RestorerID's LQ branch at its published widths (EncoderUNetModelWT 256, channel_mult 1,1,2,2, attention at
-    /1,/2,/4; spade/IDBalance hidden 128) for ``unet``, random weights."""
+    /1,/2,/4; spade/IDBalance hidden 128) for ``unet``, random weights; ``width`` < 256 shrinks it."""
     from ridfr_core.backends.restorerid.lq_branch import LQBranch
     from ridfr_core.backends.restorerid.denoiser import resnet_names
 
-    width, blocks = 256, [("conv", 4, 256)]
-    channels = 256
+    blocks = [("conv", 4, width)]
+    channels = width
     for level, mult in enumerate((1, 1, 2, 2)):
         for _ in range(2):
             blocks.append(("res+attn" if level < 3 else "res", channels, width * mult))
@@ -65,16 +73,16 @@ def restorerid_branch(unet: UNet2DConditionModel):
         if level < 3:
             blocks.append(("down", channels, channels))
     encoder = {"model_channels": width, "emb_channels": 4 * width, "input_blocks": blocks, "middle_channels": channels,
-               "fea_tran": [256, 256, 512, 512], "out_channels": 256}
+               "fea_tran": [width, width, 2 * width, 2 * width], "out_channels": width}
     modules = dict(unet.named_modules())
     resnets = {ldm: modules[path].conv2.out_channels for path, ldm in resnet_names(unet).items()}
-    return LQBranch({"encoder": encoder, "blocks": resnets, "feature_channels": 256, "hidden": 128,
+    return LQBranch({"encoder": encoder, "blocks": resnets, "feature_channels": width, "hidden": width // 2,
                      "context_dim": unet.config.cross_attention_dim}).eval()
 
 
 def build_models(arch: str, backend: str = "ridfr") -> PipelineModules:
     torch.manual_seed(0)
-    overrides = SMALL if arch == "small" else {}
+    overrides = ARCHS[arch]
     unet = UNet2DConditionModel(**{**load_config("unet"), **overrides.get("unet", {})})
     vae = AutoencoderKL(**{**load_config("vae"), **overrides.get("vae", {})})
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**load_config("clip_vision"),
@@ -84,7 +92,8 @@ def build_models(arch: str, backend: str = "ridfr") -> PipelineModules:
     if backend == "restorerid":
         prompts = {text: torch.randn(1, 77, unet.config.cross_attention_dim)
                    for text in ("", RESTORERID.positive_prompt, RESTORERID.negative_prompt)}
-        return PipelineModules(unet.eval(), vae.eval(), restorerid_branch(unet), empty, load_config("scheduler"),
+        branch = restorerid_branch(unet, 32 if arch == "tiny" else 256)
+        return PipelineModules(unet.eval(), vae.eval(), branch, empty, load_config("scheduler"),
                                adapter.eval(), clip.eval(), prompts=prompts)
     return PipelineModules(unet.eval(), vae.eval(), ContentControlNet.from_unet(unet).eval(), empty,
                        load_config("scheduler"), adapter.eval(), clip.eval())
@@ -179,7 +188,7 @@ def run_stock(pipe, models: PipelineModules, lq: torch.Tensor, identity: Identit
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["small", "sd15"], default="small")
+    parser.add_argument("--arch", choices=list(ARCHS), default="small")
     parser.add_argument("--backend", choices=["ridfr", "restorerid"], default="ridfr",
                         help="restorerid: its LQ branch and sampling defaults; only our pipeline is timed")
     parser.add_argument("--size", type=int, default=256, help="face size in pixels (512 = the paper's)")

@@ -190,7 +190,7 @@ class RIDFRPipeline:
         use_guidance = guidance != 1.0 and (id_tokens is not None or backend.negative_prompt != backend.positive_prompt)
         if use_guidance:
             negative = models.prompt(backend.negative_prompt).to(self.device, self.dtype).expand(batch, -1, -1)
-            text, lq = torch.cat([text, negative]), torch.cat([lq, lq])
+            text = torch.cat([text, negative])  # the LQ input stays one per face: the denoiser shares it
             if id_tokens is not None:
                 id_tokens = torch.cat([id_tokens, null if null is not None else self.null_tokens(batch).to(self.dtype)])
             if isinstance(identity_scale, torch.Tensor):
@@ -198,9 +198,11 @@ class RIDFRPipeline:
             if isinstance(content_scale, torch.Tensor):
                 content_scale = torch.cat([content_scale, content_scale])
 
+        conditions = self.denoiser.prepare(text, lq, id_tokens, content_scale, identity_scale)
+
         def guided_eps(latents, t):
             model_in = torch.cat([latents, latents]) if use_guidance else latents
-            eps = self.denoiser(model_in.to(self.dtype), t, text, lq, id_tokens, content_scale, identity_scale)
+            eps = self.denoiser(model_in.to(self.dtype), t, *conditions)
             if use_guidance:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
@@ -210,8 +212,9 @@ class RIDFRPipeline:
         if sampler == RESTORERID_DDIM:  # latents stay float32 between steps, as in RestorerID's sampler
             plan = restorerid_plan(steps, eta, models.scheduler_config)
             for index, t in enumerate(plan.model_t):
-                eps = guided_eps(latents, torch.tensor(t, device=self.device)).float()
-                latents = ddim_update(latents, eps, plan, index, noise.next(shape).to(self.device))
+                if plan.changes_latents(index):  # the last step of RestorerID's plan changes nothing
+                    eps = guided_eps(latents, torch.tensor(t, device=self.device)).float()
+                    latents = ddim_update(latents, eps, plan, index, noise.next(shape).to(self.device))
                 if progress is not None:
                     progress(index + 1, steps)
         else:

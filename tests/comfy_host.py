@@ -131,16 +131,16 @@ def free_port() -> int:
 
 class ComfyServer:
     """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory (and ``extra_args``, e.g. a
-    precision flag, as a user would start it); stop() ends it."""
+    precision flag, as a user would start it; ``cpu=False``: on ComfyUI's default device); stop() ends it."""
 
-    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None, cpu: bool = True):
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
         env = {**os.environ, "RIDFR_CACHE": str(base / "ridfr_cache"),
                "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-auto-launch", "--base-directory", str(base), *extra_args],
             cwd=COMFYUI_PATH, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         self.wait_ready()

@@ -166,33 +166,68 @@ def face_identity(seed: int) -> Identity:
 
 def test_pipeline_routes_prompts_and_identities_under_cfg(restorerid_pipeline):
     """Cond rows: positive prompt + the face's identity; uncond rows: negative prompt + the null identity, with
-    the same LQ latent; a face with identity scale 0 gets the null identity on both sides."""
+    the same LQ latent (one per face); a face with identity scale 0 gets the null identity on both sides."""
     pipeline, calls = restorerid_pipeline, []
-    real = pipeline.denoiser
-
-    def spy(latents, t, text, lq, id_tokens, content_scale, identity_scale):
-        calls.append((text, lq, id_tokens, identity_scale))
-        return real(latents, t, text, lq, id_tokens, content_scale, identity_scale)
-
-    pipeline.denoiser = spy
+    hook = pipeline.denoiser.register_forward_pre_hook(lambda module, args: calls.append(args[2:]))
     try:
         assert pipeline.backend is RESTORERID
         faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-        pipeline(faces, Identity.cat([face_identity(1), face_identity(2)]), steps=2,
+        pipeline(faces, Identity.cat([face_identity(1), face_identity(2)]), steps=3,
                  identity_scale=torch.tensor([1.0, 0.0]))
     finally:
-        pipeline.denoiser = real
-    assert len(calls) == 2
-    text, lq, id_tokens, scales = calls[0]
+        hook.remove()
+    assert len(calls) == 2  # the plan's last step is a no-op: not computed
+    context, lq, id_tokens, _, scales = calls[0]
     models = pipeline.models
-    assert torch.equal(text[0], models.prompts[RESTORERID.positive_prompt][0])
-    assert torch.equal(text[2], models.prompts[RESTORERID.negative_prompt][0])
-    assert torch.equal(lq[:2], lq[2:])
+    positive, negative = models.prompts[RESTORERID.positive_prompt], models.prompts[RESTORERID.negative_prompt]
+    texts = torch.cat([positive, positive, negative, negative])
+    attention = next(iter(context.by_attention))
+    with torch.no_grad():
+        assert torch.allclose(context.by_attention[attention][0], attention.to_k(texts), atol=1e-6)
+    assert lq.shape[0] == 2
     null = pipeline.null_tokens(1)[0]
     identity_tokens = pipeline.identity_tokens(face_identity(1), 1)[0]
     assert torch.allclose(id_tokens[0], identity_tokens, atol=1e-4) and torch.equal(id_tokens[1], null)
     assert torch.equal(id_tokens[2], null) and torch.equal(id_tokens[3], null)
     assert scales.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_each_restoration_computes_its_constants_once(restorerid_pipeline):
+    """The structure encoder runs on each face once per step (not on both CFG copies), the text and identity
+    keys/values of a cross-attention once per restoration, and the plan's no-op last step not at all; the
+    eps stay those of the full computation."""
+    pipeline = restorerid_pipeline
+    encoder_batches, key_calls, steps = [], [], 4
+    attention = next(m for m in pipeline.models.unet.modules() if getattr(m, "is_cross_attention", False))
+    hooks = [pipeline.models.content.encoder.register_forward_pre_hook(
+                 lambda module, args: encoder_batches.append(args[0].shape[0])),
+             attention.to_k.register_forward_hook(lambda module, args, out: key_calls.append(args[0].shape))]
+    try:
+        pipeline(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)), face_identity(4), steps=steps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert encoder_batches == [2] * (steps - 1)
+    assert len(key_calls) == 1
+    latents, lq, text = tiny_inputs(4)
+    tokens = torch.randn(4, 4, 64, generator=torch.Generator().manual_seed(5))
+    denoiser = pipeline.denoiser
+    with torch.no_grad():
+        full = denoiser(latents, 500, text, lq, tokens, 1.0, 0.75)
+        shared = denoiser(latents, 500, *denoiser.prepare(text, lq[:2], tokens, 1.0, 0.75))
+        lq_shared = denoiser(latents, 500, text, torch.cat([lq[:2], lq[:2]]), tokens, 1.0, 0.75)
+    assert torch.allclose(shared, lq_shared, atol=1e-5) and not torch.allclose(full, lq_shared, atol=1e-3)
+
+
+def test_the_last_step_of_restorerids_plan_changes_nothing():
+    from ridfr_core.sampling.ldm_ddim import ddim_update, restorerid_plan
+
+    for steps in (2, 50):
+        plan = restorerid_plan(steps, 1.0)
+        assert [i for i in range(steps) if not plan.changes_latents(i)] == [steps - 1]
+        latents, eps, noise = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        assert torch.allclose(ddim_update(latents, eps, plan, steps - 1, noise), latents, atol=1e-6)
+        assert not torch.allclose(ddim_update(latents, eps, plan, steps - 2, noise), latents, atol=1e-3)
 
 
 def test_pipeline_defaults_seeds_and_colour_fix(restorerid_pipeline):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
 from ..constants import CLIP_SIZE
@@ -129,28 +129,51 @@ class IdentityAttnProcessor(IPAdapterAttnProcessor2_0):
     diffusers' own processor takes one float scale per adapter; RIDFR needs a scale per face (a face
     matched to nobody is restored with scale 0 in the same batch), so ``__call__`` is re-stated here
     around :func:`identity_attention`. ``encoder_hidden_states`` is :func:`identity_context`'s tuple
-    ``(text_states, [id_tokens], identity_scale)``: diffusers' UNet hands it unchanged to every
-    cross-attention, so the scale travels with the call (no state on the shared processors).
+    ``(text_states, [id_tokens], identity_scale)``, or those keys and values computed once for a whole
+    restoration (:class:`FixedKeysValues`): diffusers' UNet hands it unchanged to every cross-attention, so
+    the scale travels with the call (no state on the shared processors).
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        if not (isinstance(encoder_hidden_states, tuple) and len(encoder_hidden_states) == 3):
+        if isinstance(encoder_hidden_states, FixedKeysValues):
+            keys, values, id_keys, id_values = encoder_hidden_states.by_attention[attn]
+            scale = encoder_hidden_states.scale
+        elif isinstance(encoder_hidden_states, tuple) and len(encoder_hidden_states) == 3:
+            text_states, id_tokens, scale = encoder_hidden_states
+            id_tokens = id_tokens[0] if isinstance(id_tokens, (list, tuple)) else id_tokens
+            keys, values, id_keys, id_values = self.keys_values(attn, text_states, id_tokens, scale)
+        else:
             raise ValueError(
                 "IdentityAttnProcessor: encoder_hidden_states must be the tuple (text_states, [id_tokens], "
-                f"identity_scale); got {type(encoder_hidden_states).__name__}. Call the UNet through RIDFRDenoiser, "
-                "which builds it with identity_context."
+                f"identity_scale) or FixedKeysValues; got {type(encoder_hidden_states).__name__}. Call the UNet "
+                "through RIDFRDenoiser, which builds it with identity_context."
             )
-        text_states, id_tokens, scale = encoder_hidden_states
-        id_tokens = id_tokens[0] if isinstance(id_tokens, (list, tuple)) else id_tokens
         query = attn.to_q(hidden_states)
-        out = identity_attention(query, attn.to_k(text_states), attn.to_v(text_states), attn.heads)
-        if isinstance(scale, torch.Tensor) or scale != 0:
-            id_out = identity_attention(query, self.to_k_ip[0](id_tokens), self.to_v_ip[0](id_tokens), attn.heads)
+        out = identity_attention(query, keys, values, attn.heads)
+        if id_keys is not None:
+            id_out = identity_attention(query, id_keys, id_values, attn.heads)
             out = out + scale_per_sample(scale, id_out) * id_out
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    def keys_values(self, attn, text_states: torch.Tensor, id_tokens: torch.Tensor, scale) -> tuple:
+        """(K, V, K', V') of Eq. 3 for ``attn``; K', V' are None when the identity's scale is the float 0."""
+        with_identity = isinstance(scale, torch.Tensor) or scale != 0
+        return (attn.to_k(text_states), attn.to_v(text_states),
+                self.to_k_ip[0](id_tokens) if with_identity else None,
+                self.to_v_ip[0](id_tokens) if with_identity else None)
+
+
+@dataclass(frozen=True)
+class FixedKeysValues:
+    """A UNet's cross-attention input when text states, identity tokens and scale stay the same over a
+    restoration's steps: every identity cross-attention's keys and values, computed once
+    (:func:`fixed_keys_values`) instead of at every step. Handed to the UNet as ``encoder_hidden_states``."""
+
+    by_attention: dict  # diffusers Attention module -> (K, V, K', V')
+    scale: float | torch.Tensor
 
 
 class IdentityAdapter(torch.nn.Module):
@@ -186,6 +209,16 @@ def identity_context(text_states: torch.Tensor, id_tokens: torch.Tensor, identit
     """The cross-attention context of a UNet whose processors are an :class:`IdentityAdapter`'s: text
     states, identity tokens and the identity scale (a float or per-face (B,) tensor) of this call."""
     return text_states, [id_tokens.to(text_states.dtype)], identity_scale
+
+
+def fixed_keys_values(unet, text_states: torch.Tensor, id_tokens: torch.Tensor,
+                      identity_scale: float | torch.Tensor) -> FixedKeysValues:
+    """:class:`FixedKeysValues` of every cross-attention of ``unet`` whose processor is an adapter's."""
+    text_states, (id_tokens,), scale = identity_context(text_states, id_tokens, identity_scale)
+    return FixedKeysValues({attn: attn.processor.keys_values(attn, text_states, id_tokens, scale)
+                            for attn in unet.modules()
+                            if isinstance(attn, Attention) and isinstance(attn.processor, IdentityAttnProcessor)},
+                           scale)
 
 
 def identity_processor_slots(unet) -> list[tuple[int, str, IdentityAttnProcessor]]:

@@ -7,8 +7,10 @@ It differs from every diffusers/ComfyUI spacing, so it is stated here once for t
   for S=50: rounded multiples of 999/(S-1));
 - the update uses the cumulative alphas at ``range(0, 1000, 1000 // S)`` (980, 960, ..., 0, LDM's
   ``make_ddim_timesteps`` without its "+1"), so the first update starts from alpha_bar[980];
-- the previous alpha of the last step is alpha_bar[0] itself, so the last step (t=0) changes nothing but
-  rounding; it is still run, as theirs is (the UNet is called at t=0, and its step noise drawn, times 0).
+- the previous alpha of the last step is alpha_bar[0] itself, so the last step (t=0) changes nothing: its
+  update is ``x - sqrt(1-a) eps + sqrt(1-a) eps`` with sigma 0. Theirs still queries the UNet at t=0 and
+  draws a step noise it multiplies by 0; ours skips the step (:meth:`DDIMPlan.changes_latents`), which leaves
+  the latents as theirs up to float32 rounding and draws nothing after the last noise that counts.
 
 The arithmetic follows theirs in float32 (alphas from LDM's float64 schedule cast to float32, sigmas in
 float64 cast to float32), so a port reproduces their latents to float32 rounding.
@@ -59,6 +61,11 @@ class DDIMPlan:
 
     def __len__(self) -> int:
         return len(self.model_t)
+
+    def changes_latents(self, index: int) -> bool:
+        """False for a step whose update is the identity (the same alpha before and after, so sigma is 0 and
+        the eps terms cancel): nothing needs computing for it."""
+        return bool(self.alphas[index] != self.alphas_prev[index])
 
 
 def restorerid_plan(steps: int, eta: float, scheduler_config: dict | None = None) -> DDIMPlan:

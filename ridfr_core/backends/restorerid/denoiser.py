@@ -13,7 +13,8 @@ import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 
 from ...weights.checkpoints import CheckpointError
-from ...identity.adapter import IdentityAdapter, identity_context, install_identity_processors
+from ...identity.adapter import (FixedKeysValues, IdentityAdapter, fixed_keys_values, identity_context,
+                                 install_identity_processors)
 from .lq_branch import LQBranch, modulate
 
 
@@ -59,9 +60,10 @@ def modulated_resnet(resnet, x: torch.Tensor, temb: torch.Tensor, modulation, fe
 class RestorerIDDenoiser(torch.nn.Module):
     """eps(z_t, t, c_text, z_LQ, c_ID) for RestorerID, with the signature of :class:`RIDFRDenoiser`.
 
-    ``lq_latent`` is the LQ face's VAE latent (scaled), the same for every step; ``id_tokens`` feed both
-    the decoupled attention (times ``identity_scale``) and IDBalance. As with RIDFR, installing the
-    adapter makes the UNet's cross-attention processors the adapter's own."""
+    ``lq_latent`` is the LQ faces' VAE latent (scaled), the same for every step: one per face, while
+    ``latents`` may hold several copies of the faces end to end (CFG), whose structure maps are then computed
+    once. ``id_tokens`` feed both the decoupled attention (times ``identity_scale``) and IDBalance. As with
+    RIDFR, installing the adapter makes the UNet's cross-attention processors the adapter's own."""
 
     def __init__(self, unet: UNet2DConditionModel, content: LQBranch, adapter: IdentityAdapter | None = None):
         super().__init__()
@@ -72,23 +74,38 @@ class RestorerIDDenoiser(torch.nn.Module):
         if adapter is not None:
             install_identity_processors(unet, adapter)
 
-    def forward(self, latents: torch.Tensor, timestep, text_states: torch.Tensor, lq_latent: torch.Tensor,
-                id_tokens: torch.Tensor | None = None, content_scale: float | torch.Tensor = 1.0,
-                identity_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def prepare(self, text_states: torch.Tensor, lq_latent: torch.Tensor, id_tokens: torch.Tensor | None = None,
+                content_scale: float | torch.Tensor = 1.0, identity_scale: float | torch.Tensor = 1.0) -> tuple:
+        """The arguments after ``(latents, timestep)`` for every step of one restoration, with the text and
+        identity keys/values of the UNet's cross-attention computed once, in place of the text states."""
+        if self.adapter is not None and id_tokens is not None:
+            text_states = fixed_keys_values(self.unet, text_states.to(self.unet.dtype), id_tokens, identity_scale)
+        return text_states, lq_latent, id_tokens, content_scale, identity_scale
+
+    def forward(self, latents: torch.Tensor, timestep, text_states: torch.Tensor | FixedKeysValues,
+                lq_latent: torch.Tensor, id_tokens: torch.Tensor | None = None,
+                content_scale: float | torch.Tensor = 1.0, identity_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``text_states``: the text encoder's states, or :meth:`prepare`'s keys/values of them (which hold the
+        identity scale themselves)."""
         unet, batch = self.unet, latents.shape[0]
         timesteps = torch.as_tensor(timestep, device=latents.device)
         timesteps = (timesteps[None] if timesteps.ndim == 0 else timesteps).expand(batch)
         # the frozen UNet runs in its own dtype whatever it is handed, the LQ branch in its own (see modulate)
-        latents, text_states = latents.to(unet.dtype), text_states.to(unet.dtype)
-        features = self.content.features(lq_latent.to(next(self.content.parameters()).dtype), timesteps)
-        context = text_states
-        if self.adapter is not None:
+        latents = latents.to(unet.dtype)
+        # the copies of a face share its timestep, so its maps are those of the first copy's
+        features = self.content.features(lq_latent.to(next(self.content.parameters()).dtype),
+                                         timesteps[:lq_latent.shape[0]])
+        if isinstance(text_states, FixedKeysValues):
+            context = text_states
+        elif self.adapter is not None:
             if id_tokens is None:
                 raise ValueError("RestorerIDDenoiser: RestorerID needs identity tokens for every face (the null "
                                  "identity's for faces restored without one).")
-            context = identity_context(text_states, id_tokens, identity_scale)
+            context = identity_context(text_states.to(unet.dtype), id_tokens, identity_scale)
         elif id_tokens is not None:
             raise ValueError("RestorerIDDenoiser: identity tokens given but no identity adapter is loaded.")
+        else:
+            context = text_states.to(unet.dtype)
 
         def resnet(path: str, module, h):
             return checkpointed(modulated_resnet, module, h, emb, self.content.modulation(self.modulated[path]), features,

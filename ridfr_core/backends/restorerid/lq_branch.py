@@ -76,9 +76,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, *spatial = x.shape
         qkv = self.qkv(self.norm(x.reshape(batch, channels, -1)))
-        q, k, v = qkv.reshape(batch * self.heads, 3 * channels // self.heads, -1).split(channels // self.heads, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(batch, channels, -1)
+        # (batch, heads, tokens, head width): 4-D, so SDPA takes its fused kernel (on 3-D input PyTorch falls back
+        # to the unfused math, which holds the whole tokens x tokens matrix: 4x slower at 64x64 on CPU)
+        q, k, v = qkv.reshape(batch, self.heads, 3 * channels // self.heads, -1).transpose(2, 3).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(batch, channels, -1)
         return (x.reshape(batch, channels, -1) + self.proj_out(out)).reshape(batch, channels, *spatial)
 
 
@@ -155,8 +156,10 @@ class Spade(nn.Module):
         self.mlp_shared, self.mlp_gamma, self.mlp_beta = conv_mlp(feature_channels, hidden, channels)
 
     def forward(self, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``features``: one map per face; ``h`` may hold several copies of the faces (see :func:`modulate`)."""
         actv = self.mlp_shared(features)
-        return self.param_free_norm(h) * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        normed = by_copy(self.param_free_norm(h), features.shape[0])
+        return (normed * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)).flatten(0, 1)
 
 
 class CrossAttention(nn.Module):
@@ -170,8 +173,9 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.to_out(identity_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+    def attend(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The attention of ``to_q``'s output ``query``, so that copies of the same map share its projection."""
+        return self.to_out(identity_attention(query, self.to_k(context), self.to_v(context), self.heads))
 
 
 class IDBalance(nn.Module):
@@ -185,10 +189,14 @@ class IDBalance(nn.Module):
         self.mlp_shared, self.mlp_gamma, self.mlp_beta = conv_mlp(feature_channels, hidden, channels)
 
     def forward(self, y: torch.Tensor, features: torch.Tensor, id_tokens: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = features.shape
+        """``features``: one map per face; ``y`` and ``id_tokens`` may hold several copies of the faces, each
+        with its own tokens (CFG: the faces' identity, then the null identity)."""
+        faces, channels, height, width = features.shape
+        copies = y.shape[0] // faces
         tokens = features.flatten(2).transpose(1, 2)
-        tokens = tokens + self.crossattn(self.norm(tokens), id_tokens.to(tokens.dtype))
-        actv = self.mlp_shared(tokens.transpose(1, 2).reshape(batch, channels, height, width))
+        query = self.crossattn.to_q(self.norm(tokens)).repeat(copies, 1, 1)
+        tokens = tokens.repeat(copies, 1, 1) + self.crossattn.attend(query, id_tokens.to(tokens.dtype))
+        actv = self.mlp_shared(tokens.transpose(1, 2).reshape(-1, channels, height, width))
         return self.param_free_norm(y) * self.mlp_gamma(actv) + self.mlp_beta(actv)
 
 
@@ -201,12 +209,22 @@ class BlockModulation(nn.Module):
         self.IDBalance = IDBalance(channels, feature_channels, hidden, context_dim)
 
 
+def by_copy(x: torch.Tensor, faces: int) -> torch.Tensor:
+    """(copies * faces, ...) -> (copies, faces, ...): the copies of a batch of faces laid end to end (CFG)."""
+    if x.shape[0] % faces:
+        raise ValueError(f"RestorerID LQ branch: {x.shape[0]} samples are not whole copies of {faces} LQ faces.")
+    return x.view(-1, faces, *x.shape[1:])
+
+
 def modulate(block: BlockModulation, residual: torch.Tensor, skip: torch.Tensor, features: dict[int, torch.Tensor],
              id_tokens: torch.Tensor | None, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
     """A ResBlock's output from its residual branch ``h`` and skip ``x``: ``y = x + spade(h)``, then
-    ``y + IDBalance(y)`` (skipped when ``id_tokens`` is None). ``strength`` (float or per-sample (B,))
-    blends each term from the plain UNet (0) to the trained modulation (1). The modules compute in their own
-    dtype and hand back the UNet's (in training the LQ branch is float32 beside a half-precision UNet)."""
+    ``y + IDBalance(y)`` (skipped when ``id_tokens`` is None). ``features`` hold one map per LQ face; the
+    batch of ``h`` may be several copies of those faces end to end (CFG's conditional and unconditional
+    halves read the same LQ face), so what depends on the map alone is computed once per face. ``strength``
+    (float or per-sample (B,)) blends each term from the plain UNet (0) to the trained modulation (1). The
+    modules compute in their own dtype and hand back the UNet's (in training the LQ branch is float32 beside a
+    half-precision UNet)."""
     if isinstance(strength, torch.Tensor):
         strength = strength.to(residual.device, residual.dtype).view(-1, 1, 1, 1)
     elif strength == 0:

@@ -22,6 +22,14 @@ class RIDFRDenoiser(torch.nn.Module):
         if adapter is not None:
             install_identity_processors(unet, adapter)
 
+    def prepare(self, text_states: torch.Tensor, lq_image: torch.Tensor, id_tokens: torch.Tensor | None = None,
+                content_scale: float | torch.Tensor = 1.0, identity_scale: float | torch.Tensor = 1.0) -> tuple:
+        """The arguments after ``(latents, timestep)`` for every step of one restoration, from one LQ image per
+        face (``text_states`` may hold several copies of the faces end to end, as CFG does): the ControlNet
+        reads the LQ image beside each copy."""
+        copies = text_states.shape[0] // lq_image.shape[0]
+        return text_states, lq_image.repeat(copies, 1, 1, 1), id_tokens, content_scale, identity_scale
+
     def forward(
         self,
         latents: torch.Tensor,

@@ -140,7 +140,7 @@ def run_workflows(settings, base: Path, numbers: tuple[int, ...], extra_args: tu
 
     rows = []
     cuda = settings.device == "cuda"
-    server = ComfyServer(base, extra_args, cpu=not cuda)
+    server = ComfyServer(base, extra_args, cpu=not cuda, ready_timeout=600)  # a busy CI machine starts it slowly
     try:
         for number in numbers:
             for run in ("first run (loading)", "second run"):

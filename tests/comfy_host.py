@@ -133,7 +133,8 @@ class ComfyServer:
     """``python main.py --cpu`` on 127.0.0.1 with ``base`` as base directory (and ``extra_args``, e.g. a
     precision flag, as a user would start it; ``cpu=False``: on ComfyUI's default device); stop() ends it."""
 
-    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None, cpu: bool = True):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), extra_env: dict | None = None, cpu: bool = True,
+                 ready_timeout: float = 90):
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
@@ -143,7 +144,7 @@ class ComfyServer:
             [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-auto-launch", "--base-directory", str(base), *extra_args],
             cwd=COMFYUI_PATH, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
-        self.wait_ready()
+        self.wait_ready(ready_timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

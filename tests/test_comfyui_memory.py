@@ -113,7 +113,8 @@ def test_every_workflows_patches_run_under_novram(fresh, meta_gpu, workflow):
     identity = face_identity(fresh, random_identity(2 if per_face else 1), torch.tensor([1.0, 0.0]) if per_face else None)
     model, faces = content_condition(fresh, lq_faces(2), model=fresh.model, ridfr=ridfr,
                                      **({"vae": fresh.vae} if restorerid else {}))[:2]
-    patched = run(fresh, "IdentityCondition", model=model, ridfr=ridfr, identity=identity, weight=0.7, lora_strength=1.0)[0]
+    patched = run(fresh, "IdentityCondition", model=model, ridfr=ridfr, identity=identity, weight=0.7, lora_strength=1.0,
+                  auto_weight="off")[0]
     extra = {}
     if restorerid:
         extra[fresh.pack.nodes.restorerid_sampler.POSTERIOR_EPS] = torch.zeros(2, 4, FACE // 8, FACE // 8)  # CPU noise

@@ -6,10 +6,10 @@ same total batch, side by side (README "Make alignment-trained weights").
 
 Tiny models with the real file layouts (tests/tiny_models.py) and random smooth 'faces', so nothing is
 downloaded: the figures show what the second process adds (data-parallel split of the batch, one gradient
-all-reduce and one loss gather per step), not SD1.5's speed. One process uses every core; each of the two gets
-half of them. Steps/s come from the wall times of the run's TensorBoard loss events, after ``--warmup`` steps,
-so start-up, model loading and the final checkpoint are not counted. The runs alternate (1, 2, 1, 2, ...) and the
-median is printed.
+all-reduce and one loss gather per step), not SD1.5's speed. Three set-ups: one process on every core, one
+process on half of them, and two processes on half each (the ideal is 2x the second). Steps/s come from the wall
+times of the run's TensorBoard loss events, after ``--warmup`` steps, so start-up, model loading and the final
+checkpoint are not counted. The set-ups alternate in each repeat and the median is printed.
 """
 
 from __future__ import annotations
@@ -51,15 +51,14 @@ def steps_per_second(out: Path, warmup: int) -> float:
     return (last - first) / (times[last] - times[first])
 
 
-def train(processes: int, args: list[str], out: Path, cores: int) -> None:
-    threads = str(max(cores // processes, 1))
+def train(processes: int, threads: int, args: list[str], out: Path) -> None:
     if processes == 1:
         command = [sys.executable, "-m", "ridfr_core.train"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--num_cpu_threads_per_process", threads, "-m", "ridfr_core.train"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
+                   "--num_cpu_threads_per_process", str(threads), "-m", "ridfr_core.train"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run([*command, *args, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{processes} process(es) failed:\n{result.stderr[-3000:]}")
@@ -69,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128, help="training resolution")
     parser.add_argument("--batch-size", type=int, default=8, help="total batch per step")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
     parser.add_argument("--repeats", type=int, default=2)
     options = parser.parse_args()
@@ -84,23 +83,26 @@ def main() -> None:
                 str(tiny.checkpoint), "--config-dir", str(tiny.configs), "--cache-dir", str(root / "prompts"),
                 "--init-content", str(tiny.content), "--max-steps", str(options.steps)]
         args += [part for key, value in settings.items() for part in ("--set", f"{key}={json.dumps(value)}")]
-        rates: dict[int, list[float]] = {1: [], 2: []}
+        half = max(cores // 2, 1)
+        setups = [(1, cores), (1, half), (2, half)]  # (processes, threads each)
+        rates: dict[tuple[int, int], list[float]] = {setup: [] for setup in setups}
         for repeat in range(options.repeats):
-            for processes in (1, 2):
-                out = root / f"run-{processes}-{repeat}"
-                train(processes, args, out, cores)
-                rates[processes].append(steps_per_second(out, options.warmup))
-        one, two = statistics.median(rates[1]), statistics.median(rates[2])
+            for processes, threads in setups:
+                out = root / f"run-{processes}x{threads}-{repeat}"
+                train(processes, threads, args, out)
+                rates[processes, threads].append(steps_per_second(out, options.warmup))
+        median = {setup: statistics.median(values) for setup, values in rates.items()}
         print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, load average "
               f"{os.getloadavg()[0]:.1f}; content stage, tiny models, {options.size} px, batch {options.batch_size} "
               f"in total, {options.steps} steps ({options.warmup} warm-up), median of {options.repeats}")
         print("| processes | threads each | steps/s | samples/s | runs (steps/s) |")
         print("|---|---|---|---|---|")
-        for processes, rate in ((1, one), (2, two)):
-            runs = ", ".join(f"{value:.2f}" for value in rates[processes])
-            print(f"| {processes} | {max(cores // processes, 1)} | {rate:.2f} | {rate * options.batch_size:.1f} | "
-                  f"{runs} |")
-        print(f"2 processes / 1 process: {two / one:.2f}x")
+        for (processes, threads), rate in median.items():
+            runs = ", ".join(f"{value:.2f}" for value in rates[processes, threads])
+            print(f"| {processes} | {threads} | {rate:.2f} | {rate * options.batch_size:.1f} | {runs} |")
+        two = median[2, half]
+        print(f"2 processes / 1 process on every core: {two / median[1, cores]:.2f}x; "
+              f"2 processes / 1 process on {half} core(s): {two / median[1, half]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
-def ridfr_args(stage: str, out: Path, models, faces, insightface: Path) -> list[str]:
+def ridfr_args(stage: str, out: Path, models, faces, insightface: Path | None) -> list[str]:
     """A RIDFR run from the tiny content weights; align builds its identity cache in <out>/identity_cache."""
     args = ["--stage", stage, "--data", str(faces.faces if stage == "content" else faces.identities),
             "--base", str(models.checkpoint), "--out", str(out), "--config-dir", str(models.configs),

@@ -73,8 +73,7 @@ def how_to_get(file: Chosen, available: list[str]) -> str:
     if not registered.downloadable:
         return registered.how_to_get
     licence = f"; licence: {registered.licence.name}, {registered.licence.terms}" if registered.licence else ""
-    held = [why for holder, _, why in HELD_BY.get(content_backend_name({file.option: file.name}), {}).values()
-            if holder.name == file.name]
+    held = [why for holder, _, why in HELD_BY.values() if holder == registered]
     holds = f"; it holds {', '.join(held)}: the 'auto' choices take those from it" if held else ""
     return f"{registered.what}, from {registered.source}{licence}{holds}"
 

@@ -102,7 +102,7 @@ def content_facts(name: str) -> tuple[str | None, frozenset[str]]:
         return _content_facts(path, stat.st_size, stat.st_mtime_ns)
     backend = next((backend for backend, files in REGISTERED.items()
                     if any(file.folder == CONTENT_FOLDER and file.name == name for file in files)), None)
-    held = {part for holder, part, _ in HELD_BY.get(backend, {}).values() if holder.name == name}
+    held = {part for holder, part, _ in HELD_BY.values() if holder.folder == CONTENT_FOLDER and holder.name == name}
     return backend, frozenset(held)
 
 

@@ -288,14 +288,14 @@ def test_no_two_faces_or_candidates_share_a_noise_tensor(restorerid_pipeline):
 
     def restore_fn_with_seeds(seeds):
         seeds_used.extend(seeds)
-        return lambda faces, scales, people: restorerid_pipeline(faces, None, steps=2,
+        return lambda faces, scales, people: restorerid_pipeline(faces, None, steps=3,
                                                                  noise=RecordingNoise(seeds, draws))
 
     faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     BestOfN(2, load_ranking_recogniser("dlib", "test"), batch_size=3).around(restore_fn_with_seeds, [], seed=7)(
         faces, torch.zeros(2), [None, None])
     assert seeds_used == [7, 8, 9, 10]  # candidate k of face f: seed + k * F + f, as the report says
-    assert len(draws) == 4 * (1 + 1 + 2)
+    assert len(draws) == 4 * (1 + 1 + 2)  # start, posterior, 2 steps: the plan's last step (a no-op) draws nothing
     assert_no_two_share_a_tensor(draws)
 
 
